@@ -1,0 +1,29 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad config key, a malformed data row, a missing file) raises
+:class:`PosttrainError` or a subclass. The CLI prints its message and exits with status 2, without a
+traceback. Internal invariants use ``assert``.
+"""
+
+from __future__ import annotations
+
+
+class PosttrainError(Exception):
+    """An error caused by user input; the message names the field/file and the fix."""
+
+
+class ConfigError(PosttrainError):
+    """A config key is unknown, has the wrong type, or an invalid value."""
+
+
+class DataError(PosttrainError):
+    """A data row or file is invalid. ``path``/``line`` locate it (line is 1-based, or None)."""
+
+    def __init__(self, path: str, line: int | None, reason: str):
+        self.path, self.line, self.reason = path, line, reason
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {reason}")
+
+
+class TrainingDiverged(PosttrainError):
+    """Loss became NaN or infinite; the last good checkpoint is kept."""
