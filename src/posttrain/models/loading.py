@@ -118,6 +118,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     quantization_config=None,
     attn_implementation: str | None = "sdpa",
+    device_map=None,
 ):
     """Load a causal LM from safetensors only."""
     from transformers import AutoModelForCausalLM
@@ -125,6 +126,8 @@ def load_causal_lm(
     kwargs = {}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         return AutoModelForCausalLM.from_pretrained(
             resolve_model(spec),

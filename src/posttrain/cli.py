@@ -1,0 +1,110 @@
+"""The ``posttrain`` command line: ``posttrain <stage> [CONFIG.yaml] [key=value ...]``.
+
+Every command takes an optional YAML config and dotted overrides; ``posttrain <stage> --help`` lists every
+key with its default and meaning. Errors a user can cause are printed without a traceback (exit 2).
+Multi-process: ``accelerate launch -m posttrain sft cfg.yaml`` or ``torchrun --nproc_per_node N -m posttrain sft ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from posttrain.config import STAGE_CONFIGS, help_table, load_config
+from posttrain.errors import PosttrainError
+
+DESCRIPTIONS = {
+    "sft": "Supervised fine-tuning on messages / prompt+completion / text data.",
+    "generate": "Generate answers for prompts with a model and an optional adapter.",
+    "chat": "Chat interactively with a model and an optional adapter (/reset, /exit).",
+    "merge": "Merge a LoRA/DoRA adapter into its base model and save a full transformers model.",
+    "eval": "Eval loss and perplexity on a dataset, plus sample generations.",
+}
+
+EXAMPLES = {
+    "sft": "posttrain sft examples/sft_lora.yaml\n  posttrain sft data.train=train.jsonl method=qlora lora.r=32 max_steps=200",
+    "generate": "posttrain generate adapter=runs/sft prompt='[\"Name three colours.\"]'",
+    "chat": "posttrain chat adapter=runs/sft",
+    "merge": "posttrain merge adapter=runs/sft output_dir=runs/sft-merged",
+    "eval": "posttrain eval adapter=runs/sft data=heldout.jsonl",
+}
+
+
+def _keys_help(stage: str) -> str:
+    rows = help_table(STAGE_CONFIGS[stage])
+    width = max(len(k) for k, _, _ in rows)
+    lines = []
+    for key, default, text in rows:
+        wrapped = textwrap.wrap(f"{text} [default: {default}]", width=max(40, 100 - width)) or [""]
+        lines.append(f"  {key.ljust(width)}  {wrapped[0]}")
+        lines.extend(f"  {' ' * width}  {w}" for w in wrapped[1:])
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain",
+        description="Post-train LLMs: SFT by full fine-tuning, LoRA/DoRA, QLoRA, prompt or prefix tuning.",
+        epilog="Run `posttrain <command> --help` for every key of a command.",
+    )
+    sub = parser.add_subparsers(dest="stage", metavar="<command>")
+    for stage, desc in DESCRIPTIONS.items():
+        p = sub.add_parser(
+            stage,
+            help=desc,
+            description=f"{desc}\n\nUsage: posttrain {stage} [CONFIG.yaml] [key=value ...]\n"
+            "Dotted keys override the YAML file; values are YAML scalars or lists.",
+            epilog=f"keys:\n{_keys_help(stage)}\n\nexamples:\n  {EXAMPLES[stage]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
+    return parser
+
+
+def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    config, overrides = None, []
+    for i, a in enumerate(args):
+        if i == 0 and "=" not in a:
+            config = a
+        elif "=" not in a:
+            raise PosttrainError(f"argument '{a}': expected key=value (only the first argument may be a config file)")
+        else:
+            overrides.append(a)
+    return config, overrides
+
+
+def run(stage: str, cfg) -> None:
+    if stage == "sft":
+        from posttrain.stages.sft import train
+
+        train(cfg)
+    else:
+        from posttrain import commands
+
+        getattr(commands, f"run_{stage}")(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.stage is None:
+        parser.print_help()
+        return 2
+    try:
+        config_path, overrides = _split_args(ns.args)
+        cfg = load_config(ns.stage, config_path, overrides)
+        run(ns.stage, cfg)
+    except PosttrainError as e:
+        print(f"posttrain {ns.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

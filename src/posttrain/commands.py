@@ -1,0 +1,131 @@
+"""Try-it and ship-it commands: generate, chat, merge, eval."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from posttrain.config import EvalConfig, GenerateConfig, MergeConfig, SamplingSection
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.models.loading import load_tokenizer
+
+
+def _sampling(s: SamplingSection):
+    from posttrain.generation import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+
+
+def _load(model: str, adapter: str | None, trust_remote_code: bool):
+    from posttrain.models.adapters import load_for_inference
+
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    return load_for_inference(model, adapter, trust_remote_code), tokenizer
+
+
+def _prompts_from_file(path: str) -> list[list[dict]]:
+    """Conversations to answer from a data file: the rows' prompts, without their reference answers."""
+    from posttrain.data.formats import normalize_sft
+    from posttrain.data.io import read_records
+    from posttrain.errors import DataError
+
+    prompts = []
+    for rec in read_records(path):
+        if rec.error:
+            raise DataError(rec.where, rec.error)
+        try:
+            ex = normalize_sft(rec.data)
+        except ValueError as e:
+            raise DataError(rec.where, str(e)) from e
+        prompts.append(ex.prompt_messages())
+    return prompts
+
+
+def run_generate(cfg: GenerateConfig) -> list[str]:
+    from posttrain.generation import generate
+
+    prompts: list[list[dict]] = [[{"role": "user", "content": p}] for p in cfg.prompt]
+    if cfg.prompts_file:
+        prompts += _prompts_from_file(cfg.prompts_file)
+    if not prompts:
+        raise ConfigError("prompt: give at least one prompt (prompt='[\"...\"]') or a prompts_file")
+    if cfg.system:
+        prompts = [[{"role": "system", "content": cfg.system}] + [m for m in p if m["role"] != "system"] for p in prompts]
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = _load(cfg.model, cfg.adapter, cfg.trust_remote_code)
+    outputs = generate(model, tokenizer, prompts, _sampling(cfg.sampling), batch_size=cfg.batch_size, progress=len(prompts) > cfg.batch_size)
+    for conv, out in zip(prompts, outputs):
+        print(f">>> {conv[-1]['content']}\n{out}\n")
+    return outputs
+
+
+def run_chat(cfg: GenerateConfig) -> None:
+    from posttrain.generation import chat_loop
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = _load(cfg.model, cfg.adapter, cfg.trust_remote_code)
+    chat_loop(model, tokenizer, _sampling(cfg.sampling), system=cfg.system)
+
+
+def run_merge(cfg: MergeConfig) -> Path:
+    from peft import PeftConfig
+
+    if not cfg.adapter or not cfg.output_dir:
+        raise ConfigError("merge needs adapter=<adapter dir> and output_dir=<where to write the merged model>")
+    kind = PeftConfig.from_pretrained(cfg.adapter).peft_type.value
+    if kind != "LORA":
+        raise ConfigError(f"adapter: merge needs a LoRA/DoRA adapter; '{cfg.adapter}' is {kind} (it adds tokens, there is nothing to fold into the weights)")
+    model, tokenizer = _load(cfg.model, cfg.adapter, cfg.trust_remote_code)
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Check that merging keeps the logits: the quick brown fox."}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )
+    with torch.no_grad():
+        before = model(**probe).logits
+        merged = model.merge_and_unload()
+        after = merged(**probe).logits
+    diff = float((before - after).abs().max())
+    print(f"max |logit difference| adapter vs merged: {diff:.2e}")
+    if cfg.check and diff > cfg.atol:
+        raise PosttrainError(f"merged logits differ from the adapter model's by {diff:.3e} > atol {cfg.atol}; not saving")
+    out = Path(cfg.output_dir)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    print(f"merged model saved to {out}")
+    return out
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    from posttrain.data.collate import collate_sft
+    from posttrain.data.dataset import load_sft_dataset
+    from posttrain.generation import generate
+    from posttrain.losses import causal_lm_loss
+
+    if not cfg.data:
+        raise ConfigError("data: required (a dataset to compute loss and perplexity on)")
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    rows, report = load_sft_dataset(cfg.data, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid, loss_on=cfg.loss_on)
+    print(f"{cfg.data}: {report.summary()}")
+    model, _ = _load(cfg.model, cfg.adapter, cfg.trust_remote_code)
+    total, tokens = 0.0, 0
+    from tqdm.auto import tqdm
+
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(rows), cfg.batch_size), desc="eval", disable=len(rows) <= cfg.batch_size):
+            batch = collate_sft(rows[start : start + cfg.batch_size], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum, metrics = causal_lm_loss(logits[:, -batch["input_ids"].shape[1]:], batch["labels"])
+            total += float(loss_sum)
+            tokens += int(metrics["tokens"])
+    loss = total / max(tokens, 1)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "rows": len(rows)}
+    print(f"eval loss {loss:.4f}  perplexity {result['perplexity']:.2f}  over {tokens} target tokens in {len(rows)} rows")
+    if cfg.num_samples > 0:
+        convs = _prompts_from_file(cfg.data)[: cfg.num_samples]
+        outs = generate(model, tokenizer, convs, _sampling(cfg.sampling), batch_size=cfg.batch_size)
+        for conv, out in zip(convs, outs):
+            print(f"\n>>> {conv[-1]['content']}\n{out}")
+        result["samples"] = outs
+    return result

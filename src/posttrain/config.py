@@ -1,0 +1,345 @@
+"""Typed configs for every command, validated in one place.
+
+Each field is documented once, in its ``help`` metadata; ``posttrain <stage> --help`` renders the same
+text with the defaults. A config comes from an optional YAML file plus dotted ``key=value`` overrides
+(``lora.r=32``); values in overrides are parsed as YAML scalars (``true``, ``3e-4``, ``[q_proj, v_proj]``).
+Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from posttrain.errors import ConfigError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its one line of documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    train: str | None = opt(None, "Training data: JSONL, JSON, Parquet, CSV or a `datasets` directory (required).")
+    eval: str | None = opt(None, "Held-out data in the same formats; eval loss is logged every `eval_every` steps.")
+    skip_invalid: bool = opt(False, "Drop invalid rows (counted and reported by reason) instead of stopping.")
+    overflow: Literal["truncate", "drop"] = opt("truncate", "Rows longer than max_length: keep the first max_length tokens, or drop the row.")
+    loss_on: Literal["completion", "all"] = opt("completion", "Train on assistant/completion tokens only, or on every token.")
+
+
+@dataclass
+class LoraSection:
+    r: int = opt(16, "LoRA rank.")
+    alpha: float = opt(32.0, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    target_modules: list[str] | str = opt("all-linear", "Modules to adapt: 'all-linear' or a list of names such as [q_proj, v_proj].")
+    dora: bool = opt(False, "DoRA: weight-decomposed LoRA (Liu et al. 2024).")
+
+
+@dataclass
+class QLoraSection:
+    quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type for the frozen base (bitsandbytes).")
+    double_quant: bool = opt(True, "Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "dtype of the 4-bit matmuls; auto = bf16 on CUDA, fp32 on CPU.")
+
+
+@dataclass
+class PromptSection:
+    num_virtual_tokens: int = opt(20, "Number of trainable soft-prompt tokens.")
+    init_text: str | None = opt(None, "Initialise the soft prompt from this text's token embeddings (random if unset).")
+
+
+@dataclass
+class PrefixSection:
+    num_virtual_tokens: int = opt(20, "Number of trainable prefix key/value positions per layer.")
+    projection: bool = opt(False, "Reparameterise the prefix through an MLP (Li & Liang 2021).")
+
+
+# --------------------------------------------------------------------------------------------- stages
+METHODS = ("full", "lora", "qlora", "prompt", "prefix")
+
+
+@dataclass
+class TrainConfig:
+    """Keys shared by every training stage."""
+
+    model: str = opt("smollm2-135m", "Base model: 'smollm2-135m' (embedded), a local HF directory, or a hub id.")
+    adapter: str | None = opt(None, "A PEFT adapter directory to start from (continues training it).")
+    method: Literal["full", "lora", "qlora", "prompt", "prefix"] = opt("lora", "How parameters are updated: full, lora, qlora, prompt or prefix.")
+    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code. Off unless you trust the source.")
+    data: DataConfig = section(DataConfig, "Datasets.")
+    output_dir: str = opt("runs/sft", "Where checkpoints, logs and the final model/adapter go.")
+    max_steps: int = opt(-1, "Optimizer steps to run; -1 derives them from `epochs`.")
+    epochs: float = opt(1.0, "Passes over the training data (used when max_steps is -1).")
+    seed: int = opt(42, "Seed for initialisation, data order and sampling.")
+    resume: bool | str = opt(False, "true: resume from the latest checkpoint in output_dir; or a checkpoint path.")
+    lr: float = opt(2e-4, "Peak learning rate (AdamW).")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "Decay after warmup.")
+    warmup_ratio: float = opt(0.03, "Fraction of steps spent on linear warmup.")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables).")
+    batch_size: int = opt(8, "Sequences per micro-batch per process.")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    max_length: int = opt(1024, "Maximum tokens per sequence; longer rows follow data.overflow.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "Mixed precision: auto = bf16 on GPUs that support it, else fp32.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    log_every: int = opt(1, "Log metrics every N steps.")
+    eval_every: int = opt(0, "Evaluate on data.eval every N steps (0: only at the end).")
+    save_every: int = opt(0, "Checkpoint every N steps (0: only at the end).")
+    keep_last: int = opt(2, "Checkpoints to keep.")
+    tensorboard: bool = opt(True, "Also write TensorBoard event files under output_dir/tensorboard.")
+    lora: LoraSection = section(LoraSection, "LoRA/DoRA settings (method lora; also used by qlora).")
+    qlora: QLoraSection = section(QLoraSection, "4-bit base settings (method qlora).")
+    prompt: PromptSection = section(PromptSection, "Prompt tuning settings (method prompt).")
+    prefix: PrefixSection = section(PrefixSection, "Prefix tuning settings (method prefix).")
+
+    def validate(self) -> None:
+        """Cross-field checks that a type cannot express."""
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "max_length": self.max_length,
+                    "keep_last": self.keep_last, "log_every": self.log_every, "lora.r": self.lora.r,
+                    "prompt.num_virtual_tokens": self.prompt.num_virtual_tokens,
+                    "prefix.num_virtual_tokens": self.prefix.num_virtual_tokens}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps: must be a positive number of steps, or -1 to use epochs; got {self.max_steps}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise ConfigError(f"epochs: must be > 0 when max_steps is -1, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"adam_betas: expected two numbers, got {self.adam_betas}")
+        if not self.data.train:
+            raise ConfigError("data.train: required (a JSONL/JSON/Parquet/CSV file or a datasets directory)")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: imitate assistant/completion tokens."""
+
+
+@dataclass
+class SamplingSection:
+    max_new_tokens: int = opt(256, "Tokens to generate at most.")
+    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    top_k: int = opt(0, "Sample from the k most likely tokens (0: off).")
+
+
+@dataclass
+class GenerateConfig:
+    model: str = opt("smollm2-135m", "Base model: 'smollm2-135m', a local HF directory, or a hub id.")
+    adapter: str | None = opt(None, "A PEFT adapter directory to apply.")
+    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
+    prompt: list[str] = opt([], "User prompts (each becomes one chat conversation).")
+    prompts_file: str | None = opt(None, "A data file of prompts: `messages` (the last assistant turn is dropped), `prompt`, or `text` rows.")
+    system: str | None = opt(None, "System message prepended to every prompt.")
+    batch_size: int = opt(8, "Prompts generated together.")
+    seed: int = opt(42, "Sampling seed.")
+    sampling: SamplingSection = section(SamplingSection, "Sampling settings.")
+
+
+@dataclass
+class MergeConfig:
+    model: str = opt("smollm2-135m", "Base model the adapter was trained on.")
+    adapter: str | None = opt(None, "LoRA/DoRA adapter directory to merge (required).")
+    output_dir: str | None = opt(None, "Where the merged transformers model is written (required).")
+    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
+    check: bool = opt(True, "Verify that the merged model's logits match the adapter model's.")
+    atol: float = opt(1e-3, "Tolerance of the logits check.")
+
+
+@dataclass
+class EvalConfig:
+    model: str = opt("smollm2-135m", "Base model.")
+    adapter: str | None = opt(None, "A PEFT adapter directory to apply.")
+    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
+    data: str | None = opt(None, "Dataset for loss/perplexity (any SFT format) (required).")
+    max_length: int = opt(1024, "Maximum tokens per sequence.")
+    batch_size: int = opt(8, "Sequences per batch.")
+    loss_on: Literal["completion", "all"] = opt("completion", "Tokens that count towards the loss.")
+    skip_invalid: bool = opt(False, "Skip invalid rows instead of stopping.")
+    num_samples: int = opt(3, "Also generate answers for this many prompts of the dataset.")
+    sampling: SamplingSection = section(SamplingSection, "Sampling settings for the sample generations.")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "sft": SFTConfig,
+    "generate": GenerateConfig,
+    "chat": GenerateConfig,
+    "merge": MergeConfig,
+    "eval": EvalConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------- parsing
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise AssertionError(f"unsupported config type {tp} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{dotted}: unknown key{hint}; `posttrain <stage> --help` lists the keys")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a section of keys, got {value!r}")
+            kwargs[key] = _build(tp, value, dotted + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["lora.r=32", "data.train=x.jsonl"]`` -> nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. lora.r=32")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("[", "{")):
+            value = raw  # e.g. "a: b" is a string here, not a mapping
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Build and validate the typed config of ``stage`` from a YAML file and dotted overrides."""
+    cls = STAGE_CONFIGS[stage]
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        values = loaded or {}
+    values = _merge(values, parse_overrides(overrides or []))
+    config = _build(cls, values)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def help_table(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, sections expanded."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(help_table(tp, f"{prefix}{f.name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{prefix}{f.name}", "null" if default is None else str(default), f.metadata.get("help", "")))
+    return rows

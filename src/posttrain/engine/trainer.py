@@ -1,0 +1,329 @@
+"""The training engine: one explicit loop on accelerate, shared by every stage.
+
+A stage supplies an :class:`Objective` (how to count normalisation units in a batch, and the summed
+loss of a batch); the engine owns everything else: data order, micro-batching and accumulation,
+global normalisation, mixed precision, clipping, the schedule, logging, eval, checkpoints and resume.
+
+Normalisation (torchtitan's rule): every micro-batch's summed loss is divided by the number of units
+(loss tokens for SFT) in the WHOLE optimizer step, across micro-batches and processes. DDP averages
+gradients over processes, so each process scales its loss by ``world_size`` to turn that average back
+into a sum. Then batch 8 x accum 1, batch 2 x accum 4 and 2 processes x batch 4 give the same update.
+
+Data order is a deterministic stream: the concatenation of per-epoch permutations seeded by
+``seed + epoch``. Optimizer step k takes stream items [k*G, (k+1)*G) with G = batch x accum x world,
+so resume only needs the step number, no example is dropped, and every step is full-sized.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from posttrain.config import TrainConfig, to_dict
+from posttrain.engine.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_rng_state,
+)
+from posttrain.engine.metrics import MetricsLogger
+from posttrain.errors import ConfigError, TrainingDiverged
+
+
+class Objective(Protocol):
+    """What a stage plugs into the engine."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Normalisation units in a batch (loss tokens, pairs, ...)."""
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(summed loss, summed metrics) of a batch; metrics are divided by the step's units when logged."""
+
+
+class DataStream:
+    """Deterministic example order: concatenated per-epoch permutations (see module docstring)."""
+
+    def __init__(self, num_examples: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = num_examples, seed, shuffle
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if self.shuffle:
+                self._cache = {epoch: np.random.default_rng(self.seed + epoch).permutation(self.n)}
+            else:
+                self._cache = {epoch: np.arange(self.n)}
+        return self._cache[epoch]
+
+    def take(self, start: int, count: int) -> list[int]:
+        out = []
+        for pos in range(start, start + count):
+            epoch, offset = divmod(pos, self.n)
+            out.append(int(self._epoch(epoch)[offset]))
+        return out
+
+
+@dataclass
+class FitResult:
+    steps: int
+    final_train_loss: float
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    tokens_seen: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_mixed_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Weight decay on matrices only: biases, norms and 1-D parameters are not regularised.
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError(f"method {cfg.method}: the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Engine:
+    """Runs :meth:`fit` for one stage. Construct, then call ``fit(objective)``."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        train_examples: Sequence[Any],
+        collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+        eval_examples: Sequence[Any] | None = None,
+        accelerator=None,
+    ):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.accelerator = accelerator or Accelerator(mixed_precision=resolve_mixed_precision(cfg.precision))
+        self.model = model
+        self.train_examples = train_examples
+        self.eval_examples = eval_examples
+        self.collate = collate
+        self.output_dir = Path(cfg.output_dir)
+        acc = self.accelerator
+        self.world = acc.num_processes
+        self.rank = acc.process_index
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.epochs * len(train_examples) / self.global_batch))
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _sum_across(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        if self.world > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return t.tolist()
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def _micro_batches(self, stream: DataStream, step: int) -> list[dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        indices = stream.take(step * self.global_batch, self.global_batch)
+        per_rank = cfg.batch_size * cfg.grad_accum
+        mine = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return [
+            self.collate([self.train_examples[i] for i in mine[m * cfg.batch_size : (m + 1) * cfg.batch_size]])
+            for m in range(cfg.grad_accum)
+        ]
+
+    @torch.no_grad()
+    def evaluate(self, objective: Objective) -> dict[str, float]:
+        """Loss over the whole eval set (sharded over processes), as a units-weighted mean."""
+        if not self.eval_examples:
+            return {}
+        model = self.model
+        model.eval()
+        mine = list(range(self.rank, len(self.eval_examples), self.world))
+        sums: dict[str, float] = {}
+        units = 0.0
+        bs = self.cfg.batch_size
+        for start in range(0, len(mine), bs):
+            batch = self._to_device(self.collate([self.eval_examples[i] for i in mine[start : start + bs]]))
+            units += objective.count(batch)
+            with self.accelerator.autocast():
+                loss_sum, metrics = objective.loss(model, batch)
+            for k, v in {"loss": loss_sum, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        keys = sorted(sums)
+        totals = self._sum_across([units] + [sums[k] for k in keys])
+        units, values = totals[0], dict(zip(keys, totals[1:]))
+        model.train()
+        out = {k: v / max(units, 1.0) for k, v in values.items() if k not in ("loss_sum", "tokens")}
+        if "loss" in out:
+            out["perplexity"] = math.exp(min(out["loss"], 50.0))
+        out["units"] = units
+        return out
+
+    def _save(self, step: int, optimizer, scheduler, tokens_seen: int) -> Path:
+        acc = self.accelerator
+        unwrapped = acc.unwrap_model(self.model)
+        state = {"step": step, "tokens_seen": tokens_seen, "total_steps": self.total_steps,
+                 "world_size": self.world, "global_batch": self.global_batch}
+        path = None
+        if acc.is_main_process:
+            path = save_checkpoint(
+                self.output_dir, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                trainer_state=state, keep_last=self.cfg.keep_last,
+            )
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            path = latest_checkpoint(self.output_dir)
+            save_rng_state(path, self.rank)
+        acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self, objective: Objective, on_step: Callable[[int, dict], None] | None = None) -> FitResult:
+        cfg, acc = self.cfg, self.accelerator
+        raw_optimizer = build_optimizer(self.model, cfg)
+        scheduler = build_scheduler(raw_optimizer, cfg, self.total_steps)
+        stream = DataStream(len(self.train_examples), cfg.seed)
+
+        start_step, tokens_seen = 0, 0
+        resume_from = resolve_resume(self.output_dir, cfg.resume)
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, model=self.model, optimizer=raw_optimizer, scheduler=scheduler, rank=self.rank)
+            if state.get("global_batch", self.global_batch) != self.global_batch:
+                raise ConfigError(
+                    f"resume: {resume_from} was written with a global batch of {state['global_batch']} sequences "
+                    f"(batch_size x grad_accum x processes) but this run has {self.global_batch}; "
+                    "the data position would not line up. Use the same batch settings."
+                )
+            start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+            if acc.is_main_process:
+                print(f"resumed from {resume_from} at step {start_step}")
+
+        self.model, optimizer = acc.prepare(self.model, raw_optimizer)
+        self.model.train()
+        logger = MetricsLogger(self.output_dir, acc.is_main_process, cfg.tensorboard, resume_step=start_step)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        bar = tqdm(total=self.total_steps, initial=start_step, disable=not acc.is_main_process,
+                   desc=f"{type(objective).__name__}", unit="step", dynamic_ncols=True)
+        result = FitResult(steps=start_step, final_train_loss=float("nan"), tokens_seen=tokens_seen)
+        t_start = time.perf_counter()
+        window_tokens, window_t0 = 0, time.perf_counter()
+        last_saved: Path | None = resume_from
+
+        for step in range(start_step, self.total_steps):
+            micro = [self._to_device(b) for b in self._micro_batches(stream, step)]
+            local_units = sum(objective.count(b) for b in micro)
+            (global_units,) = self._sum_across([local_units])
+            sums: dict[str, float] = {}
+            for m, batch in enumerate(micro):
+                # Gradients are all-reduced only on the last micro-batch of the step.
+                sync = acc.no_sync(self.model) if m < len(micro) - 1 else nullcontext()
+                with sync:
+                    with acc.autocast():
+                        loss_sum, metrics = objective.loss(self.model, batch)
+                    acc.backward(loss_sum * (self.world / max(global_units, 1.0)))
+                for k, v in {"loss": loss_sum, **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            keys = sorted(sums)
+            totals = dict(zip(keys, self._sum_across([sums[k] for k in keys])))
+            loss = totals["loss"] / max(global_units, 1.0)
+            if not math.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                bar.close()
+                logger.close()
+                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint had been saved yet"
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {step + 1}; stopped before updating the weights, {kept}. "
+                    "Lower lr, check the data, or use precision=fp32."
+                )
+            grad_norm = None
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            tokens_seen += int(global_units)
+            window_tokens += int(global_units)
+            record = {"loss": loss, "lr": lr, "units": global_units}
+            record.update({k: v / max(global_units, 1.0) for k, v in totals.items() if k not in ("loss", "loss_sum", "tokens")})
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            result.history.append({"step": done, **record})
+            result.final_train_loss = loss
+            if done % cfg.log_every == 0 or done == self.total_steps:
+                now = time.perf_counter()
+                record["units_per_s"] = window_tokens / max(now - window_t0, 1e-9)
+                window_tokens, window_t0 = 0, now
+                record["epoch"] = done * self.global_batch / len(self.train_examples)
+                logger.log(done, record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['units_per_s']:.0f}")
+            if on_step is not None:
+                on_step(done, record)
+            bar.update(1)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != self.total_steps:
+                ev = self.evaluate(objective)
+                if ev:
+                    logger.log(done, ev, prefix="eval")
+                    bar.write(f"step {done}: eval loss {ev['loss']:.4f}")
+            if cfg.save_every and done % cfg.save_every == 0 and done != self.total_steps:
+                last_saved = self._save(done, raw_optimizer, scheduler, tokens_seen)
+
+        bar.close()
+        result.steps = self.total_steps
+        result.tokens_seen = tokens_seen
+        result.seconds = time.perf_counter() - t_start
+        if start_step < self.total_steps:
+            result.eval_metrics = self.evaluate(objective)
+            if result.eval_metrics:
+                logger.log(self.total_steps, result.eval_metrics, prefix="eval")
+            self._save(self.total_steps, raw_optimizer, scheduler, tokens_seen)
+        logger.close()
+        self.model = acc.unwrap_model(self.model)
+        return result

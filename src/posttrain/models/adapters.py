@@ -1,0 +1,192 @@
+"""How parameters are updated: full fine-tuning or a PEFT method, behind one small module.
+
+Stages call :func:`build_model` and never branch on the method themselves. Every adapter is a PEFT
+adapter, so the output directory is one that plain ``peft.PeftModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.config import TrainConfig
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.models.loading import load_causal_lm, resolve_model
+
+ADAPTER_METHODS = ("lora", "qlora", "prompt", "prefix")
+
+
+@dataclass
+class ParamReport:
+    trainable: int
+    total: int
+    output_bytes: int
+    method: str
+
+    def summary(self) -> str:
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        what = "adapter" if self.method in ADAPTER_METHODS else "full model"
+        return (
+            f"method {self.method}: {self.trainable:,} trainable of {self.total:,} parameters ({pct:.3f}%); "
+            f"the saved {what} will take about {_human_bytes(self.output_bytes)} on disk"
+        )
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    raise AssertionError
+
+
+def _compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        use_dora=cfg.lora.dora,
+    )
+
+
+def _peft_config(cfg: TrainConfig):
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
+
+    if cfg.method in ("lora", "qlora"):
+        return _lora_config(cfg)
+    if cfg.method == "prompt":
+        if cfg.prompt.init_text:
+            return PromptTuningConfig(
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=cfg.prompt.num_virtual_tokens,
+                prompt_tuning_init=PromptTuningInit.TEXT,
+                prompt_tuning_init_text=cfg.prompt.init_text,
+                tokenizer_name_or_path=resolve_model(cfg.model),
+            )
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prompt.num_virtual_tokens)
+    if cfg.method == "prefix":
+        return PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=cfg.prefix.num_virtual_tokens,
+            prefix_projection=cfg.prefix.projection,
+        )
+    raise AssertionError(cfg.method)
+
+
+def _load_base(cfg: TrainConfig, device: torch.device | None):
+    if cfg.method != "qlora":
+        return load_causal_lm(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise PosttrainError("method qlora needs bitsandbytes: pip install bitsandbytes") from e
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.qlora.quant_type,
+        bnb_4bit_use_double_quant=cfg.qlora.double_quant,
+        bnb_4bit_compute_dtype=_compute_dtype(cfg.qlora.compute_dtype),
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    model = load_causal_lm(
+        cfg.model,
+        dtype=_compute_dtype(cfg.qlora.compute_dtype),
+        trust_remote_code=cfg.trust_remote_code,
+        quantization_config=bnb,
+        device_map={"": device if device is not None else "cpu"},
+    )
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def build_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[torch.nn.Module, ParamReport]:
+    """Load the base model and apply ``cfg.method`` (and ``cfg.adapter`` to start from)."""
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+    model = _load_base(cfg, device)
+    if cfg.adapter:
+        if not (Path(cfg.adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"adapter: '{cfg.adapter}' is not a PEFT adapter directory (no adapter_config.json)")
+        if cfg.method == "full":
+            # Full fine-tuning from an adapter: fold it into the weights first.
+            model = PeftModel.from_pretrained(model, cfg.adapter).merge_and_unload()
+        else:
+            kind = PeftConfig.from_pretrained(cfg.adapter).peft_type.value.lower()
+            expected = {"lora": "lora", "qlora": "lora", "prompt": "prompt_tuning", "prefix": "prefix_tuning"}[cfg.method]
+            if kind != expected:
+                raise ConfigError(
+                    f"adapter: '{cfg.adapter}' is a {kind} adapter but method is {cfg.method}; "
+                    "set method to match it, or method=full to merge it and fine-tune all weights"
+                )
+            model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
+    elif cfg.method in ADAPTER_METHODS:
+        model = get_peft_model(model, _peft_config(cfg))
+
+    if cfg.gradient_checkpointing and cfg.method != "qlora":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, param_report(model, cfg.method)
+
+
+def param_report(model: torch.nn.Module, method: str) -> ParamReport:
+    trainable = total = 0
+    trainable_bytes = 0
+    for p in model.parameters():  # parameters() yields tied weights once
+        n = p.numel()
+        # bitsandbytes Params4bit pack two 4-bit values per uint8 element
+        if p.dtype == torch.uint8 and hasattr(p, "quant_state"):
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+            trainable_bytes += n * p.element_size()
+    if method in ADAPTER_METHODS:
+        output_bytes = trainable_bytes
+    else:
+        output_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return ParamReport(trainable=trainable, total=total, output_bytes=output_bytes, method=method)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: torch.nn.Module) -> Iterator[None]:
+    """Run the frozen base model: the reference pass of preference and RL stages, no second copy."""
+    if is_peft(model):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def load_for_inference(model_spec: str, adapter: str | None, trust_remote_code: bool = False):
+    """Base model plus an optional PEFT adapter, in eval mode (generate / chat / eval / merge)."""
+    from peft import PeftModel
+
+    model = load_causal_lm(model_spec, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"adapter: '{adapter}' is not a PEFT adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model

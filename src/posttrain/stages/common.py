@@ -1,0 +1,66 @@
+"""Parts every training stage shares: setup order, model building, the final save.
+
+Setup order matters for the user: the tokenizer loads and every data row is validated BEFORE the model
+loads, so a bad row costs seconds, not a model load (or hours of training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.config import TrainConfig
+from posttrain.models.adapters import ParamReport, build_model, is_peft
+from posttrain.models.loading import load_tokenizer
+
+
+@dataclass
+class Setup:
+    tokenizer: object
+    model: torch.nn.Module
+    report: ParamReport
+    accelerator: object
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from posttrain.engine.trainer import resolve_mixed_precision
+
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.precision))
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def say(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
+def load_tokenizer_for(cfg: TrainConfig):
+    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+
+
+def build(cfg: TrainConfig, tokenizer, accelerator) -> Setup:
+    model, report = build_model(cfg, device=accelerator.device)
+    say(accelerator, report.summary())
+    return Setup(tokenizer=tokenizer, model=model, report=report, accelerator=accelerator)
+
+
+def save_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, accelerator) -> Path:
+    """Write the standard artefact: a PEFT adapter directory, or a transformers model directory."""
+    out = Path(output_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model)
+        model.config.use_cache = True
+        if is_peft(model):
+            model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+        else:
+            model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    accelerator.wait_for_everyone()
+    return out

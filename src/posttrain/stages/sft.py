@@ -1,0 +1,69 @@
+"""Supervised fine-tuning: maximise the likelihood of assistant/completion tokens.
+
+Departures from a textbook SFT loop:
+1. The loss is summed over target tokens and divided by the target tokens of the whole optimizer step
+   (all micro-batches and processes), not averaged per micro-batch: a micro-batch with many short
+   answers does not get more weight per token than one with a few long ones.
+2. By default only assistant turns (chat data) or completions (prompt/completion data) are targets,
+   including the end-of-turn token, so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.config import SFTConfig
+from posttrain.data.collate import collate_sft
+from posttrain.data.dataset import load_sft_dataset
+from posttrain.engine.trainer import Engine, FitResult
+from posttrain.losses import causal_lm_loss, count_loss_tokens
+from posttrain.stages.common import build, load_tokenizer_for, make_accelerator, save_final, say
+
+
+class SFTObjective:
+    """Next-token cross-entropy on the target tokens of a padded batch."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_loss_tokens(batch["labels"])
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        input_ids = batch["input_ids"]  # (B, T)
+        out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False)
+        # Prompt tuning prepends virtual tokens to the outputs: keep the T positions of the real input.
+        logits = out.logits[:, -input_ids.shape[1]:]  # (B, T, V)
+        return causal_lm_loss(logits, batch["labels"])
+
+
+@dataclass
+class SFTResult:
+    output_dir: Path
+    fit: FitResult
+
+
+def train(cfg: SFTConfig) -> SFTResult:
+    accelerator = make_accelerator(cfg)
+    tokenizer = load_tokenizer_for(cfg)
+    kw = dict(max_length=cfg.max_length, overflow=cfg.data.overflow, skip_invalid=cfg.data.skip_invalid,
+              loss_on=cfg.data.loss_on)
+    train_rows, report = load_sft_dataset(cfg.data.train, tokenizer, **kw)
+    say(accelerator, f"train data {cfg.data.train}: {report.summary()}")
+    eval_rows = None
+    if cfg.data.eval:
+        eval_rows, eval_report = load_sft_dataset(cfg.data.eval, tokenizer, **kw)
+        say(accelerator, f"eval data {cfg.data.eval}: {eval_report.summary()}")
+
+    setup = build(cfg, tokenizer, accelerator)
+    pad_id = tokenizer.pad_token_id
+    engine = Engine(cfg, setup.model, train_rows, lambda rows: collate_sft(rows, pad_id), eval_rows, accelerator)
+    say(accelerator, f"training {engine.total_steps} steps of {engine.global_batch} sequences "
+                     f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})")
+    fit = engine.fit(SFTObjective())
+    out = save_final(engine.model, tokenizer, cfg.output_dir, accelerator)
+    summary = f"done: {fit.steps} steps, final train loss {fit.final_train_loss:.4f}"
+    if fit.eval_metrics:
+        summary += f", eval loss {fit.eval_metrics['loss']:.4f} (perplexity {fit.eval_metrics['perplexity']:.2f})"
+    say(accelerator, f"{summary}; saved to {out}")
+    return SFTResult(output_dir=out, fit=fit)
