@@ -11,14 +11,24 @@ How it batches:
    are appended right after it. The tokenizer's ``padding_side`` is restored afterwards.
 3. Greedy decoding (``temperature == 0``) is deterministic; a row's completion does not depend on the
    batch it lands in beyond float rounding of padded attention.
+4. Prompt-learning adapters (prompt tuning, P-tuning, prefix tuning) do not go through
+   ``PeftModel.generate``: with peft 0.21 and transformers 5.24 it is wrong (transformers now names the
+   KV cache ``cache``, PEFT still looks for ``past_key_values``). Prompt tuning re-inserts the virtual
+   tokens at every decoding step, and prefix tuning silently drops the prefix, so it generates exactly
+   like the base model. PEFT also drops ``position_ids`` for prompt tuning, so left padding would shift
+   the prompt away from the virtual tokens. We call the base model's ``generate`` with the virtual
+   tokens ourselves (``_prompt_learning_new_token_ids``); greedy output then equals a cache-free,
+   unpadded loop over ``PeftModel.forward``, for any padding.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel, PeftType
 
 from posttrain.errors import ConfigError
 
@@ -102,10 +112,9 @@ def generate(
             for batch in batches:
                 inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
                 inputs = inputs.to(model.device)
-                output_ids = model.generate(
-                    **inputs, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling.generate_kwargs()
-                )  # (B, T_prompt + T_new): generate returns the prompt ids, never PEFT's virtual tokens
-                new_ids = output_ids[:, inputs["input_ids"].shape[1] :]
+                new_ids = _new_token_ids(
+                    model, inputs["input_ids"], inputs["attention_mask"], tokenizer.pad_token_id, sampling
+                )
                 texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
                 for i, text in zip(batch, texts, strict=True):
                     completions[i] = text.strip()
@@ -113,6 +122,55 @@ def generate(
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return completions
+
+
+def _new_token_ids(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int, sampling: SamplingConfig
+) -> torch.Tensor:
+    """Generate for one left-padded batch; returns only the new token ids, (B, T_new)."""
+    kwargs = {"pad_token_id": pad_token_id, "use_cache": True, **sampling.generate_kwargs()}
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        return _prompt_learning_new_token_ids(model, input_ids, attention_mask, kwargs)
+    output_ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)  # (B, T + T_new)
+    return output_ids[:, input_ids.shape[1] :]
+
+
+def _prompt_learning_new_token_ids(
+    model: PeftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, generate_kwargs: dict
+) -> torch.Tensor:
+    """Generate with a prompt-learning adapter by handing its virtual tokens to the base model (module point 4).
+
+    The virtual tokens come first and always attend, as in ``PeftModel.forward``:
+    ``[virtual (V)] [left padding] [prompt]``. ``generate`` derives positions from the attention mask, so
+    the prompt starts at position V whatever the padding, which is where training put it.
+    """
+    config = model.active_peft_config
+    base_model = model.get_base_model()
+    batch_size, num_virtual = input_ids.shape[0], config.num_virtual_tokens
+    virtual_mask = attention_mask.new_ones(batch_size, num_virtual)
+    attention_mask = torch.cat([virtual_mask, attention_mask], dim=1)  # (B, V + T)
+    if config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+        token_embeds = base_model.get_input_embeddings()(input_ids)  # (B, T, H)
+        virtual_embeds = model.get_prompt(batch_size=batch_size).to(token_embeds.dtype)  # (B, V, H)
+        inputs_embeds = torch.cat([virtual_embeds, token_embeds], dim=1)  # (B, V + T, H)
+        # Given only embeddings, generate returns only the new tokens.
+        return base_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+    if config.peft_type == PeftType.PREFIX_TUNING:
+        prefix_cache = model.get_prompt(batch_size=batch_size)  # a KV cache already holding V positions
+        # generate skips the ids the cache already covers, so V placeholder ids stand in for the prefix.
+        placeholder_ids = input_ids.new_full((batch_size, num_virtual), generate_kwargs["pad_token_id"])
+        input_ids = torch.cat([placeholder_ids, input_ids], dim=1)  # (B, V + T)
+        with warnings.catch_warnings():
+            # `past_key_values` works on every transformers 5.x; 5.24 renamed it `cache` and warns.
+            warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
+            output_ids = base_model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, past_key_values=prefix_cache, **generate_kwargs
+            )
+        return output_ids[:, input_ids.shape[1] :]
+    raise ConfigError(
+        f"generate does not support the PEFT method {config.peft_type.value}; "
+        "use LoRA, prompt tuning, P-tuning or prefix tuning"
+    )
 
 
 def chat_loop(model, tokenizer, sampling: SamplingConfig | None = None, system: str | None = None) -> None:

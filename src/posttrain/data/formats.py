@@ -40,6 +40,23 @@ class SFTExample:
     completion: str = ""
     text: str = ""
 
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """The conversation up to the reply a model is asked for, e.g. to generate answers for evaluation.
+
+        A ``messages`` row is cut before its last assistant turn, a conversational prompt/completion
+        row before its completion; a plain prompt becomes one user turn. ``text`` rows have no prompt.
+        """
+        if self.kind == "chat":
+            if self.first_trained > 0:
+                return [dict(m) for m in self.messages[: self.first_trained]]
+            last_reply = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+            return [dict(m) for m in self.messages[:last_reply]]
+        if self.kind == "prompt_completion":
+            return [{"role": "user", "content": self.prompt}]
+        raise ValueError(
+            "text: a 'text' row has no prompt to answer; use 'messages' or 'prompt'+'completion' rows"
+        )
+
 
 def normalize_sft(row: dict) -> SFTExample:
     """Validate ``row`` and return it normalised; raise ``ValueError`` naming the bad field."""
@@ -74,7 +91,9 @@ def normalize_sft(row: dict) -> SFTExample:
         return SFTExample("text", text=text)
 
     columns = ", ".join(repr(k) for k in row) or "none"
-    raise ValueError(f"missing field: expected 'messages', 'prompt'+'completion', or 'text' (row has {columns})")
+    raise ValueError(
+        f"missing field: expected 'messages', 'prompt'+'completion', or 'text' (row has {columns})"
+    )
 
 
 def _conversational_prompt_completion(prompt: list, completion: list) -> SFTExample:
@@ -86,8 +105,12 @@ def _conversational_prompt_completion(prompt: list, completion: list) -> SFTExam
         raise ValueError("completion: no assistant turn")
     for i, message in enumerate(completion_msgs):
         if message["role"] != "assistant":
-            raise ValueError(f"completion[{i}].role: expected 'assistant' (the completion is the model's reply), got {message['role']!r}")
-    labels = [f"prompt[{i}]" for i in range(len(prompt_msgs))] + [f"completion[{i}]" for i in range(len(completion_msgs))]
+            raise ValueError(
+                f"completion[{i}].role: expected 'assistant' (the completion is the model's reply), got {message['role']!r}"
+            )
+    labels = [f"prompt[{i}]" for i in range(len(prompt_msgs))] + [
+        f"completion[{i}]" for i in range(len(completion_msgs))
+    ]
     messages = prompt_msgs + completion_msgs
     _check_conversation(messages, labels, "completion")
     return SFTExample("chat", messages=messages, first_trained=len(prompt_msgs))
@@ -105,7 +128,9 @@ def _message_list(value: object, name: str) -> list[dict[str, str]]:
     for i, message in enumerate(value):
         label = f"{name}[{i}]"
         if not isinstance(message, dict):
-            raise ValueError(f"{label}: expected an object with 'role' and 'content', got {type(message).__name__}")
+            raise ValueError(
+                f"{label}: expected an object with 'role' and 'content', got {type(message).__name__}"
+            )
         for key in ("role", "content"):
             if key not in message:
                 raise ValueError(f"{label}: missing '{key}'")
@@ -125,7 +150,9 @@ def _check_conversation(messages: list[dict[str, str]], labels: list[str], name:
     # Transformers cannot render an empty conversation, so an opening assistant turn has no
     # rendered prompt to measure where it starts; it would also be a reply to nothing.
     if messages[0]["role"] == "assistant":
-        raise ValueError(f"{labels[0]}.role: conversation starts with an assistant turn; add the user turn it answers")
+        raise ValueError(
+            f"{labels[0]}.role: conversation starts with an assistant turn; add the user turn it answers"
+        )
     for i, message in enumerate(messages):
         if message["role"] == "system" and i > 0:
             raise ValueError(f"{labels[i]}.role: a system turn is only allowed first")

@@ -56,7 +56,9 @@ def read_records(path: str | Path) -> Iterator[Record]:
         return _read_parquet(p, shown)
     if suffix == ".csv":
         return _read_csv(p.read_bytes(), shown)
-    raise DataError(shown, f"unsupported data format {suffix or '(no extension)'!r}; expected {SUPPORTED_FORMATS}")
+    raise DataError(
+        shown, f"unsupported data format {suffix or '(no extension)'!r}; expected {SUPPORTED_FORMATS}"
+    )
 
 
 def _read_jsonl(raw: bytes, shown: str) -> Iterator[Record]:
@@ -160,7 +162,9 @@ def _csv_rows(text: str, shown: str) -> Iterator[Record]:
             continue
         where = f"{shown}:{start}"
         if len(cells) != len(header):
-            yield Record(where, None, f"expected {len(header)} CSV columns (as in the header), got {len(cells)}")
+            yield Record(
+                where, None, f"expected {len(header)} CSV columns (as in the header), got {len(cells)}"
+            )
         else:
             yield Record(where, dict(zip(header, cells)), None)
 
@@ -169,7 +173,10 @@ def _read_saved_dataset(p: Path, shown: str) -> Iterator[Record]:
     import datasets
 
     if not ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
-        raise DataError(shown, f"directory is not a saved dataset (no state.json or dataset_dict.json); expected {SUPPORTED_FORMATS}")
+        raise DataError(
+            shown,
+            f"directory is not a saved dataset (no state.json or dataset_dict.json); expected {SUPPORTED_FORMATS}",
+        )
     loaded = datasets.load_from_disk(str(p))
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
@@ -178,7 +185,9 @@ def _read_saved_dataset(p: Path, shown: str) -> Iterator[Record]:
         elif "train" in loaded:
             loaded = loaded["train"]
         else:
-            raise DataError(shown, f"saved DatasetDict has splits {splits} and no 'train' split; save the one to train on")
+            raise DataError(
+                shown, f"saved DatasetDict has splits {splits} and no 'train' split; save the one to train on"
+            )
     return _numbered_rows(loaded.with_format("arrow").iter(batch_size=_BATCH_ROWS), shown)
 
 

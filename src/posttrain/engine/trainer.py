@@ -34,6 +34,7 @@ from posttrain.engine.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     resolve_resume,
+    checkpoint_dir,
     save_checkpoint,
     save_rng_state,
 )
@@ -137,7 +138,9 @@ class Engine:
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.accelerator = accelerator or Accelerator(mixed_precision=resolve_mixed_precision(cfg.precision))
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.precision)
+        )
         self.model = model
         self.train_examples = train_examples
         self.eval_examples = eval_examples
@@ -209,11 +212,11 @@ class Engine:
         if acc.is_main_process:
             path = save_checkpoint(
                 self.output_dir, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                trainer_state=state, keep_last=self.cfg.keep_last,
+                trainer_state=state, keep_last=self.cfg.keep_last, rank=self.rank,
             )
         acc.wait_for_everyone()
         if not acc.is_main_process:
-            path = latest_checkpoint(self.output_dir)
+            path = checkpoint_dir(self.output_dir, step)
             save_rng_state(path, self.rank)
         acc.wait_for_everyone()
         return path
@@ -267,7 +270,7 @@ class Engine:
                         loss_sum, metrics = objective.loss(self.model, batch)
                     acc.backward(loss_sum * (self.world / max(global_units, 1.0)))
                 for k, v in {"loss": loss_sum, **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
             keys = sorted(sums)
             totals = dict(zip(keys, self._sum_across([sums[k] for k in keys])))
             loss = totals["loss"] / max(global_units, 1.0)

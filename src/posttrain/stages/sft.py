@@ -41,6 +41,7 @@ class SFTObjective:
 class SFTResult:
     output_dir: Path
     fit: FitResult
+    model: torch.nn.Module  # the trained model (unwrapped), as saved
 
 
 def train(cfg: SFTConfig) -> SFTResult:
@@ -66,4 +67,4 @@ def train(cfg: SFTConfig) -> SFTResult:
     if fit.eval_metrics:
         summary += f", eval loss {fit.eval_metrics['loss']:.4f} (perplexity {fit.eval_metrics['perplexity']:.2f})"
     say(accelerator, f"{summary}; saved to {out}")
-    return SFTResult(output_dir=out, fit=fit)
+    return SFTResult(output_dir=out, fit=fit, model=engine.model)
