@@ -1,7 +1,7 @@
 import pytest
 
 from posttrain.cli import main
-from posttrain.config import help_table, load_config, SFTConfig
+from posttrain.config import SFTConfig, help_table, load_config
 from posttrain.errors import ConfigError
 
 

@@ -42,7 +42,7 @@ def assert_same_weights(a: dict, b: dict, atol=2e-5):
     # the updates themselves are ~lr = 1e-2, so 2e-5 still catches any real normalisation error.
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -36,10 +36,9 @@ def _prompts_from_file(path: str) -> list[list[dict]]:
         if rec.error:
             raise DataError(rec.where, rec.error)
         try:
-            ex = normalize_sft(rec.data)
+            prompts.append(normalize_sft(rec.data).prompt_messages())
         except ValueError as e:
             raise DataError(rec.where, str(e)) from e
-        prompts.append(ex.prompt_messages())
     return prompts
 
 
@@ -107,7 +106,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise ConfigError("data: required (a dataset to compute loss and perplexity on)")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     rows, report = load_sft_dataset(cfg.data, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid, loss_on=cfg.loss_on)
-    print(f"{cfg.data}: {report.summary()}")
+    print(report.summary())
     model, _ = _load(cfg.model, cfg.adapter, cfg.trust_remote_code)
     total, tokens = 0.0, 0
     from tqdm.auto import tqdm

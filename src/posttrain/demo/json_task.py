@@ -145,26 +145,51 @@ def parse_record(completion: str) -> dict | None:
     return parsed if isinstance(parsed, dict) else None
 
 
+def _leading_record(completion: str) -> dict | None:
+    """The first JSON object in a completion, ignoring any text around it (for the lenient score)."""
+    start = completion.find("{")
+    if start < 0:
+        return None
+    try:
+        parsed, _ = json.JSONDecoder().raw_decode(completion, start)
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
 def _same(value: object, expected: object) -> bool:
     # Types must match too: "34" is not 34, and True is not 1.
     return type(value) is type(expected) and value == expected
 
 
+def _roughly_same(value: object, expected: object) -> bool:
+    if isinstance(value, str) and isinstance(expected, str):
+        return value.strip().casefold() == expected.casefold()
+    return _same(value, expected)
+
+
 def score(completion: str, row: dict) -> dict:
     """Score one completion against the row's reference record.
 
-    ``valid_json``: the completion is a JSON object; ``exact``: it has exactly the reference keys and
-    values (any key order); ``field_accuracy``: the fraction of the 4 fields with the right value and type.
+    ``valid_json``: the whole completion is a JSON object; ``exact``: it has exactly the reference keys
+    and values (any key order); ``field_accuracy``: the fraction of the 4 fields with the right value and
+    type. ``lenient_field_accuracy`` is a diagnostic that separates content from format: it reads the
+    first JSON object anywhere in the completion (so chatter after it is ignored) and compares strings
+    case-insensitively.
     """
     reference = reference_of(row)
     record = parse_record(completion)
+    leading = record if record is not None else _leading_record(completion)
+    lenient = [leading is not None and key in leading and _roughly_same(leading[key], reference[key]) for key in KEYS]
+    scores = {"lenient_field_accuracy": sum(lenient) / len(KEYS)}
     if record is None:
-        return {"exact": False, "valid_json": False, "field_accuracy": 0.0}
+        return {"exact": False, "valid_json": False, "field_accuracy": 0.0, **scores}
     right = [key in record and _same(record[key], reference[key]) for key in KEYS]
     return {
         "exact": all(right) and record.keys() == reference.keys(),
         "valid_json": True,
         "field_accuracy": sum(right) / len(KEYS),
+        **scores,
     }
 
 
@@ -173,8 +198,9 @@ def evaluate(
 ) -> dict:
     """Greedy-decode every row's prompt and score it.
 
-    Returns ``exact_match``, ``valid_json`` and ``field_accuracy`` (means over rows), ``n``, and
-    ``samples``: the first ``num_samples`` (sentence, completion) pairs.
+    Returns ``exact_match``, ``valid_json``, ``field_accuracy`` and ``lenient_field_accuracy`` (means
+    over rows, see :func:`score`), ``n``, and ``samples``: the first ``num_samples`` (sentence,
+    completion) pairs.
     """
     if not rows:
         raise PosttrainError("json_task.evaluate needs at least one row")
@@ -187,6 +213,7 @@ def evaluate(
         "exact_match": fmean(s["exact"] for s in scores),
         "valid_json": fmean(s["valid_json"] for s in scores),
         "field_accuracy": fmean(s["field_accuracy"] for s in scores),
+        "lenient_field_accuracy": fmean(s["lenient_field_accuracy"] for s in scores),
         "n": len(rows),
         "samples": [(sentence_of(row), c) for row, c in zip(rows[:num_samples], completions, strict=False)],
     }

@@ -31,10 +31,9 @@ from tqdm.auto import tqdm
 
 from posttrain.config import TrainConfig, to_dict
 from posttrain.engine.checkpoint import (
-    latest_checkpoint,
+    checkpoint_dir,
     load_checkpoint,
     resolve_resume,
-    checkpoint_dir,
     save_checkpoint,
     save_rng_state,
 )

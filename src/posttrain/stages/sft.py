@@ -50,11 +50,11 @@ def train(cfg: SFTConfig) -> SFTResult:
     kw = dict(max_length=cfg.max_length, overflow=cfg.data.overflow, skip_invalid=cfg.data.skip_invalid,
               loss_on=cfg.data.loss_on)
     train_rows, report = load_sft_dataset(cfg.data.train, tokenizer, **kw)
-    say(accelerator, f"train data {cfg.data.train}: {report.summary()}")
+    say(accelerator, f"train data: {report.summary()}")
     eval_rows = None
     if cfg.data.eval:
         eval_rows, eval_report = load_sft_dataset(cfg.data.eval, tokenizer, **kw)
-        say(accelerator, f"eval data {cfg.data.eval}: {eval_report.summary()}")
+        say(accelerator, f"eval data: {eval_report.summary()}")
 
     setup = build(cfg, tokenizer, accelerator)
     pad_id = tokenizer.pad_token_id
