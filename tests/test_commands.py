@@ -31,7 +31,8 @@ def test_cli_sft_writes_a_peft_adapter_logs_and_tensorboard(tiny_adapter):
     rows = [json.loads(x) for x in (tiny_adapter / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     assert any((tiny_adapter / "tensorboard").iterdir())
-    assert json.loads((tiny_adapter / "config.json").read_text())["lora"]["r"] == 4
+    assert json.loads((tiny_adapter / "posttrain_config.json").read_text())["lora"]["r"] == 4
+    assert not (tiny_adapter / "config.json").exists()  # a PEFT dir holds no model config of its own
 
 
 def test_generate_command(tiny_model_dir, tiny_adapter, capsys):

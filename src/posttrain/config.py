@@ -343,3 +343,30 @@ def help_table(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((f"{prefix}{f.name}", "null" if default is None else str(default), f.metadata.get("help", "")))
     return rows
+
+
+def markdown_reference() -> str:
+    """Every command's keys as Markdown tables (the README's reference section is generated from this)."""
+    seen: dict[type, list[str]] = {}
+    for stage, cls in STAGE_CONFIGS.items():
+        seen.setdefault(cls, []).append(stage)
+    parts = []
+    for cls, stages in seen.items():
+        title = " / ".join(f"`posttrain {s}`" for s in stages)
+        parts.append(f"#### {title}\n\n| key | default | meaning |\n|---|---|---|")
+        for key, default, text in help_table(cls):
+            parts.append(f"| `{key}` | `{default}` | {text} |")
+        parts.append("")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _write_readme_reference(readme: Path) -> None:
+    text = readme.read_text()
+    start, end = "<!-- keys:start -->\n", "<!-- keys:end -->"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + markdown_reference() + end + tail)
+
+
+if __name__ == "__main__":  # python -m posttrain.config: regenerate the README's reference section
+    _write_readme_reference(Path(__file__).resolve().parents[2] / "README.md")

@@ -126,7 +126,7 @@ def load_sft_dataset(
         raise DataError(
             report.source,
             f"{_rows(len(bad_rows))} invalid; fix {'them' if len(bad_rows) > 1 else 'it'}, "
-            f"or pass skip_invalid to drop invalid rows:\n{listed}",
+            f"or set data.skip_invalid=true to drop and count them:\n{listed}",
         )
     report.rows_kept = len(examples)
     assert report.rows_read == (

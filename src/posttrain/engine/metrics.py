@@ -50,3 +50,39 @@ def _clean(v: float) -> float | str:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
+
+
+def plot_metrics(output_dir: Path) -> Path | None:
+    """Draw train (and eval) loss and the learning rate from metrics.jsonl into ``loss.png``."""
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    train = [(r["step"], r["train/loss"]) for r in rows if isinstance(r.get("train/loss"), float)]
+    evals = [(r["step"], r["eval/loss"]) for r in rows if isinstance(r.get("eval/loss"), float)]
+    lrs = [(r["step"], r["train/lr"]) for r in rows if "train/lr" in r]
+    if not train:
+        return None
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=[3, 1])
+    ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", ms=4)
+    ax.set_ylabel("loss")
+    ax.set_yscale("log" if max(v for _, v in train) / max(min(v for _, v in train), 1e-9) > 20 else "linear")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(output_dir.name)
+    ax_lr.plot(*zip(*lrs), color="gray", lw=1)
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    out = output_dir / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -37,7 +37,7 @@ from posttrain.engine.checkpoint import (
     save_checkpoint,
     save_rng_state,
 )
-from posttrain.engine.metrics import MetricsLogger
+from posttrain.engine.metrics import MetricsLogger, plot_metrics
 from posttrain.errors import ConfigError, TrainingDiverged
 
 
@@ -246,7 +246,7 @@ class Engine:
         logger = MetricsLogger(self.output_dir, acc.is_main_process, cfg.tensorboard, resume_step=start_step)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            (self.output_dir / "posttrain_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         bar = tqdm(total=self.total_steps, initial=start_step, disable=not acc.is_main_process,
@@ -327,5 +327,7 @@ class Engine:
                 logger.log(self.total_steps, result.eval_metrics, prefix="eval")
             self._save(self.total_steps, raw_optimizer, scheduler, tokens_seen)
         logger.close()
+        if acc.is_main_process:
+            plot_metrics(self.output_dir)
         self.model = acc.unwrap_model(self.model)
         return result
