@@ -32,33 +32,38 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(f if f.exists() else out / "model.safetensors")
 
 
-def losses(out: Path) -> dict[int, float]:
+def losses(out: Path, key: str = "train/loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
-def assert_same_weights(a: dict, b: dict, atol=2e-5):
-    # Adam divides by sqrt(v): fp32 summation-order noise in near-zero gradients shows up at ~1e-6;
-    # the updates themselves are ~lr = 1e-2, so 2e-5 still catches any real normalisation error.
+def assert_same_weights(a: dict, b: dict, atol=2e-4):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_micro_batch_times_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, method):
-    a = run_sft(tiny_model_dir, tmp_path / "8x1", f"method={method}", "max_steps=2", "batch_size=8", "grad_accum=1")
-    b = run_sft(tiny_model_dir, tmp_path / "2x4", f"method={method}", "max_steps=2", "batch_size=2", "grad_accum=4")
-    assert_same_weights(weights(a.output_dir), weights(b.output_dir))
-    la, lb = losses(a.output_dir), losses(b.output_dir)
-    assert la.keys() == lb.keys() == {1, 2}
-    for step in la:
-        assert la[step] == pytest.approx(lb[step], rel=1e-5)
+@pytest.mark.parametrize("method, packing", [("lora", False), ("full", False), ("lora", True)])
+def test_micro_batch_times_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, method, packing):
+    # packed: rows of <= 64 tokens hold 1-3 of the ~40-token examples, so a step sees several rows
+    common = (f"method={method}", "max_steps=2", f"packing={str(packing).lower()}", "max_length=64")
+    a = run_sft(tiny_model_dir, tmp_path / "8x1", *common, "batch_size=8", "grad_accum=1")
+    b = run_sft(tiny_model_dir, tmp_path / "2x4", *common, "batch_size=2", "grad_accum=4")
+    # The gradient of each step (its norm is logged before clipping) and the loss it leads to must agree.
+    for key, rel in (("train/loss", 1e-5), ("train/grad_norm", 1e-4)):
+        la, lb = losses(a.output_dir, key), losses(b.output_dir, key)
+        assert la.keys() == lb.keys() == {1, 2}
+        for step in la:
+            assert la[step] == pytest.approx(lb[step], rel=rel), f"{key} at step {step}"
+    # Weights only as a sanity check: Adam amplifies summation-order noise in near-zero gradients (LoRA's A
+    # matrices get their first non-zero gradient at step 2) to ~2e-4 at lr 1e-2.
+    assert_same_weights(weights(a.output_dir), weights(b.output_dir), atol=1e-3)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     # lora.dropout > 0 so that the RNG state must be restored too.
-    common = ("max_steps=6", "save_every=3", "batch_size=2", "grad_accum=2", "lora.dropout=0.1", "keep_last=3")
+    common = ("max_steps=6", "save_every=3", "batch_size=2", "grad_accum=2", "lora.dropout=0.1", "keep_last=3",
+              "max_length=64")
     full = run_sft(tiny_model_dir, tmp_path / "full", *common)
     step3 = full.output_dir / "checkpoints" / "step-00000003"
     assert (step3 / "COMPLETE").exists()
@@ -73,10 +78,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
 
 
 def test_two_processes_match_one(tiny_model_dir, tmp_path):
-    one = run_sft(tiny_model_dir, tmp_path / "one", "max_steps=2", "batch_size=8")
+    one = run_sft(tiny_model_dir, tmp_path / "one", "max_steps=2", "batch_size=8", "max_length=64")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "posttrain", "sft", f"model={tiny_model_dir}", f"data.train={DATA}", f"output_dir={tmp_path / 'two'}",
-           "tensorboard=false", "lr=1e-2", "warmup_ratio=0", "precision=fp32", "max_steps=2", "batch_size=4"]
+           "tensorboard=false", "lr=1e-2", "warmup_ratio=0", "precision=fp32", "max_steps=2", "batch_size=4",
+           "max_length=64"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -100,7 +100,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     from posttrain.data.collate import collate_sft
     from posttrain.data.dataset import load_sft_dataset
     from posttrain.generation import generate
-    from posttrain.losses import causal_lm_loss
+    from posttrain.models.forward import target_logps
 
     if not cfg.data:
         raise ConfigError("data: required (a dataset to compute loss and perplexity on)")
@@ -114,10 +114,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     with torch.inference_mode():
         for start in tqdm(range(0, len(rows), cfg.batch_size), desc="eval", disable=len(rows) <= cfg.batch_size):
             batch = collate_sft(rows[start : start + cfg.batch_size], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum, metrics = causal_lm_loss(logits[:, -batch["input_ids"].shape[1]:], batch["labels"])
-            total += float(loss_sum)
-            tokens += int(metrics["tokens"])
+            logps, _ = target_logps(model, batch)
+            total -= float(logps.sum())
+            tokens += logps.numel()
     loss = total / max(tokens, 1)
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "rows": len(rows)}
     print(f"eval loss {loss:.4f}  perplexity {result['perplexity']:.2f}  over {tokens} target tokens in {len(rows)} rows")

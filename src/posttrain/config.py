@@ -99,6 +99,8 @@ class TrainConfig:
     max_length: int = opt(1024, "Maximum tokens per sequence; longer rows follow data.overflow.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "Mixed precision: auto = bf16 on GPUs that support it, else fp32.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    packing: bool = opt(True, "Pack several examples into each row of max_length tokens (best-fit decreasing), each attending only to itself; batch_size then counts rows. Not used by prompt/prefix tuning.")
+    loss_chunk_size: int = opt(1024, "Target positions per chunk of the output projection + cross-entropy; the full logits tensor is never built.")
     log_every: int = opt(1, "Log metrics every N steps.")
     eval_every: int = opt(0, "Evaluate on data.eval every N steps (0: only at the end).")
     save_every: int = opt(0, "Checkpoint every N steps (0: only at the end).")
@@ -112,7 +114,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Cross-field checks that a type cannot express."""
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "max_length": self.max_length,
-                    "keep_last": self.keep_last, "log_every": self.log_every, "lora.r": self.lora.r,
+                    "keep_last": self.keep_last, "log_every": self.log_every, "loss_chunk_size": self.loss_chunk_size, "lora.r": self.lora.r,
                     "prompt.num_virtual_tokens": self.prompt.num_virtual_tokens,
                     "prefix.num_virtual_tokens": self.prefix.num_virtual_tokens}
         for key, value in positive.items():

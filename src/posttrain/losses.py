@@ -20,7 +20,10 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Summed next-token cross-entropy.
+    """Summed next-token cross-entropy from full (B, T, V) logits.
+
+    The reference implementation: training uses ``models.forward.target_logps`` + :func:`sft_loss`, which never
+    builds the full logits; tests check the two agree.
 
     loss_sum = - sum_{t : y_{t+1} != -100} log p(y_{t+1} | y_{<=t})
 
@@ -36,6 +39,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     picked_logits = logits[mask].float()  # (N, V)
     loss_sum = F.cross_entropy(picked_logits, targets[mask], reduction="sum")
     return loss_sum, {"loss_sum": loss_sum.detach(), "tokens": mask.sum()}
+
+
+def sft_loss(target_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed negative log-likelihood of the target tokens: loss_sum = - sum_i log p(y_i | y_<i).
+
+    Args:
+        target_logps: (N,) log-probs of the N target tokens (see ``models.forward.target_logps``).
+    """
+    loss_sum = -target_logps.sum()
+    return loss_sum, {"loss_sum": loss_sum.detach(), "tokens": torch.tensor(target_logps.numel())}
 
 
 def count_loss_tokens(labels: torch.Tensor) -> int:

@@ -18,6 +18,9 @@ from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.loading import load_causal_lm, resolve_model
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt", "prefix")
+# Methods whose adapters act per token, so packed examples stay independent. Prompt and prefix tuning add
+# virtual positions per row, which packed examples would share.
+PACKING_METHODS = ("full", "lora", "qlora")
 
 
 @dataclass
@@ -87,9 +90,22 @@ def _peft_config(cfg: TrainConfig):
     raise AssertionError(cfg.method)
 
 
-def _load_base(cfg: TrainConfig, device: torch.device | None):
+def frozen_storage_dtype(method: str, mixed_precision: str) -> torch.dtype:
+    """dtype the frozen base weights are stored in.
+
+    Under bf16/fp16 mixed precision, frozen weights of adapter methods are stored in half precision: autocast
+    would cast fp32 weights to half in every forward anyway, so storing them in half saves that cast and half
+    their memory. Trainable weights and the optimizer state stay fp32. Full fine-tuning keeps fp32 master weights.
+    """
+    if method in ("lora", "prompt", "prefix"):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    return torch.float32
+
+
+def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: str):
     if cfg.method != "qlora":
-        return load_causal_lm(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        dtype = frozen_storage_dtype(cfg.method, mixed_precision)
+        return load_causal_lm(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     from transformers import BitsAndBytesConfig
 
     try:
@@ -115,11 +131,13 @@ def _load_base(cfg: TrainConfig, device: torch.device | None):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
 
-def build_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[torch.nn.Module, ParamReport]:
+def build_model(
+    cfg: TrainConfig, device: torch.device | None = None, mixed_precision: str = "no"
+) -> tuple[torch.nn.Module, ParamReport]:
     """Load the base model and apply ``cfg.method`` (and ``cfg.adapter`` to start from)."""
     from peft import PeftConfig, PeftModel, get_peft_model
 
-    model = _load_base(cfg, device)
+    model = _load_base(cfg, device, mixed_precision)
     if cfg.adapter:
         if not (Path(cfg.adapter) / "adapter_config.json").is_file():
             raise ConfigError(f"adapter: '{cfg.adapter}' is not a PEFT adapter directory (no adapter_config.json)")
@@ -138,6 +156,9 @@ def build_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[t
     elif cfg.method in ADAPTER_METHODS:
         model = get_peft_model(model, _peft_config(cfg))
 
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # trainable weights (and so AdamW state) are fp32 whatever the base dtype
     if cfg.gradient_checkpointing and cfg.method != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

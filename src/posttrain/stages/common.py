@@ -50,7 +50,7 @@ def load_tokenizer_for(cfg: TrainConfig):
 
 
 def build(cfg: TrainConfig, tokenizer, accelerator) -> Setup:
-    model, report = build_model(cfg, device=accelerator.device)
+    model, report = build_model(cfg, device=accelerator.device, mixed_precision=accelerator.mixed_precision)
     say(accelerator, report.summary())
     return Setup(tokenizer=tokenizer, model=model, report=report, accelerator=accelerator)
 

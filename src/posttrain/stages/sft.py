@@ -18,23 +18,26 @@ import torch
 from posttrain.config import SFTConfig
 from posttrain.data.collate import collate_sft
 from posttrain.data.dataset import load_sft_dataset
+from posttrain.data.packing import collate_packed, pack_examples, packing_efficiency
 from posttrain.engine.trainer import Engine, FitResult
-from posttrain.losses import causal_lm_loss, count_loss_tokens
+from posttrain.losses import count_loss_tokens, sft_loss
+from posttrain.models.adapters import PACKING_METHODS
+from posttrain.models.forward import target_logps
 from posttrain.stages.common import build, load_tokenizer_for, make_accelerator, save_final, say
 
 
 class SFTObjective:
-    """Next-token cross-entropy on the target tokens of a padded batch."""
+    """Next-token cross-entropy on the target tokens of a padded or packed batch."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return count_loss_tokens(batch["labels"])
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        input_ids = batch["input_ids"]  # (B, T)
-        out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False)
-        # Prompt tuning prepends virtual tokens to the outputs: keep the T positions of the real input.
-        logits = out.logits[:, -input_ids.shape[1]:]  # (B, T, V)
-        return causal_lm_loss(logits, batch["labels"])
+        logps, _ = target_logps(model, batch, self.chunk_size)  # (N,)
+        return sft_loss(logps)
 
 
 @dataclass
@@ -56,12 +59,28 @@ def train(cfg: SFTConfig) -> SFTResult:
         eval_rows, eval_report = load_sft_dataset(cfg.data.eval, tokenizer, **kw)
         say(accelerator, f"eval data: {eval_report.summary()}")
 
-    setup = build(cfg, tokenizer, accelerator)
     pad_id = tokenizer.pad_token_id
-    engine = Engine(cfg, setup.model, train_rows, lambda rows: collate_sft(rows, pad_id), eval_rows, accelerator)
+    if cfg.packing and cfg.method in PACKING_METHODS:
+        n_rows = len(train_rows)
+        train_rows = pack_examples(train_rows, cfg.max_length)
+        eval_rows = pack_examples(eval_rows, cfg.max_length) if eval_rows else eval_rows
+        say(accelerator, f"packing: {n_rows} examples into {len(train_rows)} rows of <= {cfg.max_length} tokens "
+                         f"({packing_efficiency(train_rows, cfg.max_length):.0%} of the token budget used)")
+
+        def collate(packs):
+            return collate_packed(packs, pad_id)
+    else:
+        if cfg.packing:
+            say(accelerator, f"packing: off for method {cfg.method} (its virtual tokens would be shared across packed examples)")
+
+        def collate(rows):
+            return collate_sft(rows, pad_id)
+
+    setup = build(cfg, tokenizer, accelerator)
+    engine = Engine(cfg, setup.model, train_rows, collate, eval_rows, accelerator)
     say(accelerator, f"training {engine.total_steps} steps of {engine.global_batch} sequences "
                      f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})")
-    fit = engine.fit(SFTObjective())
+    fit = engine.fit(SFTObjective(cfg.loss_chunk_size))
     out = save_final(engine.model, tokenizer, cfg.output_dir, accelerator)
     summary = f"done: {fit.steps} steps, final train loss {fit.final_train_loss:.4f}"
     if fit.eval_metrics:

@@ -1,0 +1,96 @@
+"""One forward path for every stage: a batch in, the log-probabilities of its target tokens out.
+
+Memory-lean: the output projection and the log-softmax run only at target positions, in chunks of
+``chunk_size`` positions, each chunk recomputed in backward (activation checkpointing), so neither the
+(B, T, V) logits nor their fp32 log-softmax ever exist. With a 49k vocabulary and 8 x 512 tokens that is
+~800 MB of fp32 logits (plus as much again for their gradient) that are never allocated; at 150k+ vocabularies
+it is most of the step's activation memory.
+
+How: during the forward the causal LM's output head is swapped for a pass-through, so the model returns its
+final hidden states in ``.logits``; then the real head is applied to the selected rows. This goes through the
+model's own ``forward`` (and so through DDP's and PEFT's wrappers), works for tied or untied heads, and for a
+LoRA-wrapped head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from posttrain.losses import IGNORE_INDEX, shift_labels
+
+DEFAULT_CHUNK = 1024
+
+
+class _PassThrough(torch.nn.Module):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers CausalLM inside DDP / PEFT wrappers."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    if hasattr(inner, "get_base_model"):  # peft.PeftModel
+        inner = inner.get_base_model()
+    return inner
+
+
+@contextlib.contextmanager
+def head_bypassed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block ``model(...)`` returns final hidden states; yields the real output head."""
+    lm = _causal_lm(model)
+    head = lm.get_output_embeddings()
+    assert head is not None, f"{type(lm).__name__} has no output embeddings"
+    name = "lm_head" if getattr(lm, "lm_head", None) is head else None
+    assert name is not None, f"{type(lm).__name__}: output head is not `lm_head`"
+    setattr(lm, name, _PassThrough())
+    try:
+        yield head
+    finally:
+        setattr(lm, name, head)
+
+
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # (n, V)
+    return -F.cross_entropy(logits, targets, reduction="none")  # (n,) log p(target)
+
+
+def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """log p(target) for (N, H) hidden rows, chunked and checkpointed. Returns (N,) fp32."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(head, h, t))
+    return torch.cat(parts)
+
+
+def target_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the batch's target tokens.
+
+    Args:
+        batch: ``input_ids`` (B, T), ``labels`` (B, T) (-100 = not a target), ``attention_mask`` (B, T) or
+            a (B, 1, T, T) packed mask, optional ``position_ids`` (B, T).
+    Returns:
+        logps (N,) fp32 for the N target tokens in row-major order, and the (B, T) boolean mask of the
+        positions that predict them (position t predicts token t+1).
+    """
+    input_ids = batch["input_ids"]
+    kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    with head_bypassed(model) as head:
+        hidden = model(input_ids=input_ids, **kwargs).logits  # (B, T', H); T' = T + virtual tokens for prompt tuning
+        hidden = hidden[:, -input_ids.shape[1]:]  # (B, T, H)
+        targets = shift_labels(batch["labels"])  # (B, T)
+        predicts = targets != IGNORE_INDEX
+        logps = head_logps(head, hidden[predicts], targets[predicts], chunk_size)
+    return logps, predicts
