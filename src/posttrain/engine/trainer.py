@@ -84,9 +84,26 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True if the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX).
+
+    Without them bf16 matmuls fall back to a slow path: on this project's AVX2 CI machine a 1024^2 bf16
+    matmul runs at ~0.5 GFLOP/s against ~20 for fp32, so bf16 autocast would be ~40x slower, not faster.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_mixed_precision(precision: str) -> str:
+    """``precision`` -> accelerate's mixed_precision. auto = bf16 where the hardware runs it natively."""
     if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if cpu_has_native_bf16() else "no"
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]

@@ -102,10 +102,21 @@ def frozen_storage_dtype(method: str, mixed_precision: str) -> torch.dtype:
     return torch.float32
 
 
+def resolve_attn_implementation(name: str) -> str:
+    if name != "auto":
+        return name
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: str):
+    attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.method != "qlora":
         dtype = frozen_storage_dtype(cfg.method, mixed_precision)
-        return load_causal_lm(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        return load_causal_lm(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=attn)
     from transformers import BitsAndBytesConfig
 
     try:
@@ -125,6 +136,7 @@ def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: s
         trust_remote_code=cfg.trust_remote_code,
         quantization_config=bnb,
         device_map={"": device if device is not None else "cpu"},
+        attn_implementation=attn,
     )
     from peft import prepare_model_for_kbit_training
 

@@ -54,6 +54,11 @@ def head_bypassed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         setattr(lm, name, head)
 
 
+def uses_varlen_attention(model: torch.nn.Module) -> bool:
+    """Flash-attention kernels take packed sequences as one flattened row plus restarting position ids."""
+    return getattr(_causal_lm(model).config, "_attn_implementation", "") in ("flash_attention_2", "flash_attention_3")
+
+
 def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()  # (n, V)
     return -F.cross_entropy(logits, targets, reduction="none")  # (n,) log p(target)
@@ -83,14 +88,22 @@ def target_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
         logps (N,) fp32 for the N target tokens in row-major order, and the (B, T) boolean mask of the
         positions that predict them (position t predicts token t+1).
     """
-    input_ids = batch["input_ids"]
+    input_ids, labels = batch["input_ids"], batch["labels"]
     kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
+    if batch["attention_mask"].dim() == 4 and uses_varlen_attention(model):
+        # CUDA flash-attention varlen: flatten the packed rows into one sequence; transformers derives the
+        # sequence boundaries from the restarting position ids, and attention costs sum(len_i^2), not T^2.
+        # Safe because every example's first label is -100 and padding has label -100, so no target crosses
+        # a row or example boundary.
+        input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
+        kwargs["position_ids"] = batch["position_ids"].reshape(1, -1)
+        kwargs["attention_mask"] = None
     with head_bypassed(model) as head:
         hidden = model(input_ids=input_ids, **kwargs).logits  # (B, T', H); T' = T + virtual tokens for prompt tuning
         hidden = hidden[:, -input_ids.shape[1]:]  # (B, T, H)
-        targets = shift_labels(batch["labels"])  # (B, T)
+        targets = shift_labels(labels)  # (B, T)
         predicts = targets != IGNORE_INDEX
         logps = head_logps(head, hidden[predicts], targets[predicts], chunk_size)
     return logps, predicts
