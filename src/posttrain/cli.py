@@ -21,6 +21,7 @@ DESCRIPTIONS = {
     "chat": "Chat interactively with a model and an optional adapter (/reset, /exit).",
     "merge": "Merge a LoRA/DoRA adapter into its base model and save a full transformers model.",
     "eval": "Eval loss and perplexity on a dataset, plus sample generations.",
+    "plan": "Predict peak memory and FLOPs per method; recommend the cheapest method that fits.",
 }
 
 EXAMPLES = {
@@ -29,6 +30,7 @@ EXAMPLES = {
     "chat": "posttrain chat adapter=runs/sft",
     "merge": "posttrain merge adapter=runs/sft output_dir=runs/sft-merged",
     "eval": "posttrain eval adapter=runs/sft data=heldout.jsonl",
+    "plan": "posttrain plan model=7b device_memory_gb=24\n  posttrain plan table=true batch_size=1",
 }
 
 
@@ -80,6 +82,10 @@ def run(stage: str, cfg) -> None:
         from posttrain.stages.sft import train
 
         train(cfg)
+    elif stage == "plan":
+        from posttrain.plan import run_plan
+
+        run_plan(cfg)
     else:
         from posttrain import commands
 

@@ -363,13 +363,8 @@ def markdown_reference() -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def _write_readme_reference(readme: Path) -> None:
-    text = readme.read_text()
-    start, end = "<!-- keys:start -->\n", "<!-- keys:end -->"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(head + start + markdown_reference() + end + tail)
+# `posttrain plan` keeps its config next to its model (plan.py imports this module's helpers, so it registers
+# itself here, after everything above is defined).
+from posttrain.plan import PlanConfig  # noqa: E402
 
-
-if __name__ == "__main__":  # python -m posttrain.config: regenerate the README's reference section
-    _write_readme_reference(Path(__file__).resolve().parents[2] / "README.md")
+STAGE_CONFIGS["plan"] = PlanConfig

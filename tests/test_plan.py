@@ -1,0 +1,279 @@
+"""posttrain plan: its math against hand-computed numbers, its activation count against what autograd really
+saves, its fit table against published figures, and (slow) its peaks against measured training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain import plan
+from posttrain.errors import ConfigError
+from posttrain.plan import KNOWN_SHAPES, GiB, ModelShape, PlanConfig, estimate, run_plan
+
+# h=8, f=16, 2 layers, 2 heads of 4 dims sharing 1 KV head, vocab 10, tied embeddings.
+TINY = ModelShape("tiny", vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                  num_kv_heads=1, head_dim=4, tie_embeddings=True, source="test")
+ADAPTERS = dict(lora_r=2, lora_targets="all-linear", num_virtual_tokens=3)
+
+
+# --------------------------------------------------------------------------------------------- hand-computed
+def test_parameter_counts_by_hand():
+    # per layer: q 8x8 + k 8x4 + v 8x4 + o 8x8 + gate 8x16 + up 8x16 + down 16x8 = 576; x 2 layers
+    assert TINY.linear_params == 1152
+    # + tied embedding 10x8 + norms (2 per layer + final) x 8
+    assert TINY.num_params == 1152 + 80 + 40
+    # LoRA r=2 adds r*(in+out) per linear: q 32, k 24, v 24, o 32, gate 48, up 48, down 48 = 256 per layer
+    assert plan.trainable_params(TINY, "lora", **ADAPTERS) == 512
+    assert plan.trainable_params(TINY, "prompt", **ADAPTERS) == 3 * 8  # virtual tokens x h
+    assert plan.trainable_params(TINY, "prefix", **ADAPTERS) == 3 * 2 * 2 * 4  # tokens x layers x (k, v) x kv dim
+    assert plan.trainable_params(TINY, "lora", **{**ADAPTERS, "lora_targets": "q_proj,v_proj"}) == 2 * (32 + 24)
+
+
+def test_smollm2_counts_match_the_real_model():
+    shape = KNOWN_SHAPES["smollm2-135m"]
+    assert shape.num_params == 134_515_008
+    # what `posttrain sft` prints for the embedded model
+    assert plan.trainable_params(shape, "lora", lora_r=16, lora_targets="all-linear", num_virtual_tokens=20) == 4_884_480
+    assert plan.trainable_params(shape, "prefix", lora_r=16, lora_targets="all-linear", num_virtual_tokens=20) == 230_400
+
+
+def test_layer_activation_bytes_by_hand():
+    def per_layer(method, precision, masked, q_len=4, kv_len=4):
+        return plan.layer_activation_bytes(TINY, method, precision=precision, q_len=q_len, kv_len=kv_len,
+                                           masked=masked, lora_r=2, lora_targets="all-linear")
+
+    # full, fp32, no mask: norm inputs 2*8*4 + normalised x 2*8*4 + linear inputs (qkv 8 + gate/up 8 + down 16)*4
+    # + SwiGLU 3*16*4 + q and output 2*8*4 + k, v 2*4*4 + logsumexp 2*4
+    assert per_layer("full", "fp32", False) == 64 + 64 + 128 + 192 + 64 + 32 + 8
+    # LoRA, fp32, masked: no normalised x; k, v repeated to 2 heads 2*8*4; mask 4 keys*4; lora_A outputs 7*2*4
+    assert per_layer("lora", "fp32", True) == 64 + 128 + 192 + 64 + 64 + 8 + 16 + 56
+    # prompt (frozen): no linear inputs at all
+    assert per_layer("prompt", "fp32", False) == 64 + 192 + 64 + 32 + 8
+    # prefix: k, v over 4 real + 3 virtual keys, repeated (masked), and a 7-key mask row
+    assert per_layer("prefix", "fp32", True, kv_len=7) == 64 + 192 + 64 + 2 * 8 * 4 * 7 / 4 + 8 + 7 * 4
+    # full, bf16: fp32 norm inputs and normalised x; q, k, v, gate, up each keep a bf16 copy of their fp32
+    # input (5*8*2), down's input is shared (16*2); the rest at 2 bytes
+    assert per_layer("full", "bf16", False) == 64 + 64 + 112 + 96 + 32 + 16 + 8
+    # LoRA, bf16: every adapted linear keeps its own copy: (3*8 + 8 + 2*8 + 16)*2; lora_A outputs 7*2*2
+    assert per_layer("lora", "bf16", False) == 64 + 128 + 96 + 32 + 16 + 8 + 28
+
+
+def test_activation_totals_by_hand():
+    kw = dict(batch_size=1, seq_len=5, precision="fp32", gradient_checkpointing=False, packing=False, **ADAPTERS)
+    # prompt: 5 + 3 virtual positions, per token 2 layers x 360 + final (norm input 8*4 + head rows 8*4)
+    assert plan.activation_bytes(TINY, "prompt", **kw) == 8 * (2 * 360 + 64)
+    # gradient checkpointing: each layer keeps its fp32 input (8*4), plus one layer recomputed
+    assert plan.activation_bytes(TINY, "prompt", **{**kw, "gradient_checkpointing": True}) == 8 * (2 * 32 + 360 + 64)
+
+
+def test_weights_logits_and_peak_by_hand():
+    assert plan.weight_bytes(TINY, "full", "fp32") == 1272 * 4
+    assert plan.weight_bytes(TINY, "full", "bf16") == 1272 * 4
+    assert plan.autocast_copy_bytes(TINY, "full", "bf16", 1272) == (1152 + 80) * 2  # bf16 linears + head
+    assert plan.autocast_copy_bytes(TINY, "lora", "bf16", 512) == 512 * 2
+    assert plan.autocast_copy_bytes(TINY, "full", "fp32", 1272) == 0
+    assert plan.weight_bytes(TINY, "lora", "bf16") == 1272 * 2
+    assert plan.weight_bytes(TINY, "qlora", "bf16") == 1152 * 0.5 + 120 * 4  # NF4 linears, fp32 rest
+    # 2 x 4 positions (< chunk) x vocab 10 x 3 fp32 copies; full FT adds the head's fp32 gradient
+    assert plan.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="fp32", loss_chunk_size=1024) == 960
+    assert plan.logits_bytes(TINY, "full", batch_size=2, seq_len=4, precision="fp32", loss_chunk_size=1024) == 960 + 320
+    assert plan.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="bf16", loss_chunk_size=3) == 3 * 10 * 14
+
+    est = estimate(TINY, "full", device="cpu", precision="fp32", batch_size=1, seq_len=4, packing=False, **ADAPTERS)
+    assert est.activations == 4 * (2 * 552 + 96)  # final norm: input, normalised x, head rows, 8*4 each
+    assert est.logits == 4 * 10 * 12 + 320
+    assert est.optimizer_step == 2 * 128 * 4  # CPU AdamW: two temporaries of the largest tensor (gate: 8x16)
+    static = est.weights + est.optimizer_state + plan.CPU_RUNTIME_BYTES
+    assert est.total == static + max(est.activations + est.logits, est.gradients + est.optimizer_step)
+
+
+def test_flops_by_hand():
+    # full, 1 x 4 tokens: linears 6 x 1152 x 4; attention 3 x (4 x 2 layers x 2 heads x 4 dims x 4 keys x 4 tokens);
+    # head 2 x 80 x 4 per pass, 4 passes (forward, chunk recompute, input grad, weight grad)
+    full = estimate(TINY, "full", device="cpu", precision="fp32", batch_size=1, seq_len=4, **ADAPTERS)
+    assert full.flops_per_step == 6 * 1152 * 4 + 3 * 1024 + 4 * 640
+    # LoRA: 4N (no weight gradients), 3 head passes, + 6 FLOPs per LoRA parameter per token
+    lora = estimate(TINY, "lora", device="cpu", precision="fp32", batch_size=1, seq_len=4, **ADAPTERS)
+    assert lora.flops_per_step == 4 * 1152 * 4 + 3 * 1024 + 3 * 640 + 6 * 512 * 4
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ConfigError, match="lora_targets"):
+        plan.lora_target_set("q_proj,lm_head")
+    with pytest.raises(ConfigError, match="seq_len"):
+        PlanConfig(seq_len=0).validate()
+    with pytest.raises(ConfigError, match="model"):
+        plan.load_shape("no-such-model")
+    with pytest.raises(ConfigError, match="precision: expected one of auto, bf16, fp32"):
+        estimate(TINY, "lora", precision="fp16")
+
+
+def test_packing_methods_match_the_engine():
+    from posttrain.models.adapters import PACKING_METHODS
+
+    assert plan.PACKING_METHODS == PACKING_METHODS
+
+
+# --------------------------------------------------------------------------------------------- published figures
+def test_qlora_fits_65b_on_one_48gb_gpu():
+    """Dettmers et al. 2023 (QLoRA), abstract: 65B fine-tuned on a single 48 GB GPU. Their memory figure (fig. 6)
+    uses batch 1, 512 tokens and gradient checkpointing."""
+    shape = KNOWN_SHAPES["65b"]
+    kw = dict(device="cuda", precision="bf16", batch_size=1, seq_len=512, gradient_checkpointing=True)
+    assert estimate(shape, "qlora", **kw).total < 48 * GiB
+    assert estimate(shape, "lora", **kw).total > 80 * GiB  # the bf16 base alone is ~130 GB
+    assert estimate(shape, "full", **kw).total > 80 * GiB
+    table, _ = plan.fit_table(PlanConfig(batch_size=1, seq_len=512))
+    row = next(line.split() for line in table.splitlines() if line.split()[:2] == ["65b", "qlora"])
+    assert row[-2] in ("yes", "gc")  # the 48 GB column
+
+
+def test_full_finetuning_7b_needs_16_bytes_per_param_plus_activations():
+    """Mixed-precision AdamW: fp32 master weights 4 + gradients 4 + moments 8 = 16 bytes/param, ~112 GB for 7B
+    (Rajbhandari et al. 2020, ZeRO, section 3.1), plus activations: no single 80 GB GPU holds it."""
+    shape = KNOWN_SHAPES["7b"]
+    est = estimate(shape, "full", device="cuda", precision="bf16", batch_size=1, seq_len=512)
+    per_param = (shape.num_params * 4 + est.gradients + est.optimizer_state) / shape.num_params
+    assert per_param == 16
+    assert 105e9 < 16 * shape.num_params < 115e9
+    assert est.weights == shape.num_params * 4 and est.total > 16 * shape.num_params
+    assert est.total > 80 * GiB
+
+
+# --------------------------------------------------------------------------------------------- autograd's truth
+def _saved_activation_bytes(model, batch, bf16: bool) -> int:
+    """Bytes of the distinct tensors autograd saves in one forward, leaving out weights and autocast's weight casts."""
+    from posttrain.stages.sft import SFTObjective
+
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        is_weight_cast = t.grad_fn is not None and type(t.grad_fn).__name__ == "TBackward0"
+        if storage.data_ptr() not in weights and not is_weight_cast:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        SFTObjective(1024).loss(model, batch)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(
+    "method, precision, packed",
+    [("full", "fp32", True), ("lora", "fp32", True), ("qlora", "fp32", True), ("full", "fp32", False),
+     ("lora", "fp32", False), ("prompt", "fp32", False), ("prefix", "fp32", False),
+     ("full", "bf16", True), ("lora", "bf16", True), ("prompt", "bf16", False), ("prefix", "bf16", False)],
+)
+def test_activation_count_matches_what_autograd_saves(tiny_model_dir, method, precision, packed):
+    """The per-layer count is the tensors the HF Llama block keeps for backward, on the tiny random Llama."""
+    from posttrain.config import SFTConfig
+    from posttrain.models.adapters import build_model
+
+    cfg = SFTConfig(model=str(tiny_model_dir), method=method)
+    model, report = build_model(cfg, mixed_precision="bf16" if precision == "bf16" else "no")
+    model.train()
+    shape = plan.load_shape(str(tiny_model_dir))
+    kw = dict(lora_r=cfg.lora.r, lora_targets="all-linear", num_virtual_tokens=cfg.prompt.num_virtual_tokens)
+    assert report.trainable == plan.trainable_params(shape, method, **kw)
+
+    batch_size, seq_len = (2, 48) if packed else (1, 48)  # one unpacked row runs without a mask
+    torch.manual_seed(0)
+    ids = torch.randint(100, 1000, (batch_size, seq_len))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    if packed:  # what collate_packed gives one example per row
+        causal = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool))
+        batch["attention_mask"] = causal[None, None].expand(batch_size, 1, seq_len, seq_len).clone()
+        batch["position_ids"] = torch.arange(seq_len)[None].expand(batch_size, seq_len).clone()
+    measured = _saved_activation_bytes(model, batch, precision == "bf16")
+    predicted = plan.activation_bytes(shape, method, batch_size=batch_size, seq_len=seq_len, precision=precision,
+                                      gradient_checkpointing=False, packing=packed, **kw)
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
+
+
+def test_shape_from_a_model_directory(tiny_model_dir):
+    shape = plan.load_shape(str(tiny_model_dir))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert (shape.hidden_size, shape.num_layers, shape.num_kv_heads) == (64, 2, 2)
+    assert shape.params_on_disk is not None and shape.checkpoint_bytes_per_param == 4
+    formula = ModelShape(**{**shape.__dict__, "params_on_disk": None})
+    assert formula.num_params == shape.params_on_disk  # tied embeddings stored once
+    assert config["tie_word_embeddings"] is True
+
+
+# --------------------------------------------------------------------------------------------- the command
+def test_run_plan_prints_every_method_and_a_recommendation(capsys):
+    estimates = run_plan(PlanConfig(device="cpu", device_memory_gb=8, seq_len=128, batch_size=2))
+    out = capsys.readouterr().out
+    assert [e.method for e in estimates] == ["full", "lora", "qlora", "prompt", "prefix"]
+    assert "recommended: lora" in out and "saves a full model of 513 MB" in out
+    run_plan(PlanConfig(device="cpu", device_memory_gb=0.5))
+    assert "nothing planned fits" in capsys.readouterr().out
+    run_plan(PlanConfig(table=True))
+    table = capsys.readouterr().out
+    assert all(f"\n{name} " in table for name in ("1b", "7b", "13b", "70b"))
+
+
+# --------------------------------------------------------------------------------------------- measured peaks
+MEASURE_BATCH, MEASURE_SEQ_LEN = 2, 64
+
+
+def _long_chat_rows(path: Path, rows: int = 8, words: int = 200) -> None:
+    """Rows longer than MEASURE_SEQ_LEN tokens, so every row is truncated to exactly that length."""
+    rng = random.Random(0)
+    vocab = "river stone light garden number table window morning paper music yellow quiet travel bridge".split()
+    with path.open("w") as f:
+        for i in range(rows):
+            answer = " ".join(rng.choice(vocab) for _ in range(words))
+            messages = [{"role": "user", "content": f"Write words {i}."}, {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def measured_peaks(tmp_path_factory) -> dict[str, int]:
+    """Peak RSS (bytes) of two real `posttrain sft` steps per method, each in a fresh process, fp32 on CPU.
+
+    ``os.wait4`` returns each child's own peak (RUSAGE_CHILDREN would be the max over all children). The
+    processes run one per core, one thread each: wall time is what the CPUs allow, and RSS is per process.
+    glibc raises its mmap threshold after the first large free, and from then on keeps freed activation
+    memory in its heap, so peak RSS drifts 4-27% above what the tensors need (docs/plan.md). A fixed
+    threshold makes RSS follow the live tensors, which is what the plan predicts.
+    """
+    tmp = tmp_path_factory.mktemp("peaks")
+    data = tmp / "long.jsonl"
+    _long_chat_rows(data)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    pending, running, peaks = list(plan.METHODS), [], {}
+    while pending or running:
+        while pending and len(running) < (os.cpu_count() or 1):
+            method = pending.pop(0)
+            log = tmp / f"{method}.log"
+            cmd = [sys.executable, "-m", "posttrain", "sft", f"data.train={data}", f"method={method}", "max_steps=2",
+                   f"batch_size={MEASURE_BATCH}", f"max_length={MEASURE_SEQ_LEN}", "precision=fp32",
+                   "tensorboard=false", f"output_dir={tmp / method}"]
+            with log.open("w") as out:
+                running.append((method, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), log))
+        method, proc, log = running.pop(0)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        peaks[method] = usage.ru_maxrss * 1024  # Linux reports KiB
+    return peaks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt", "prefix"])
+def test_predicted_peak_is_within_15_percent_of_measured_rss(measured_peaks, method):
+    measured = measured_peaks[method]
+    predicted = estimate(KNOWN_SHAPES["smollm2-135m"], method, device="cpu", precision="fp32",
+                         batch_size=MEASURE_BATCH, seq_len=MEASURE_SEQ_LEN).total
+    assert abs(predicted - measured) / measured < 0.15, f"{method}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
