@@ -238,12 +238,26 @@ def _long_chat_rows(path: Path, rows: int = 8, words: int = 200) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
+# Runs the posttrain CLI and, at exit, writes the process's own peak RSS (VmHWM, bytes) to argv[1].
+REPORT_PEAK_AND_RUN = """
+import atexit, re, sys
+peak_file = sys.argv.pop(1)
+def _report():
+    status = open("/proc/self/status").read()
+    open(peak_file, "w").write(str(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024))
+atexit.register(_report)
+from posttrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.fixture(scope="module")
 def measured_peaks(tmp_path_factory) -> dict[str, int]:
     """Peak RSS (bytes) of two real `posttrain sft` steps per method, each in a fresh process, fp32 on CPU.
 
-    ``os.wait4`` returns each child's own peak (RUSAGE_CHILDREN would be the max over all children). The
-    processes run one per core, one thread each: wall time is what the CPUs allow, and RSS is per process.
+    Each child reports its own VmHWM at exit. Not ``wait4``/``getrusage``: Linux folds the pre-exec image (a
+    fork of this pytest process, gigabytes once other tests have loaded models) into the child's ru_maxrss.
+    The processes run one per core, one thread each: wall time is what the CPUs allow, and RSS is per process.
     glibc raises its mmap threshold after the first large free, and from then on keeps freed activation
     memory in its heap, so peak RSS drifts 4-27% above what the tensors need (docs/plan.md). A fixed
     threshold makes RSS follow the live tensors, which is what the plan predicts.
@@ -257,16 +271,14 @@ def measured_peaks(tmp_path_factory) -> dict[str, int]:
         while pending and len(running) < (os.cpu_count() or 1):
             method = pending.pop(0)
             log = tmp / f"{method}.log"
-            cmd = [sys.executable, "-m", "posttrain", "sft", f"data.train={data}", f"method={method}", "max_steps=2",
+            cmd = [sys.executable, "-c", REPORT_PEAK_AND_RUN, str(tmp / f"{method}.peak"), "sft", f"data.train={data}", f"method={method}", "max_steps=2",
                    f"batch_size={MEASURE_BATCH}", f"max_length={MEASURE_SEQ_LEN}", "precision=fp32",
                    "tensorboard=false", f"output_dir={tmp / method}"]
             with log.open("w") as out:
                 running.append((method, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), log))
         method, proc, log = running.pop(0)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        assert proc.returncode == 0, log.read_text()[-3000:]
-        peaks[method] = usage.ru_maxrss * 1024  # Linux reports KiB
+        assert proc.wait() == 0, log.read_text()[-3000:]
+        peaks[method] = int((tmp / f"{method}.peak").read_text())
     return peaks
 
 
