@@ -17,6 +17,10 @@ from posttrain.errors import PosttrainError
 
 DESCRIPTIONS = {
     "sft": "Supervised fine-tuning on messages / prompt+completion / text data.",
+    "rm": "Train a Bradley-Terry reward model on prompt/chosen/rejected pairs.",
+    "dpo": "Preference optimisation on prompt/chosen/rejected pairs: DPO, robust DPO, IPO, hinge, SimPO.",
+    "kto": "KTO on unpaired prompt/completion/label (thumbs up/down) data.",
+    "score": "Score prompt/response pairs with a reward model from `posttrain rm`.",
     "generate": "Generate answers for prompts with a model and an optional adapter.",
     "chat": "Chat interactively with a model and an optional adapter (/reset, /exit).",
     "merge": "Merge a LoRA/DoRA adapter into its base model and save a full transformers model.",
@@ -26,6 +30,10 @@ DESCRIPTIONS = {
 
 EXAMPLES = {
     "sft": "posttrain sft examples/sft_lora.yaml\n  posttrain sft data.train=train.jsonl method=qlora lora.r=32 max_steps=200",
+    "rm": "posttrain rm examples/rm.yaml\n  posttrain rm data.train=prefs.jsonl method=lora max_steps=200",
+    "dpo": "posttrain dpo examples/dpo.yaml\n  posttrain dpo data.train=prefs.jsonl adapter=runs/sft loss=ipo beta=0.5",
+    "kto": "posttrain kto examples/kto.yaml\n  posttrain kto data.train=feedback.jsonl undesirable_weight=1.3",
+    "score": "posttrain score reward_model=runs/rm data=prefs.jsonl\n  posttrain score reward_model=runs/rm prompt='Hi' response='[\"Hello!\", \"Go away.\"]'",
     "generate": "posttrain generate adapter=runs/sft prompt='[\"Name three colours.\"]'",
     "chat": "posttrain chat adapter=runs/sft",
     "merge": "posttrain merge adapter=runs/sft output_dir=runs/sft-merged",
@@ -48,7 +56,7 @@ def _keys_help(stage: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="posttrain",
-        description="Post-train LLMs: SFT by full fine-tuning, LoRA/DoRA, QLoRA, prompt or prefix tuning.",
+        description="Post-train LLMs: SFT, reward models, DPO/KTO, by full fine-tuning, LoRA/DoRA, QLoRA, prompt or prefix tuning.",
         epilog="Run `posttrain <command> --help` for every key of a command.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="<command>")
@@ -78,10 +86,10 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(stage: str, cfg) -> None:
-    if stage == "sft":
-        from posttrain.stages.sft import train
+    if stage in ("sft", "rm", "dpo", "kto"):
+        import importlib
 
-        train(cfg)
+        importlib.import_module(f"posttrain.stages.{stage}").train(cfg)
     elif stage == "plan":
         from posttrain.plan import run_plan
 

@@ -1,4 +1,4 @@
-"""Try-it and ship-it commands: generate, chat, merge, eval."""
+"""Try-it and ship-it commands: generate, chat, merge, eval, score."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import EvalConfig, GenerateConfig, MergeConfig, SamplingSection
+from posttrain.config import EvalConfig, GenerateConfig, MergeConfig, SamplingSection, ScoreConfig
+from posttrain.data.formats import SFTExample
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.loading import load_tokenizer
 
@@ -127,3 +128,73 @@ def run_eval(cfg: EvalConfig) -> dict:
             print(f"\n>>> {conv[-1]['content']}\n{out}")
         result["samples"] = outs
     return result
+
+
+def _score_rows(path: str) -> tuple[list[SFTExample], list[tuple[int, str]]]:
+    """Examples to score from a data file, and for each its (row index, field name)."""
+    from posttrain.data.formats import normalize_prompt_completion, normalize_sft
+    from posttrain.data.io import read_records
+    from posttrain.data.preference import normalize_pair
+    from posttrain.errors import DataError
+
+    examples, where = [], []
+    for i, rec in enumerate(read_records(path)):
+        if rec.error:
+            raise DataError(rec.where, rec.error)
+        data = rec.data
+        try:
+            if data.get("chosen") is not None or data.get("rejected") is not None:
+                chosen, rejected = normalize_pair(data)
+                examples += [chosen, rejected]
+                where += [(i, "chosen"), (i, "rejected")]
+            elif data.get("response") is not None:
+                examples.append(normalize_prompt_completion(data.get("prompt", ""), data["response"], "response"))
+                where.append((i, "response"))
+            else:
+                examples.append(normalize_sft(data))
+                where.append((i, "completion"))
+        except ValueError as e:
+            raise DataError(rec.where, str(e)) from e
+    return examples, where
+
+
+def run_score(cfg: ScoreConfig) -> list[dict]:
+    """Print (and optionally write) the reward of each prompt/response."""
+    import json
+
+    from posttrain.rewards.model import load_reward_model
+
+    if not cfg.reward_model:
+        raise ConfigError("reward_model: required (the output directory of `posttrain rm`)")
+    if not cfg.data and not (cfg.prompt is not None and cfg.response):
+        raise ConfigError("give data=<file> or prompt=... response=... (response may be a list)")
+    if cfg.data:
+        examples, where = _score_rows(cfg.data)
+    else:
+        from posttrain.data.formats import normalize_prompt_completion
+
+        responses = [cfg.response] if isinstance(cfg.response, str) else cfg.response
+        try:
+            examples = [normalize_prompt_completion(cfg.prompt, r, "response") for r in responses]
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        where = [(i, "response") for i in range(len(examples))]
+    rm = load_reward_model(cfg.reward_model, cfg.model, cfg.trust_remote_code, cfg.max_length)
+    scores = rm.score_examples(examples, cfg.batch_size)
+    rows: dict[int, dict] = {}
+    for (i, field), ex, s in zip(where, examples, scores):
+        rows.setdefault(i, {"row": i + 1})[f"reward_{field}" if field != "completion" else "reward"] = s
+        shown = ex.completion if ex.kind == "prompt_completion" else ex.messages[-1]["content"]
+        print(f"{s:+.4f}  row {i + 1} {field}: {shown[:100]!r}")
+    out = list(rows.values())
+    for r in out:
+        if "reward_chosen" in r and "reward_rejected" in r:
+            r["chosen_preferred"] = r["reward_chosen"] > r["reward_rejected"]
+    pairs = [r for r in out if "chosen_preferred" in r]
+    if pairs:
+        acc = sum(r["chosen_preferred"] for r in pairs) / len(pairs)
+        print(f"pairwise accuracy: {acc:.1%} of {len(pairs)} pairs rank chosen above rejected")
+    if cfg.output:
+        Path(cfg.output).write_text("".join(json.dumps(r) + "\n" for r in out))
+        print(f"scores written to {cfg.output}")
+    return out

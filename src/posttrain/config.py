@@ -141,6 +141,74 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation and its family on prompt/chosen/rejected pairs."""
+
+    output_dir: str = opt("runs/dpo", "Where checkpoints, logs and the final model/adapter go.")
+    lr: float = opt(5e-5, "Peak learning rate (AdamW). Preference stages want less than SFT: ~5e-5 for LoRA, ~5e-7 for full fine-tuning.")
+    batch_size: int = opt(8, "Preference pairs per micro-batch per process (chosen and rejected run in one forward pass).")
+    loss: Literal["sigmoid", "robust", "ipo", "hinge", "simpo"] = opt("sigmoid", "sigmoid (DPO), robust (rDPO), ipo, hinge (SLiC), or simpo (reference-free, length-normalised).")
+    beta: float = opt(0.1, "Strength of the KL anchor to the reference (DPO's beta); SimPO's reward scale (its paper uses 2-2.5).")
+    label_smoothing: float = opt(0.0, "Assumed rate of flipped preference labels, in [0, 0.5): conservative DPO (sigmoid) or robust DPO (robust).")
+    simpo_gamma: float = opt(0.5, "SimPO's target reward margin gamma.")
+    precompute_ref: bool = opt(False, "Compute the reference log-probs once before training (with the initial model) and cache them in output_dir: one forward pass per step instead of two, and no reference copy in memory.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise ConfigError(f"label_smoothing: only used by loss sigmoid or robust, not {self.loss}")
+
+
+@dataclass
+class KTOConfig(TrainConfig):
+    """Kahneman-Tversky optimisation on unpaired prompt/completion/label (thumbs up/down) data."""
+
+    output_dir: str = opt("runs/kto", "Where checkpoints, logs and the final model/adapter go.")
+    lr: float = opt(5e-5, "Peak learning rate (AdamW): ~5e-5 for LoRA, ~5e-7 for full fine-tuning.")
+    batch_size: int = opt(8, "Completions per micro-batch per process.")
+    beta: float = opt(0.1, "Strength of the KL anchor to the reference.")
+    desirable_weight: float = opt(1.0, "Loss weight of desirable (label true) completions, lambda_D.")
+    undesirable_weight: float = opt(1.0, "Loss weight of undesirable (label false) completions, lambda_U. The paper suggests lambda_D n_D / (lambda_U n_U) in [1, 4/3].")
+    kl_estimate: bool = opt(True, "Estimate the reference point z0 = KL(policy || reference) from mismatched prompt/completion pairs in each batch (an extra no-gradient forward); false uses z0 = 0.")
+    precompute_ref: bool = opt(False, "Compute the reference log-probs once before training and cache them in output_dir.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        for key in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """A Bradley-Terry reward model: a scalar head on the base LM, trained on prompt/chosen/rejected pairs."""
+
+    output_dir: str = opt("runs/rm", "Where checkpoints, logs and the reward model (or its adapter) go.")
+    lr: float = opt(1e-4, "Peak learning rate (AdamW).")
+    batch_size: int = opt(8, "Preference pairs per micro-batch per process.")
+    center_rewards: float = opt(0.0, "Coefficient of (r_chosen + r_rejected)^2, which keeps rewards centred on 0 (Eisenstein et al. 2023); 0.01 is typical.")
+
+
+@dataclass
+class ScoreConfig:
+    reward_model: str | None = opt(None, "A reward model from `posttrain rm`: its output directory (a full model, or an adapter) (required).")
+    model: str | None = opt(None, "Base model under an adapter reward model; default: the one the adapter was trained on.")
+    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
+    data: str | None = opt(None, "Rows to score: prompt+completion, messages (the last assistant turn is the response), or prompt+chosen+rejected (both scored).")
+    prompt: str | None = opt(None, "One prompt to score a response to (with `response`).")
+    response: list[str] | str | None = opt(None, "One or more responses to `prompt`.")
+    output: str | None = opt(None, "Write the scores as JSONL here (one row per input row) as well as printing them.")
+    batch_size: int = opt(16, "Sequences per forward pass.")
+    max_length: int = opt(1024, "Longer sequences are truncated (and counted).")
+
+
+@dataclass
 class SamplingSection:
     max_new_tokens: int = opt(256, "Tokens to generate at most.")
     temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.")
@@ -187,6 +255,10 @@ class EvalConfig:
 
 STAGE_CONFIGS: dict[str, type] = {
     "sft": SFTConfig,
+    "rm": RMConfig,
+    "dpo": DPOConfig,
+    "kto": KTOConfig,
+    "score": ScoreConfig,
     "generate": GenerateConfig,
     "chat": GenerateConfig,
     "merge": MergeConfig,

@@ -54,3 +54,153 @@ def sft_loss(target_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.
 def count_loss_tokens(labels: torch.Tensor) -> int:
     """Number of target tokens in a (B, T) label tensor (the normaliser of causal_lm_loss)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# ============================================================================================ preference
+# Every preference loss takes per-sequence SUMMED log-probs (fp32/fp64 tensors of shape (B,)) and returns
+# (loss_sum over the B pairs or examples, metrics summed over them); the engine divides by the units of the
+# whole optimizer step (pairs for DPO and reward models, examples for KTO).
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+    simpo_gamma: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO family on a batch of B pairs. With the policy/reference log-ratio margin
+
+        h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+
+    each pair's loss is, by ``loss_type``:
+
+    - ``sigmoid``: DPO, Rafailov et al. 2023, eq. 7: -log sigma(beta h). With ``label_smoothing`` eps > 0, the
+      conservative DPO of Mitchell 2023 ("A note on DPO with noisy preferences"), the expected loss when a
+      label is flipped with probability eps: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h).
+    - ``robust``: rDPO, Chowdhury et al. 2024 ("Provably robust DPO"), an unbiased loss under label-flip rate eps:
+      [-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps).
+    - ``ipo``: IPO, Azar et al. 2023 ("A general theoretical paradigm..."), the sampled loss (h - 1/(2 beta))^2, on summed (not length-averaged) log-probs
+      as in the paper; TRL's ``ipo`` averages over tokens instead.
+    - ``hinge``: SLiC-HF, Zhao et al. 2023, the calibration hinge max(0, delta - h) with margin delta = 1/beta, scaled
+      by beta and applied to the reference-normalised margin (as TRL does): max(0, 1 - beta h).
+    - ``simpo``: SimPO, Meng et al. 2024, reference-free and length-normalised:
+      -log sigma(beta (log pi(y_w|x)/|y_w| - log pi(y_l|x)/|y_l|) - gamma), gamma = ``simpo_gamma``. Needs
+      ``chosen_tokens``/``rejected_tokens`` (target tokens per sequence); the reference is never read.
+
+    Metrics (sums over the pairs): ``rewards/chosen`` = beta (log pi - log pi_ref) of y_w (for SimPO the
+    length-normalised beta log pi), ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracy`` (chosen
+    reward above rejected), ``logps/chosen``, ``logps/rejected``, and ``kl`` = the mean of the two policy/
+    reference log-ratios (an estimate of KL(pi || pi_ref) on the dataset's responses, not on samples).
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"loss_type: expected one of {', '.join(DPO_LOSSES)}, got {loss_type!r}")
+    if loss_type == "simpo":
+        assert chosen_tokens is not None and rejected_tokens is not None, "simpo needs token counts"
+        chosen_rewards = beta * chosen_logps / chosen_tokens
+        rejected_rewards = beta * rejected_logps / rejected_tokens
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards - simpo_gamma)
+        kl = None
+    else:
+        assert ref_chosen_logps is not None and ref_rejected_logps is not None, f"{loss_type} needs reference log-probs"
+        chosen_ratio = chosen_logps - ref_chosen_logps
+        rejected_ratio = rejected_logps - ref_rejected_logps
+        h = chosen_ratio - rejected_ratio
+        eps = label_smoothing
+        if loss_type == "sigmoid":
+            losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        elif loss_type == "robust":
+            losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+        elif loss_type == "ipo":
+            losses = (h - 1 / (2 * beta)) ** 2
+        else:  # hinge
+            losses = torch.relu(1 - beta * h)
+        chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+        kl = ((chosen_ratio + rejected_ratio) / 2).detach()
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+        "logps/chosen": chosen_logps.detach().sum(),
+        "logps/rejected": rejected_logps.detach().sum(),
+    }
+    if kl is not None:
+        metrics["kl"] = kl.sum()
+    return losses.sum(), metrics
+
+
+def kto_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl_ref_point: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO, Ethayarajh et al. 2024 ("KTO: Model alignment as prospect theoretic optimization"), on B labelled completions.
+
+    With r = log pi(y|x) - log pi_ref(y|x) and the reference point z0 (``kl_ref_point``, a detached estimate
+    of KL(pi || pi_ref) clamped at 0):
+
+        desirable y:   lambda_D (1 - sigma(beta (r - z0)))
+        undesirable y: lambda_U (1 - sigma(beta (z0 - r)))
+
+    Metrics (sums): ``rewards/desirable`` and ``rewards/undesirable`` = beta r summed over each label,
+    ``count/desirable``/``count/undesirable``, and ``kl`` = z0 x B (so its logged mean is z0).
+    """
+    ratio = logps - ref_logps
+    z0 = kl_ref_point.detach()
+    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(ratio.dtype)
+    value = torch.where(desirable, torch.sigmoid(beta * (ratio - z0)), torch.sigmoid(beta * (z0 - ratio)))
+    losses = weights * (1 - value)
+    rewards = (beta * ratio).detach()
+    return losses.sum(), {
+        "rewards/desirable": rewards[desirable].sum(),
+        "rewards/undesirable": rewards[~desirable].sum(),
+        "count/desirable": desirable.sum().to(ratio.dtype),
+        "count/undesirable": (~desirable).sum().to(ratio.dtype),
+        "kl": z0 * ratio.numel(),
+    }
+
+
+def kto_reference_point(kl_logps: torch.Tensor, kl_ref_logps: torch.Tensor) -> torch.Tensor:
+    """z0 of KTO (Ethayarajh et al. 2024, sec. 4.1): mean log-ratio on mismatched (x_i, y_j) pairs, clamped
+    at 0 and detached (the paper does not backpropagate through it)."""
+    return (kl_logps - kl_ref_logps).mean().clamp(min=0).detach()
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    center_coefficient: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reward-model loss on B pairs: -log sigma(r_w - r_l - m) (Bradley & Terry 1952; Ouyang et al. 2022,
+    InstructGPT), with an optional per-pair margin m (Touvron et al. 2023, Llama 2), plus
+    ``center_coefficient`` x (r_w + r_l)^2, which keeps rewards centred on zero (Eisenstein et al. 2023).
+
+    Metrics (sums): ``accuracy`` (r_w > r_l), ``margin`` (r_w - r_l), ``rewards/chosen``, ``rewards/rejected``.
+    """
+    diff = chosen_rewards - rejected_rewards
+    losses = -F.logsigmoid(diff - margin if margin is not None else diff)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen_rewards + rejected_rewards) ** 2
+    d = diff.detach()
+    return losses.sum(), {
+        "accuracy": (d > 0).float().sum(),
+        "margin": d.sum(),
+        "rewards/chosen": chosen_rewards.detach().sum(),
+        "rewards/rejected": rejected_rewards.detach().sum(),
+    }

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -29,7 +31,7 @@ PROGRESS_MIN_ROWS = 2000  # below this tokenizing takes about a second; a bar wo
 
 @dataclass
 class DataReport:
-    """What happened to each row read: ``rows_read == rows_kept + rows_invalid + the two drop counts``."""
+    """What happened to each row read: ``rows_read == rows_kept + rows_invalid + every drop count``."""
 
     source: str  # the path as the user gave it
     max_length: int
@@ -39,6 +41,7 @@ class DataReport:
     rows_truncated: int = 0  # kept, cut to max_length
     rows_dropped_too_long: int = 0  # overflow="drop"
     rows_dropped_no_loss: int = 0  # no target token left (truncation cut every assistant token)
+    dropped_reasons: Counter[str] = field(default_factory=Counter)  # other drops after fitting, by reason
     tokens: int = 0  # in kept rows, after truncation
     loss_tokens: int = 0
 
@@ -68,6 +71,8 @@ class DataReport:
             parts.append(
                 f"Dropped {_rows(self.rows_dropped_no_loss)} left with no trained tokens after truncation."
             )
+        for reason, n in self.dropped_reasons.most_common():
+            parts.append(f"Dropped {_rows(n)}: {reason}.")
         return " ".join(parts)
 
 
@@ -85,39 +90,73 @@ def load_sft_dataset(
     ``overflow`` says what happens to a row longer than ``max_length`` tokens: ``"truncate"`` keeps
     its first ``max_length`` tokens, ``"drop"`` drops it.
     """
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on: expected one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+
+    def convert(data: dict) -> tuple[list[TokenizedExample], None]:
+        return [tokenize_sft(normalize_sft(data), tokenizer, loss_on)], None
+
+    rows, report = load_rows(path, convert, max_length=max_length, overflow=overflow, skip_invalid=skip_invalid)
+    return [seqs[0] for seqs, _ in rows], report
+
+
+Converter = Callable[[dict], tuple[list[TokenizedExample], Any]]
+Check = Callable[[list[TokenizedExample]], "str | None"]
+
+
+def load_rows(
+    path: str | Path,
+    convert: Converter,
+    *,
+    max_length: int,
+    overflow: str = "truncate",
+    skip_invalid: bool = False,
+    check_fitted: Check | None = None,
+) -> tuple[list[tuple[list[TokenizedExample], Any]], DataReport]:
+    """The loader every data format shares: read, convert, fit to ``max_length``, report.
+
+    ``convert(row)`` validates one raw row and returns its token sequences (one for SFT, chosen and
+    rejected for a preference pair) plus anything else the caller keeps (a KTO label); it raises
+    ``ValueError``/``ChatTemplateError`` naming the bad field. Every sequence of a row is fitted to
+    ``max_length`` (truncated or the row dropped); a row any of whose sequences is left with no target
+    token is dropped; then ``check_fitted(sequences)`` may name one more reason to drop the row (a pair
+    whose two sides became identical when truncated). Everything dropped is counted in the report.
+    """
     if max_length < 1:
         raise ValueError(f"max_length: expected a positive number of tokens, got {max_length}")
     if overflow not in OVERFLOW:
         raise ValueError(f"overflow: expected one of {', '.join(OVERFLOW)}, got {overflow!r}")
-    if loss_on not in LOSS_ON:
-        raise ValueError(f"loss_on: expected one of {', '.join(LOSS_ON)}, got {loss_on!r}")
 
     report = DataReport(source=os.fspath(path), max_length=max_length)
     records = list(read_records(path))  # materialised so the progress bar knows the total
     report.rows_read = len(records)
     bad_rows: list[tuple[str, str]] = []  # (where, reason)
-    examples: list[TokenizedExample] = []
+    kept: list[tuple[list[TokenizedExample], Any]] = []
     progress = tqdm(
         records, desc=f"tokenizing {report.source}", unit="row", disable=len(records) <= PROGRESS_MIN_ROWS
     )
     for record in progress:
-        example, reason = _tokenize_record(record, tokenizer, loss_on)
-        if example is None:
+        converted, reason = _convert_record(record, convert)
+        if converted is None:
             bad_rows.append((record.where, reason))
             report.invalid_reasons[reason] += 1
             continue
-        if len(example.input_ids) > max_length:
+        sequences, extra = converted
+        if any(len(seq.input_ids) > max_length for seq in sequences):
             if overflow == "drop":
                 report.rows_dropped_too_long += 1
                 continue
-            example = TokenizedExample(example.input_ids[:max_length], example.loss_mask[:max_length])
+            sequences = [TokenizedExample(seq.input_ids[:max_length], seq.loss_mask[:max_length]) for seq in sequences]
             report.rows_truncated += 1
-        if not any(example.loss_mask):
+        if not all(any(seq.loss_mask[1:]) for seq in sequences):
             report.rows_dropped_no_loss += 1
             continue
-        examples.append(example)
-        report.tokens += len(example.input_ids)
-        report.loss_tokens += sum(example.loss_mask)
+        if check_fitted is not None and (why := check_fitted(sequences)) is not None:
+            report.dropped_reasons[why] += 1
+            continue
+        kept.append((sequences, extra))
+        report.tokens += sum(len(seq.input_ids) for seq in sequences)
+        report.loss_tokens += sum(sum(seq.loss_mask) for seq in sequences)
 
     if bad_rows and not skip_invalid:
         listed = "\n".join(f"  {where}: {reason}" for where, reason in bad_rows[:MAX_LISTED_ERRORS])
@@ -128,29 +167,24 @@ def load_sft_dataset(
             f"{_rows(len(bad_rows))} invalid; fix {'them' if len(bad_rows) > 1 else 'it'}, "
             f"or set data.skip_invalid=true to drop and count them:\n{listed}",
         )
-    report.rows_kept = len(examples)
+    report.rows_kept = len(kept)
     assert report.rows_read == (
         report.rows_kept + report.rows_invalid + report.rows_dropped_too_long + report.rows_dropped_no_loss
+        + sum(report.dropped_reasons.values())
     ), report
-    if not examples:
+    if not kept:
         raise DataError(report.source, f"no usable rows. {report.summary()}")
-    return examples, report
+    return kept, report
 
 
-def _tokenize_record(
-    record: Record, tokenizer: PreTrainedTokenizerBase, loss_on: str
-) -> tuple[TokenizedExample, None] | tuple[None, str]:
-    """The row's tokens, or why the row is invalid."""
+def _convert_record(record: Record, convert: Converter) -> tuple[tuple[list[TokenizedExample], Any], None] | tuple[None, str]:
+    """The row converted, or why the row is invalid."""
     if record.error is not None:
         return None, record.error
     assert record.data is not None
     try:
-        example = normalize_sft(record.data)
-    except ValueError as e:
-        return None, str(e)
-    try:
-        return tokenize_sft(example, tokenizer, loss_on), None
-    except ChatTemplateError as e:  # raised for this conversation only, so it is a bad row
+        return convert(record.data), None
+    except (ValueError, ChatTemplateError) as e:  # ChatTemplateError: this conversation only, so a bad row
         return None, str(e)
 
 

@@ -71,16 +71,7 @@ def normalize_sft(row: dict) -> SFTExample:
             raise ValueError("missing field: 'completion' needs a 'prompt' (use \"\" for none)")
         if completion is None:
             raise ValueError("missing field: 'prompt' needs a 'completion'")
-        if isinstance(prompt, str) and isinstance(completion, str):
-            if not completion.strip():
-                raise ValueError("completion: empty")
-            return SFTExample("prompt_completion", prompt=prompt, completion=completion)
-        if isinstance(prompt, list) and isinstance(completion, list):
-            return _conversational_prompt_completion(prompt, completion)
-        raise ValueError(
-            f"prompt/completion: expected both strings or both message lists, "
-            f"got {type(prompt).__name__} and {type(completion).__name__}"
-        )
+        return normalize_prompt_completion(prompt, completion)
 
     text = row.get("text")
     if text is not None:
@@ -96,23 +87,38 @@ def normalize_sft(row: dict) -> SFTExample:
     )
 
 
-def _conversational_prompt_completion(prompt: list, completion: list) -> SFTExample:
+def normalize_prompt_completion(prompt: object, completion: object, name: str = "completion") -> SFTExample:
+    """A prompt and one reply to it: two strings, or two message lists. ``name`` is the reply's field
+    (``completion``, or ``chosen``/``rejected`` in preference data), used in error messages."""
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion.strip():
+            raise ValueError(f"{name}: empty")
+        return SFTExample("prompt_completion", prompt=prompt, completion=completion)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return _conversational_prompt_completion(prompt, completion, name)
+    raise ValueError(
+        f"prompt/{name}: expected both strings or both message lists, "
+        f"got {type(prompt).__name__} and {type(completion).__name__}"
+    )
+
+
+def _conversational_prompt_completion(prompt: list, completion: list, name: str = "completion") -> SFTExample:
     prompt_msgs = _message_list(prompt, "prompt")
-    completion_msgs = _message_list(completion, "completion")
+    completion_msgs = _message_list(completion, name)
     if not prompt_msgs:
-        raise ValueError("prompt: empty conversation; a completion needs a turn to answer")
+        raise ValueError(f"prompt: empty conversation; a {name} needs a turn to answer")
     if not completion_msgs:
-        raise ValueError("completion: no assistant turn")
+        raise ValueError(f"{name}: no assistant turn")
     for i, message in enumerate(completion_msgs):
         if message["role"] != "assistant":
             raise ValueError(
-                f"completion[{i}].role: expected 'assistant' (the completion is the model's reply), got {message['role']!r}"
+                f"{name}[{i}].role: expected 'assistant' (the {name} is the model's reply), got {message['role']!r}"
             )
     labels = [f"prompt[{i}]" for i in range(len(prompt_msgs))] + [
-        f"completion[{i}]" for i in range(len(completion_msgs))
+        f"{name}[{i}]" for i in range(len(completion_msgs))
     ]
     messages = prompt_msgs + completion_msgs
-    _check_conversation(messages, labels, "completion")
+    _check_conversation(messages, labels, name)
     return SFTExample("chat", messages=messages, first_trained=len(prompt_msgs))
 
 

@@ -42,13 +42,30 @@ from posttrain.errors import ConfigError, TrainingDiverged
 
 
 class Objective(Protocol):
-    """What a stage plugs into the engine."""
+    """What a stage plugs into the engine.
+
+    Optional attributes: ``unit`` (what count() counts, shown as units/s; default "tok"), ``perplexity``
+    (False: eval loss is not a token NLL, so no perplexity), ``progress_keys`` (metrics on the progress bar).
+    """
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Normalisation units in a batch (loss tokens, pairs, ...)."""
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(summed loss, summed metrics) of a batch; metrics are divided by the step's units when logged."""
+
+
+def means(sums: dict[str, float], units: float) -> dict[str, float]:
+    """Summed metrics -> means. Each is divided by the step's units, except ``<group>/<name>`` when a
+    ``count/<name>`` metric exists: that one is divided by its own count (e.g. KTO's mean reward of the
+    desirable completions only), so a mean is never diluted by examples it does not cover."""
+    out = {}
+    for k, v in sums.items():
+        if k in ("loss_sum", "tokens"):
+            continue
+        own = sums.get(f"count/{k.split('/', 1)[1]}") if "/" in k and not k.startswith("count/") else None
+        out[k] = v / own if own else (float("nan") if own == 0 else v / max(units, 1.0))
+    return out
 
 
 class DataStream:
@@ -213,8 +230,8 @@ class Engine:
         totals = self._sum_across([units] + [sums[k] for k in keys])
         units, values = totals[0], dict(zip(keys, totals[1:]))
         model.train()
-        out = {k: v / max(units, 1.0) for k, v in values.items() if k not in ("loss_sum", "tokens")}
-        if "loss" in out:
+        out = means(values, units)
+        if "loss" in out and getattr(objective, "perplexity", True):
             out["perplexity"] = math.exp(min(out["loss"], 50.0))
         out["units"] = units
         return out
@@ -311,7 +328,7 @@ class Engine:
             tokens_seen += int(global_units)
             window_tokens += int(global_units)
             record = {"loss": loss, "lr": lr, "units": global_units}
-            record.update({k: v / max(global_units, 1.0) for k, v in totals.items() if k not in ("loss", "loss_sum", "tokens")})
+            record.update({k: v for k, v in means(totals, global_units).items() if k != "loss"})
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             result.history.append({"step": done, **record})
@@ -322,7 +339,10 @@ class Engine:
                 window_tokens, window_t0 = 0, now
                 record["epoch"] = done * self.global_batch / len(self.train_examples)
                 logger.log(done, record)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['units_per_s']:.0f}")
+                shown = {"loss": f"{loss:.4f}"}
+                shown.update({k.split("/")[-1]: f"{record[k]:.3f}" for k in getattr(objective, "progress_keys", ()) if k in record})
+                shown.update({"lr": f"{lr:.2e}", f"{getattr(objective, 'unit', 'tok')}/s": f"{record['units_per_s']:.1f}"})
+                bar.set_postfix(shown)
             if on_step is not None:
                 on_step(done, record)
             bar.update(1)

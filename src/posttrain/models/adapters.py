@@ -53,11 +53,11 @@ def _compute_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _lora_config(cfg: TrainConfig):
+def _lora_config(cfg: TrainConfig, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
     return LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
@@ -66,24 +66,25 @@ def _lora_config(cfg: TrainConfig):
     )
 
 
-def _peft_config(cfg: TrainConfig):
+def _peft_config(cfg: TrainConfig, task_type: str = "CAUSAL_LM"):
+    """PEFT config of ``cfg.method``; task_type SEQ_CLS (reward models) also trains and saves the score head."""
     from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
 
     if cfg.method in ("lora", "qlora"):
-        return _lora_config(cfg)
+        return _lora_config(cfg, task_type)
     if cfg.method == "prompt":
         if cfg.prompt.init_text:
             return PromptTuningConfig(
-                task_type="CAUSAL_LM",
+                task_type=task_type,
                 num_virtual_tokens=cfg.prompt.num_virtual_tokens,
                 prompt_tuning_init=PromptTuningInit.TEXT,
                 prompt_tuning_init_text=cfg.prompt.init_text,
                 tokenizer_name_or_path=resolve_model(cfg.model),
             )
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prompt.num_virtual_tokens)
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.prompt.num_virtual_tokens)
     if cfg.method == "prefix":
         return PrefixTuningConfig(
-            task_type="CAUSAL_LM",
+            task_type=task_type,
             num_virtual_tokens=cfg.prefix.num_virtual_tokens,
             prefix_projection=cfg.prefix.projection,
         )
@@ -112,11 +113,12 @@ def resolve_attn_implementation(name: str) -> str:
     return "sdpa"
 
 
-def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: str):
+def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: str, task: str = "causal_lm"):
     attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.method != "qlora":
         dtype = frozen_storage_dtype(cfg.method, mixed_precision)
-        return load_causal_lm(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=attn)
+        return load_causal_lm(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=attn,
+                              task=task)
     from transformers import BitsAndBytesConfig
 
     try:
@@ -129,6 +131,7 @@ def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: s
         bnb_4bit_use_double_quant=cfg.qlora.double_quant,
         bnb_4bit_compute_dtype=_compute_dtype(cfg.qlora.compute_dtype),
         bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=["score"] if task == "seq_cls" else None,  # the reward head stays a full-precision Linear
     )
     model = load_causal_lm(
         cfg.model,
@@ -137,6 +140,7 @@ def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: s
         quantization_config=bnb,
         device_map={"": device if device is not None else "cpu"},
         attn_implementation=attn,
+        task=task,
     )
     from peft import prepare_model_for_kbit_training
 
@@ -144,12 +148,20 @@ def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: s
 
 
 def build_model(
-    cfg: TrainConfig, device: torch.device | None = None, mixed_precision: str = "no"
+    cfg: TrainConfig, device: torch.device | None = None, mixed_precision: str = "no", task: str = "causal_lm",
+    pad_token_id: int | None = None,
 ) -> tuple[torch.nn.Module, ParamReport]:
-    """Load the base model and apply ``cfg.method`` (and ``cfg.adapter`` to start from)."""
+    """Load the base model and apply ``cfg.method`` (and ``cfg.adapter`` to start from).
+
+    ``task="seq_cls"`` builds a reward model: the backbone with a one-output ``score`` head (randomly
+    initialised, always trained, saved with the adapter). ``pad_token_id`` goes into its config, which is how
+    transformers finds the last real token to read the score at.
+    """
     from peft import PeftConfig, PeftModel, get_peft_model
 
-    model = _load_base(cfg, device, mixed_precision)
+    model = _load_base(cfg, device, mixed_precision, task)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
     if cfg.adapter:
         if not (Path(cfg.adapter) / "adapter_config.json").is_file():
             raise ConfigError(f"adapter: '{cfg.adapter}' is not a PEFT adapter directory (no adapter_config.json)")
@@ -166,7 +178,7 @@ def build_model(
                 )
             model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
     elif cfg.method in ADAPTER_METHODS:
-        model = get_peft_model(model, _peft_config(cfg))
+        model = get_peft_model(model, _peft_config(cfg, "SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM"))
 
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

@@ -107,3 +107,49 @@ def target_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
         predicts = targets != IGNORE_INDEX
         logps = head_logps(head, hidden[predicts], targets[predicts], chunk_size)
     return logps, predicts
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each sequence's target tokens, for a batch from ``data.preference.collate_sequences``.
+
+    Returns (S,) fp32 sums and (S,) target-token counts, S = number of sequences (``last_index`` rows). Same
+    forward as SFT (:func:`target_logps`: packed rows, chunked head), so preference and RL stages share it.
+    """
+    logps, predicts = target_logps(model, batch, chunk_size)  # (N,), (B, T)
+    which = batch["sequence_ids"][predicts]  # (N,) sequence of each target: position t and t+1 share one
+    n = batch["last_index"].shape[0]
+    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, which, logps)
+    counts = torch.bincount(which, minlength=n)
+    return sums, counts
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    inner = _causal_lm(model)
+    return getattr(inner, inner.base_model_prefix)
+
+
+def sequence_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scalar score of each sequence from a sequence-classification model with one label (a reward model).
+
+    The model runs through its own forward (so DDP and PEFT wrappers apply); a hook keeps the backbone's
+    hidden states and the score head is read at each sequence's ``last_index``, the last non-padding token,
+    which is where transformers' ``*ForSequenceClassification`` reads it for an unpacked sequence. Packed rows
+    work too, because the positions are per sequence. Returns (S,) fp32.
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    handle = _backbone(model).register_forward_hook(keep)
+    try:
+        model(input_ids=batch["input_ids"], **kwargs)
+    finally:
+        handle.remove()
+    hidden = captured[-1][:, -batch["input_ids"].shape[1]:]  # (B, T, H); drop prompt-tuning virtual tokens
+    rows, cols = batch["last_index"].unbind(-1)
+    head = _causal_lm(model).score
+    return head(hidden[rows, cols]).squeeze(-1).float()  # (S,)

@@ -119,17 +119,23 @@ def load_causal_lm(
     quantization_config=None,
     attn_implementation: str | None = "sdpa",
     device_map=None,
+    task: str = "causal_lm",
 ):
-    """Load a causal LM from safetensors only."""
-    from transformers import AutoModelForCausalLM
+    """Load a causal LM (or, with ``task="seq_cls"``, the same backbone with a one-output score head, a reward
+    model) from safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {}
+    auto = AutoModelForCausalLM
+    if task == "seq_cls":
+        auto = AutoModelForSequenceClassification
+        kwargs["num_labels"] = 1
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return auto.from_pretrained(
             resolve_model(spec),
             dtype=dtype,
             trust_remote_code=trust_remote_code,

@@ -69,3 +69,37 @@ def save_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, accele
         tokenizer.save_pretrained(out)
     accelerator.wait_for_everyone()
     return out
+
+
+def load_train_eval(cfg: TrainConfig, tokenizer, accelerator, loader):
+    """``loader(path, tokenizer, max_length=, overflow=, skip_invalid=)`` on data.train and data.eval, reports printed."""
+    kw = dict(max_length=cfg.max_length, overflow=cfg.data.overflow, skip_invalid=cfg.data.skip_invalid)
+    train_rows, report = loader(cfg.data.train, tokenizer, **kw)
+    say(accelerator, f"train data: {report.summary()}")
+    eval_rows = None
+    if cfg.data.eval:
+        eval_rows, eval_report = loader(cfg.data.eval, tokenizer, **kw)
+        say(accelerator, f"eval data: {eval_report.summary()}")
+    return train_rows, eval_rows
+
+
+def pack_capacity(cfg: TrainConfig, accelerator) -> int | None:
+    """Row capacity for packing the sequences of a batch together, or None when the method cannot pack."""
+    from posttrain.models.adapters import PACKING_METHODS
+
+    if cfg.packing and cfg.method in PACKING_METHODS:
+        return cfg.max_length
+    if cfg.packing:
+        say(accelerator, f"packing: off for method {cfg.method} (its virtual tokens would be shared across packed sequences)")
+    return None
+
+
+def finish(engine, fit, tokenizer, cfg: TrainConfig, accelerator, what: str) -> Path:
+    """Save the final artefact and print the one-line summary every stage ends with."""
+    out = save_final(engine.model, tokenizer, cfg.output_dir, accelerator)
+    parts = [f"done: {fit.steps} steps, final train loss {fit.final_train_loss:.4f}"]
+    if fit.eval_metrics:
+        shown = {k: v for k, v in fit.eval_metrics.items() if k in ("loss", "rewards/accuracy", "accuracy", "rewards/margins", "margin")}
+        parts.append("eval " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    say(accelerator, f"{'; '.join(parts)}; {what} saved to {out}")
+    return out

@@ -1,0 +1,1 @@
+"""Reward sources: trained reward models (and, with the RL stages, verifiers and judges)."""

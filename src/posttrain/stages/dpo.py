@@ -1,0 +1,98 @@
+"""Direct preference optimisation (and IPO, hinge/SLiC, robust DPO, SimPO) on prompt/chosen/rejected pairs.
+
+Composed from shared parts: the engine (units = pairs, so every step's loss is the mean over the step's pairs
+whatever the accumulation or process count), the SFT forward path (chosen and rejected of a micro-batch go
+through ONE forward pass, packed without attention across sequences when the method allows), the pure losses
+in :mod:`posttrain.losses`, and the reference strategies in :mod:`posttrain.models.reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.config import DPOConfig
+from posttrain.data.preference import PairExample, collate_pairs, load_pair_dataset
+from posttrain.engine.trainer import Engine, FitResult
+from posttrain.losses import dpo_loss
+from posttrain.models.forward import sequence_logps
+from posttrain.models.reference import Reference, drop_reference_adapter, make_reference, precomputed_logps
+from posttrain.stages.common import build, finish, load_tokenizer_for, load_train_eval, make_accelerator, pack_capacity, say
+
+
+class DPOObjective:
+    """The DPO family's loss on a batch of pairs (sequences 0..B-1 chosen, B..2B-1 rejected)."""
+
+    unit = "pairs"
+    perplexity = False
+    progress_keys = ("rewards/accuracy", "rewards/margins")
+
+    def __init__(self, cfg: DPOConfig, reference: Reference):
+        self.cfg, self.reference = cfg, reference
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["last_index"].shape[0] // 2
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        cfg = self.cfg
+        logps, tokens = sequence_logps(model, batch, cfg.loss_chunk_size)  # (2B,), (2B,)
+        b = logps.shape[0] // 2
+        if cfg.loss == "simpo":
+            ref = None
+        elif "ref_logps" in batch:
+            ref = batch["ref_logps"].to(logps.dtype)
+        else:
+            ref = self.reference(model, batch, lambda m, bt: sequence_logps(m, bt, cfg.loss_chunk_size)[0]).to(logps.dtype)
+        return dpo_loss(
+            logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
+            beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+            chosen_tokens=tokens[:b], rejected_tokens=tokens[b:], simpo_gamma=cfg.simpo_gamma,
+        )
+
+
+@dataclass
+class DPOResult:
+    output_dir: Path
+    fit: FitResult
+    model: torch.nn.Module
+
+
+def attach_precomputed(cfg, model, accelerator, pairs: list[PairExample], pad_id: int, capacity, split: str) -> None:
+    """Store the initial model's log-probs of every pair's chosen and rejected sequence in the pairs."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    values = precomputed_logps(cfg, model, accelerator, seqs, pad_id=pad_id, pack_capacity=capacity, split=split)
+    n = len(pairs)
+    for i, pair in enumerate(pairs):
+        pair.ref_chosen, pair.ref_rejected = float(values[i]), float(values[n + i])
+
+
+def train(cfg: DPOConfig) -> DPOResult:
+    accelerator = make_accelerator(cfg)
+    tokenizer = load_tokenizer_for(cfg)
+    train_pairs, eval_pairs = load_train_eval(cfg, tokenizer, accelerator, load_pair_dataset)
+    capacity = pack_capacity(cfg, accelerator)
+    pad_id = tokenizer.pad_token_id
+
+    setup = build(cfg, tokenizer, accelerator)
+    model = setup.model
+    reference = make_reference(model, cfg, needed=cfg.loss != "simpo")
+    say(accelerator, f"reference: {reference.describe()}")
+    if reference.kind == "precomputed":
+        if getattr(model, "is_loaded_in_4bit", False) is False:
+            model.to(accelerator.device)
+        attach_precomputed(cfg, model, accelerator, train_pairs, pad_id, capacity, "train")
+        if eval_pairs:
+            attach_precomputed(cfg, model, accelerator, eval_pairs, pad_id, capacity, "eval")
+
+    def collate(pairs: list[PairExample]):
+        return collate_pairs(pairs, pad_id, capacity)
+
+    engine = Engine(cfg, model, train_pairs, collate, eval_pairs, accelerator)
+    say(accelerator, f"training {engine.total_steps} steps of {engine.global_batch} pairs, loss {cfg.loss}, beta {cfg.beta} "
+                     f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})")
+    fit = engine.fit(DPOObjective(cfg, reference))
+    drop_reference_adapter(engine.model)
+    out = finish(engine, fit, tokenizer, cfg, accelerator, "adapter" if cfg.method != "full" else "model")
+    return DPOResult(output_dir=out, fit=fit, model=engine.model)

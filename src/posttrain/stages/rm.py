@@ -1,0 +1,77 @@
+"""Bradley-Terry reward model on prompt/chosen/rejected pairs: a scalar head on the base LM.
+
+The model is transformers' ``AutoModelForSequenceClassification`` with one label (a ``score`` Linear on the
+final hidden state of the last non-padding token), under any method: full fine-tuning saves a model that
+``AutoModelForSequenceClassification.from_pretrained`` loads; adapter methods save a PEFT ``SEQ_CLS`` adapter
+(the trained score head included) that ``PeftModel.from_pretrained`` puts on that base model, as
+:func:`posttrain.rewards.model.load_reward_model` does. Chosen and rejected of a micro-batch run in one
+forward pass (packed without cross-attention when the method allows). Units are pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.config import RMConfig
+from posttrain.data.preference import PairExample, collate_pairs, load_pair_dataset
+from posttrain.engine.trainer import Engine, FitResult
+from posttrain.errors import ConfigError
+from posttrain.losses import bradley_terry_loss
+from posttrain.models.adapters import build_model
+from posttrain.models.forward import sequence_scores
+from posttrain.stages.common import finish, load_tokenizer_for, load_train_eval, make_accelerator, pack_capacity, say
+
+
+class RewardObjective:
+    unit = "pairs"
+    perplexity = False
+    progress_keys = ("accuracy", "margin")
+
+    def __init__(self, cfg: RMConfig):
+        self.cfg = cfg
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["last_index"].shape[0] // 2
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        scores = sequence_scores(model, batch)  # (2B,)
+        b = scores.shape[0] // 2
+        return bradley_terry_loss(scores[:b], scores[b:], center_coefficient=self.cfg.center_rewards)
+
+
+@dataclass
+class RMResult:
+    output_dir: Path
+    fit: FitResult
+    model: torch.nn.Module
+
+
+def train(cfg: RMConfig) -> RMResult:
+    if cfg.adapter and cfg.method != "full":
+        raise ConfigError(
+            "adapter: a reward model's adapter sits on a sequence-classification model, so it cannot continue a "
+            "causal-LM adapter; merge it first (`posttrain merge adapter=... output_dir=merged`) and use "
+            "model=merged, or use method=full"
+        )
+    accelerator = make_accelerator(cfg)
+    tokenizer = load_tokenizer_for(cfg)
+    train_pairs, eval_pairs = load_train_eval(cfg, tokenizer, accelerator, load_pair_dataset)
+    capacity = pack_capacity(cfg, accelerator)
+    pad_id = tokenizer.pad_token_id
+
+    model, report = build_model(cfg, device=accelerator.device, mixed_precision=accelerator.mixed_precision,
+                                task="seq_cls", pad_token_id=pad_id)
+    say(accelerator, report.summary())
+
+    def collate(pairs: list[PairExample]):
+        return collate_pairs(pairs, pad_id, capacity)
+
+    engine = Engine(cfg, model, train_pairs, collate, eval_pairs, accelerator)
+    say(accelerator, f"training {engine.total_steps} steps of {engine.global_batch} pairs "
+                     f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})")
+    fit = engine.fit(RewardObjective(cfg))
+    out = finish(engine, fit, tokenizer, cfg, accelerator, "reward model")
+    return RMResult(output_dir=out, fit=fit, model=engine.model)
