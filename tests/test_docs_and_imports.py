@@ -27,8 +27,10 @@ def test_readme_reference_is_generated_from_the_config():
 
 
 def test_example_configs_are_valid():
-    from posttrain.config import load_config
+    from posttrain.config import STAGE_CONFIGS, load_config
 
     for path in sorted((ROOT / "examples").glob("*.yaml")):
-        cfg = load_config("sft", path, [] if "data:" in path.read_text() else ["data.train=x.jsonl"])
+        # sft_lora.yaml -> sft, dpo.yaml -> dpo, demo_rm.yaml -> rm, demo_json.yaml -> sft
+        stage = next((part for part in path.stem.split("_") if part in STAGE_CONFIGS), "sft")
+        cfg = load_config(stage, path, [] if "data:" in path.read_text() else ["data.train=x.jsonl"])
         assert cfg.method in ("full", "lora", "qlora", "prompt", "prefix")

@@ -1,11 +1,18 @@
-"""`make demo`: LoRA SFT of the embedded SmolLM2-135M-Instruct on the sentence -> JSON record task.
+"""`make demo`: post-train the embedded SmolLM2-135M-Instruct in three stages, each scored on held-out data.
 
-1. Generate train / valid / test splits (test uses names and cities never seen in training).
-2. Score the base model on the held-out test split.
-3. Train a LoRA adapter with `posttrain sft examples/demo_json.yaml` (the same code path as the CLI).
-4. Score the trained adapter on the same test split; print both, a few samples, and where it was saved.
+sft  LoRA SFT on the sentence -> JSON record task (`posttrain sft examples/demo_json.yaml`):
+     1. generate train / valid / test splits (test uses names and cities never seen in training);
+     2. score the base model on the test split; 3. train; 4. score the trained adapter.
+dpo  DPO from the SFT adapter (`posttrain dpo examples/demo_dpo.yaml adapter=<out>/adapter`) on a built-in
+     preference set, "concise answers": short factual questions, the chosen answer one short sentence, the
+     rejected one the same fact buried in filler. A code check judges greedy answers to held-out questions
+     (the correct fact in <= 12 words) with the SFT adapter and after DPO; the DPO implicit reward's accuracy
+     on the held-out pairs is printed too.
+rm   a LoRA Bradley-Terry reward model on the base model (`posttrain rm examples/demo_rm.yaml`), trained on
+     the same pairs; its pairwise accuracy on the held-out pairs.
 
-Hyperparameters were chosen on the train/valid splits only; the test split is scored, never tuned on.
+`--stages` runs a subset (default all three, in that order); dpo needs the SFT adapter in the same --out.
+Hyperparameters were chosen on the train/valid splits only; the test splits are scored, never tuned on.
 """
 
 from __future__ import annotations
@@ -17,7 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-EXAMPLE_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "demo_json.yaml"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+EXAMPLE_CONFIG = EXAMPLES / "demo_json.yaml"
+DPO_CONFIG = EXAMPLES / "demo_dpo.yaml"
+RM_CONFIG = EXAMPLES / "demo_rm.yaml"
+STAGES = ("sft", "dpo", "rm")
+MODEL = "smollm2-135m"
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -27,32 +39,35 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def _shown(path: Path) -> Path:
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
 def _show(title: str, result: dict) -> None:
     print(f"  {title:<22} exact match {result['exact_match']:6.1%}   valid JSON {result['valid_json']:6.1%}   "
           f"field accuracy {result['field_accuracy']:6.1%}   (n={result['n']})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m posttrain.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="working directory for data and the adapter")
-    parser.add_argument("--train-rows", type=int, default=384)
-    parser.add_argument("--test-rows", type=int, default=64)
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the SFT config")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _show_concise(title: str, result: dict) -> None:
+    print(f"  {title:<26} check passed {result['pass_rate']:6.1%}   correct fact {result['states_fact']:6.1%}   "
+          f"<= 12 words {result['concise']:6.1%}   mean words {result['mean_words']:5.1f}   (n={result['n']})")
 
-    import torch
 
+def _stages(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(STAGES)}, got '{text}'")
+    return [s for s in STAGES if s in names]
+
+
+def run_sft(args, out: Path, tokenizer) -> dict:
+    """The JSON-record SFT stage (steps 1-4); returns its summary."""
     from posttrain.config import load_config
     from posttrain.demo.json_task import evaluate, make_rows
-    from posttrain.errors import PosttrainError
-    from posttrain.models.loading import load_causal_lm, load_tokenizer
+    from posttrain.models.loading import load_causal_lm
     from posttrain.stages import sft
 
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    out = Path(args.out)
     data = out / "data"
     splits = {"train": args.train_rows, "valid": 32, "test": args.test_rows}
     for split, n in splits.items():
@@ -60,24 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[1/4] task: sentence -> JSON record; {splits['train']} train, {splits['valid']} valid and "
           f"{splits['test']} held-out test rows in {data}/ (test names and cities never appear in train)")
 
-    try:
-        tokenizer = load_tokenizer("smollm2-135m")
-        test_rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
-        print("[2/4] scoring the base model on the held-out split ...")
-        base = evaluate(load_causal_lm("smollm2-135m"), tokenizer, test_rows)
+    test_rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    print("[2/4] scoring the base model on the held-out split ...")
+    base = evaluate(load_causal_lm(MODEL), tokenizer, test_rows)
 
-        overrides = [f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'valid.jsonl'}",
-                     f"output_dir={out / 'adapter'}", *args.overrides]
-        print(f"[3/4] posttrain sft {EXAMPLE_CONFIG.relative_to(Path.cwd()) if EXAMPLE_CONFIG.is_relative_to(Path.cwd()) else EXAMPLE_CONFIG} "
-              + " ".join(overrides))
-        cfg = load_config("sft", EXAMPLE_CONFIG, overrides)
-        result = sft.train(cfg)
+    overrides = [f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'valid.jsonl'}",
+                 f"output_dir={out / 'adapter'}", *args.overrides]
+    print(f"[3/4] posttrain sft {_shown(EXAMPLE_CONFIG)} " + " ".join(overrides))
+    result = sft.train(load_config("sft", EXAMPLE_CONFIG, overrides))
 
-        print("[4/4] scoring the trained adapter on the same held-out split ...")
-        tuned = evaluate(result.model, tokenizer, test_rows)
-    except PosttrainError as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 2
+    print("[4/4] scoring the trained adapter on the same held-out split ...")
+    tuned = evaluate(result.model, tokenizer, test_rows)
 
     print("\n=== held-out results (greedy decoding) ===")
     _show("base SmolLM2-135M", base)
@@ -85,14 +93,175 @@ def main(argv: list[str] | None = None) -> int:
     print("\nsamples (held-out):")
     for (sentence, before), (_, after) in list(zip(base["samples"], tuned["samples"]))[:3]:
         print(f"  sentence: {sentence}\n    base:  {before[:120]!r}\n    tuned: {after[:120]!r}")
-    summary = {"base": {k: v for k, v in base.items() if k != "samples"},
-               "tuned": {k: v for k, v in tuned.items() if k != "samples"},
-               "train_steps": result.fit.steps, "train_seconds": round(result.fit.seconds, 1),
-               "total_seconds": round(time.perf_counter() - t0, 1)}
-    (out / "demo_results.json").write_text(json.dumps(summary, indent=2))
     print(f"\nadapter saved to {result.output_dir}/ (load it with peft.PeftModel.from_pretrained, or "
           f"`posttrain generate adapter={result.output_dir} prompt=...`)")
-    print(f"training took {result.fit.seconds:.0f} s for {result.fit.steps} steps; the whole demo {summary['total_seconds']:.0f} s")
+    print(f"training took {result.fit.seconds:.0f} s for {result.fit.steps} steps")
+    return {"base": {k: v for k, v in base.items() if k != "samples"},
+            "tuned": {k: v for k, v in tuned.items() if k != "samples"},
+            "train_steps": result.fit.steps, "train_seconds": round(result.fit.seconds, 1)}
+
+
+def preference_data(args, out: Path) -> tuple[Path, list[dict]]:
+    """Write the concise-answers pairs (train / valid / test) once per run; returns the folder and the test rows."""
+    from posttrain.demo.concise_task import make_pairs
+
+    data = out / "prefs"
+    splits = {"train": args.pref_train_rows, "valid": 30, "test": args.pref_test_rows}
+    for split, n in splits.items():
+        _write_jsonl(data / f"{split}.jsonl", make_pairs(n, split, seed=1))
+    print(f"[prefs] task: concise answers to short factual questions (capitals, sums, colours); {splits['train']} train, "
+          f"{splits['valid']} valid and {splits['test']} held-out test pairs in {data}/ (test facts never appear in train)")
+    return data, make_pairs(splits["test"], "test", seed=1)
+
+
+def run_dpo(args, out: Path, tokenizer, data: Path, test_rows: list[dict]) -> tuple[dict, object]:
+    """SFT adapter -> DPO; greedy answers to the held-out questions judged by the check before and after."""
+    from posttrain.config import load_config
+    from posttrain.demo.concise_task import MAX_WORDS, evaluate
+    from posttrain.errors import PosttrainError
+    from posttrain.models.adapters import load_for_inference
+    from posttrain.stages import dpo
+
+    adapter = out / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise PosttrainError(f"the dpo stage starts from the SFT adapter, and {adapter}/ has none: "
+                             "run the sft stage first (--stages sft,dpo) with the same --out")
+    print(f"[dpo 1/3] scoring the SFT adapter on the held-out questions (check: the correct fact in <= {MAX_WORDS} words) ...")
+    before = evaluate(load_for_inference(MODEL, str(adapter)), tokenizer, test_rows)
+
+    overrides = [f"adapter={adapter}", f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}",
+                 f"output_dir={out / 'dpo'}", *args.dpo]
+    print(f"[dpo 2/3] posttrain dpo {_shown(DPO_CONFIG)} " + " ".join(overrides))
+    result = dpo.train(load_config("dpo", DPO_CONFIG, overrides))
+
+    print("[dpo 3/3] scoring the DPO adapter on the same held-out questions ...")
+    after = evaluate(result.model, tokenizer, test_rows)
+    ev = result.fit.eval_metrics
+    summary = {"before": {k: v for k, v in before.items() if k not in ("samples", "completions")},
+               "after": {k: v for k, v in after.items() if k not in ("samples", "completions")},
+               "heldout_pairs": {k: ev[k] for k in ("rewards/accuracy", "rewards/margins", "loss") if k in ev},
+               "train_steps": result.fit.steps, "train_seconds": round(result.fit.seconds, 1),
+               "samples": [{"question": q, "before": b, "after": a}
+                           for (q, b, _), (_, a, _) in zip(before["samples"], after["samples"])]}
+    return summary, (before, after, result)
+
+
+def show_dpo(summary: dict, detail) -> None:
+    before, after, result = detail
+    pairs = summary["heldout_pairs"]
+    print("\n=== preference stage: concise answers, held-out questions (greedy decoding) ===")
+    _show_concise("SFT adapter (before DPO)", before)
+    _show_concise("after DPO", after)
+    print(f"  DPO implicit reward on the {int(result.fit.eval_metrics.get('units', 0))} held-out pairs: accuracy "
+          f"{pairs['rewards/accuracy']:.1%}, mean margin {pairs['rewards/margins']:.2f} "
+          "(before DPO every implicit reward is 0: the policy is the reference)")
+    print("\nsamples (held-out):")
+    for (question, b, b_ok), (_, a, a_ok) in list(zip(before["samples"], after["samples"]))[:3]:
+        print(f"  question: {question}\n    before: {b[:120]!r} [{'pass' if b_ok else 'fail'}]\n"
+              f"    after:  {a[:120]!r} [{'pass' if a_ok else 'fail'}]")
+    print(f"\nDPO adapter saved to {result.output_dir}/; training took {result.fit.seconds:.0f} s for {result.fit.steps} steps")
+
+
+def run_rm(args, out: Path, data: Path, test_rows: list[dict], dpo_detail) -> dict:
+    """A LoRA reward model on the base model, scored on the held-out pairs (and on the DPO stage's answers)."""
+    from posttrain.config import load_config
+    from posttrain.rewards.model import load_reward_model
+    from posttrain.stages import rm
+
+    overrides = [f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}",
+                 f"output_dir={out / 'rm'}", *args.rm]
+    print(f"[rm 1/2] posttrain rm {_shown(RM_CONFIG)} " + " ".join(overrides))
+    result = rm.train(load_config("rm", RM_CONFIG, overrides))
+
+    print("[rm 2/2] scoring the held-out pairs with the saved reward model ...")
+    reward = load_reward_model(result.output_dir)
+    wins = []
+    for row in test_rows:
+        chosen, rejected = reward.score(row["prompt"], [row["chosen"], row["rejected"]])
+        wins.append(chosen > rejected)
+    summary = {"heldout_accuracy": sum(wins) / len(wins), "n": len(wins),
+               "eval_metrics": {k: v for k, v in result.fit.eval_metrics.items() if k in ("accuracy", "margin", "loss")},
+               "train_steps": result.fit.steps, "train_seconds": round(result.fit.seconds, 1)}
+    print("\n=== reward model (LoRA on the base model), held-out pairs ===")
+    print(f"  pairwise accuracy {summary['heldout_accuracy']:.1%} (chosen scored above rejected, n={len(wins)}); "
+          f"mean margin {result.fit.eval_metrics.get('margin', float('nan')):.2f}")
+    if dpo_detail is not None:
+        before, after, _ = dpo_detail
+        # Score every held-out answer of the DPO stage: does the reward model agree that DPO made them better?
+        answers = {"before": [], "after": []}
+        for row, b, a in zip(test_rows, before["completions"], after["completions"], strict=True):
+            b_score, a_score = reward.score(row["prompt"], [[{"role": "assistant", "content": b or "."}],
+                                                            [{"role": "assistant", "content": a or "."}]])
+            answers["before"].append(b_score)
+            answers["after"].append(a_score)
+        n = len(answers["before"])
+        summary["greedy_answers"] = {
+            "mean_before_dpo": sum(answers["before"]) / n, "mean_after_dpo": sum(answers["after"]) / n,
+            "after_above_before": sum(a > b for a, b in zip(answers["after"], answers["before"])) / n}
+        g = summary["greedy_answers"]
+        print(f"  its mean score of the held-out greedy answers: {g['mean_before_dpo']:.2f} before DPO, "
+              f"{g['mean_after_dpo']:.2f} after; the DPO answer scores higher on {g['after_above_before']:.0%} of questions")
+    print(f"\nreward model saved to {result.output_dir}/ (`posttrain score reward_model={result.output_dir} ...`); "
+          f"training took {result.fit.seconds:.0f} s for {result.fit.steps} steps")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m posttrain.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="working directory for data, adapters and the reward model")
+    parser.add_argument("--stages", type=_stages, default=list(STAGES),
+                        help="comma-separated stages to run, of sft,dpo,rm (default: all); dpo needs sft's adapter in --out")
+    parser.add_argument("--train-rows", type=int, default=384)
+    parser.add_argument("--test-rows", type=int, default=64)
+    parser.add_argument("--pref-train-rows", type=int, default=192, help="preference pairs to train DPO and the reward model on")
+    parser.add_argument("--pref-test-rows", type=int, default=32, help="held-out preference pairs (and questions)")
+    parser.add_argument("--dpo", action="append", default=[], metavar="KEY=VALUE", help="an override for the DPO config (repeatable)")
+    parser.add_argument("--rm", action="append", default=[], metavar="KEY=VALUE", help="an override for the reward-model config (repeatable)")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the SFT config")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+
+    from posttrain.errors import PosttrainError
+    from posttrain.models.loading import load_tokenizer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    out = Path(args.out)
+    results_path = out / "demo_results.json"
+    summary: dict = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    seconds: dict[str, float] = {}
+    try:
+        tokenizer = load_tokenizer(MODEL)
+        if "sft" in args.stages:
+            t = time.perf_counter()
+            summary.update(run_sft(args, out, tokenizer))
+            seconds["sft"] = time.perf_counter() - t
+        if "dpo" in args.stages or "rm" in args.stages:
+            print()
+            data, test_rows = preference_data(args, out)
+        dpo_detail = None
+        if "dpo" in args.stages:
+            t = time.perf_counter()
+            summary["dpo"], dpo_detail = run_dpo(args, out, tokenizer, data, test_rows)
+            seconds["dpo"] = time.perf_counter() - t
+            show_dpo(summary["dpo"], dpo_detail)
+        if "rm" in args.stages:
+            t = time.perf_counter()
+            summary["rm"] = run_rm(args, out, data, test_rows, dpo_detail)
+            seconds["rm"] = time.perf_counter() - t
+    except PosttrainError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
+
+    summary["stage_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(summary, indent=2))
+    print("\n" + "; ".join(f"{k} stage {v:.0f} s" for k, v in seconds.items())
+          + f"; the whole demo {summary['total_seconds']:.0f} s (results in {results_path})")
     return 0
 
 

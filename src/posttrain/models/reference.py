@@ -93,8 +93,9 @@ class Reference:
                 return fn(inner, batch)
 
 
-def make_reference(model: torch.nn.Module, cfg, *, needed: bool = True) -> Reference:
-    """Pick the strategy (see the module docstring) before ``accelerator.prepare``; may load a reference adapter."""
+def make_reference(model: torch.nn.Module, cfg, *, needed: bool = True, device: torch.device | None = None) -> Reference:
+    """Pick the strategy (see the module docstring) before ``accelerator.prepare``; may load a reference adapter.
+    ``device``: where a frozen copy goes (the policy's device once prepared)."""
     if not needed:
         return Reference("none")
     if getattr(cfg, "precompute_ref", False):
@@ -103,6 +104,8 @@ def make_reference(model: torch.nn.Module, cfg, *, needed: bool = True) -> Refer
         frozen = copy.deepcopy(model)
         frozen.requires_grad_(False)
         frozen.eval()
+        if device is not None:
+            frozen.to(device)
         return Reference("frozen_copy", frozen)
     if cfg.adapter:
         if cfg.method not in ("lora", "qlora"):

@@ -103,3 +103,15 @@ def finish(engine, fit, tokenizer, cfg: TrainConfig, accelerator, what: str) -> 
         parts.append("eval " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     say(accelerator, f"{'; '.join(parts)}; {what} saved to {out}")
     return out
+
+
+def reference_for(cfg: TrainConfig, model: torch.nn.Module, accelerator, needed: bool = True):
+    """The reference strategy for ``model`` (see models/reference.py), announced; the model is put on its device
+    when the reference is precomputed (it runs before the engine prepares the model)."""
+    from posttrain.models.reference import make_reference
+
+    reference = make_reference(model, cfg, needed=needed, device=accelerator.device)
+    say(accelerator, f"reference: {reference.describe()}")
+    if reference.kind == "precomputed" and not getattr(model, "is_loaded_in_4bit", False):
+        model.to(accelerator.device)
+    return reference

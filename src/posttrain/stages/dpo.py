@@ -18,8 +18,17 @@ from posttrain.data.preference import PairExample, collate_pairs, load_pair_data
 from posttrain.engine.trainer import Engine, FitResult
 from posttrain.losses import dpo_loss
 from posttrain.models.forward import sequence_logps
-from posttrain.models.reference import Reference, drop_reference_adapter, make_reference, precomputed_logps
-from posttrain.stages.common import build, finish, load_tokenizer_for, load_train_eval, make_accelerator, pack_capacity, say
+from posttrain.models.reference import Reference, drop_reference_adapter, precomputed_logps
+from posttrain.stages.common import (
+    build,
+    finish,
+    load_tokenizer_for,
+    load_train_eval,
+    make_accelerator,
+    pack_capacity,
+    reference_for,
+    say,
+)
 
 
 class DPOObjective:
@@ -77,11 +86,8 @@ def train(cfg: DPOConfig) -> DPOResult:
 
     setup = build(cfg, tokenizer, accelerator)
     model = setup.model
-    reference = make_reference(model, cfg, needed=cfg.loss != "simpo")
-    say(accelerator, f"reference: {reference.describe()}")
+    reference = reference_for(cfg, model, accelerator, needed=cfg.loss != "simpo")
     if reference.kind == "precomputed":
-        if getattr(model, "is_loaded_in_4bit", False) is False:
-            model.to(accelerator.device)
         attach_precomputed(cfg, model, accelerator, train_pairs, pad_id, capacity, "train")
         if eval_pairs:
             attach_precomputed(cfg, model, accelerator, eval_pairs, pad_id, capacity, "eval")

@@ -18,8 +18,17 @@ from posttrain.data.preference import UnpairedExample, collate_sequences, load_u
 from posttrain.engine.trainer import Engine, FitResult
 from posttrain.losses import kto_loss, kto_reference_point
 from posttrain.models.forward import sequence_logps
-from posttrain.models.reference import Reference, drop_reference_adapter, make_reference, precomputed_logps
-from posttrain.stages.common import build, finish, load_tokenizer_for, load_train_eval, make_accelerator, pack_capacity, say
+from posttrain.models.reference import Reference, drop_reference_adapter, precomputed_logps
+from posttrain.stages.common import (
+    build,
+    finish,
+    load_tokenizer_for,
+    load_train_eval,
+    make_accelerator,
+    pack_capacity,
+    reference_for,
+    say,
+)
 
 KL_PREFIX = "kl_"
 
@@ -106,11 +115,8 @@ def train(cfg: KTOConfig) -> KTOResult:
 
     setup = build(cfg, tokenizer, accelerator)
     model = setup.model
-    reference = make_reference(model, cfg)
-    say(accelerator, f"reference: {reference.describe()}")
+    reference = reference_for(cfg, model, accelerator)
     if reference.kind == "precomputed":
-        if getattr(model, "is_loaded_in_4bit", False) is False:
-            model.to(accelerator.device)
         attach_precomputed(cfg, model, accelerator, train_rows, pad_id, capacity, "train")
         if eval_rows:
             attach_precomputed(cfg, model, accelerator, eval_rows, pad_id, capacity, "eval")

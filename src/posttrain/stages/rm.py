@@ -22,7 +22,14 @@ from posttrain.errors import ConfigError
 from posttrain.losses import bradley_terry_loss
 from posttrain.models.adapters import build_model
 from posttrain.models.forward import sequence_scores
-from posttrain.stages.common import finish, load_tokenizer_for, load_train_eval, make_accelerator, pack_capacity, say
+from posttrain.stages.common import (
+    finish,
+    load_tokenizer_for,
+    load_train_eval,
+    make_accelerator,
+    pack_capacity,
+    say,
+)
 
 
 class RewardObjective:
