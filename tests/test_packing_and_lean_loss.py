@@ -101,3 +101,41 @@ def test_head_is_restored_after_forward(tiny):
     head = tiny.lm_head
     target_logps(tiny, collate_sft(random_examples(2), pad_id=0))
     assert tiny.lm_head is head and tiny.get_output_embeddings() is head
+
+
+def test_segments_come_from_restarting_positions():
+    from posttrain.models.attention import segments_from_positions
+
+    examples = random_examples(3, seed=4)
+    batch = collate_packed([examples], pad_id=0)  # one row, no padding
+    lengths = [len(e.input_ids) for e in examples]
+    starts = [0, lengths[0], lengths[0] + lengths[1]]
+    assert segments_from_positions(batch["position_ids"]) == [list(zip(starts, starts[1:] + [sum(lengths)]))]
+    padded = collate_packed([examples[:1], examples], pad_id=0)  # row 0 padded: its tail joins its only span
+    assert segments_from_positions(padded["position_ids"])[0] == [(0, padded["input_ids"].shape[1])]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_segment_attention_equals_the_block_diagonal_mask(tiny_model_dir, grad):
+    """sdpa_segments (per-sequence causal SDPA, no mask) vs sdpa with the (B, 1, T, T) mask: same loss and grads."""
+    from posttrain.models.attention import NAME, register
+
+    register()
+    examples = random_examples(12, seed=5)
+    batch = collate_packed(pack_examples(examples, 64), pad_id=0)
+    results = []
+    for attn in ("sdpa", NAME):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
+        with torch.set_grad_enabled(grad):
+            loss, _ = sft_loss(target_logps(model, batch)[0])
+        if grad:
+            loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()} if grad else {}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-5)
+    for name, g in results[0][1].items():
+        rel = (results[1][1][name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+    # and equal to the unpacked batch
+    unpacked, _ = sft_loss(target_logps(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=NAME),
+                                        collate_sft(examples, pad_id=0))[0])
+    torch.testing.assert_close(unpacked.detach(), results[1][0], rtol=1e-5, atol=1e-4)

@@ -2,7 +2,8 @@
 
 Examples are packed into rows of at most ``capacity`` tokens by best-fit decreasing (each example, longest
 first, goes into the open row with the least room left that still fits it). A packed row carries
-- ``position_ids`` restarting at 0 for every example (RoPE sees the positions an unpacked row would);
+- ``position_ids`` restarting at 0 for every example (RoPE sees the positions an unpacked row would); padding
+  at the end of a row continues the last example's positions, so position 0 marks exactly the example starts;
 - a block-diagonal causal attention mask, (B, 1, T, T) boolean, so no example attends to another. Position ids
   alone do NOT isolate examples: the attention would still mix them;
 - labels with -100 on each example's first token, so no example is trained to predict its successor's start.
@@ -69,6 +70,8 @@ def collate_packed(packs: list[list[TokenizedExample]], pad_id: int) -> dict[str
             position_ids[row, start : start + n] = torch.arange(n)
             segment[row, start : start + n] = k
             start += n
+        # Padding continues the last example's positions: one span with it, which causality keeps unseen.
+        position_ids[row, start:] = torch.arange(n, n + width - start)
     causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
     same = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
     attention = same & causal & (segment[:, :, None] >= 0)

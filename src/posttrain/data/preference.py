@@ -175,6 +175,7 @@ def collate_sequences(seqs: list[TokenizedExample], pad_id: int, pack_capacity: 
             not_pad = [k for k, t in enumerate(seq.input_ids) if t != pad_id]
             last_index[i] = torch.tensor([r, start + (not_pad[-1] if not_pad else n - 1)])
             start += n
+        position_ids[r, start:] = torch.arange(n, n + width - start)  # padding continues the last sequence
     batch = {"input_ids": input_ids, "labels": labels, "sequence_ids": sequence_ids, "last_index": last_index}
     if pack_capacity is None:
         batch["attention_mask"] = (sequence_ids >= 0).long()

@@ -103,18 +103,31 @@ def frozen_storage_dtype(method: str, mixed_precision: str) -> torch.dtype:
     return torch.float32
 
 
-def resolve_attn_implementation(name: str) -> str:
+def resolve_attn_implementation(name: str, model_spec: str | None = None, trust_remote_code: bool = False) -> str:
+    """``auto``: flash-attention 2 on CUDA when installed; else ``sdpa_segments`` (per-sequence causal SDPA for
+    packed rows, see models/attention.py) when the model's attention is plain causal; else ``sdpa``."""
+    from posttrain.models import attention
+
+    if name == attention.NAME:
+        attention.register()
     if name != "auto":
         return name
     import importlib.util
 
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if model_spec is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model(model_spec), trust_remote_code=trust_remote_code)
+        if attention.supports_segments(config):
+            attention.register()
+            return attention.NAME
     return "sdpa"
 
 
 def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: str, task: str = "causal_lm"):
-    attn = resolve_attn_implementation(cfg.attn_implementation)
+    attn = resolve_attn_implementation(cfg.attn_implementation, cfg.model, cfg.trust_remote_code)
     if cfg.method != "qlora":
         dtype = frozen_storage_dtype(cfg.method, mixed_precision)
         return load_causal_lm(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=attn,

@@ -59,6 +59,38 @@ def uses_varlen_attention(model: torch.nn.Module) -> bool:
     return getattr(_causal_lm(model).config, "_attn_implementation", "") in ("flash_attention_2", "flash_attention_3")
 
 
+def uses_segment_attention(model: torch.nn.Module) -> bool:
+    from posttrain.models.attention import NAME
+
+    return getattr(_causal_lm(model).config, "_attn_implementation", "") == NAME
+
+
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(input_ids, labels, forward kwargs) for ``batch``, shaped for the model's attention kernel.
+
+    A packed batch carries a (B, 1, T, T) block-diagonal mask. With ``sdpa_segments`` the mask is dropped and
+    each sequence's span (from the restarting position ids) is attended to on its own. With flash-attention the
+    rows are flattened into one varlen sequence: transformers derives the sequence boundaries from the position
+    ids, and attention costs sum(len_i^2), not T^2. Both are safe because every sequence's first label is -100
+    and padding has label -100, so no target crosses a sequence boundary.
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    if batch["attention_mask"].dim() == 4:
+        if uses_varlen_attention(model):
+            input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
+            kwargs["position_ids"] = batch["position_ids"].reshape(1, -1)
+            kwargs["attention_mask"] = None
+        elif uses_segment_attention(model):
+            from posttrain.models.attention import segments_from_positions
+
+            kwargs["segments"] = segments_from_positions(batch["position_ids"])
+            kwargs["attention_mask"] = None
+    return input_ids, labels, kwargs
+
+
 def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()  # (n, V)
     return -F.cross_entropy(logits, targets, reduction="none")  # (n,) log p(target)
@@ -88,25 +120,14 @@ def target_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
         logps (N,) fp32 for the N target tokens in row-major order, and the (B, T) boolean mask of the
         positions that predict them (position t predicts token t+1).
     """
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False}
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
-    if batch["attention_mask"].dim() == 4 and uses_varlen_attention(model):
-        # CUDA flash-attention varlen: flatten the packed rows into one sequence; transformers derives the
-        # sequence boundaries from the restarting position ids, and attention costs sum(len_i^2), not T^2.
-        # Safe because every example's first label is -100 and padding has label -100, so no target crosses
-        # a row or example boundary.
-        input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
-        kwargs["position_ids"] = batch["position_ids"].reshape(1, -1)
-        kwargs["attention_mask"] = None
+    input_ids, labels, kwargs = model_inputs(model, batch)
     with head_bypassed(model) as head:
         hidden = model(input_ids=input_ids, **kwargs).logits  # (B, T', H); T' = T + virtual tokens for prompt tuning
         hidden = hidden[:, -input_ids.shape[1]:]  # (B, T, H)
         targets = shift_labels(labels)  # (B, T)
         predicts = targets != IGNORE_INDEX
         logps = head_logps(head, hidden[predicts], targets[predicts], chunk_size)
-    return logps, predicts
+    return logps, predicts.reshape(batch["labels"].shape)  # (B, T) even when flattened for varlen attention
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,12 +162,12 @@ def sequence_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     def keep(_module, _inputs, output):
         captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
 
-    kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False}
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
+    input_ids, _, kwargs = model_inputs(model, batch)
+    if input_ids.shape != batch["input_ids"].shape:  # flattened for varlen attention: read it back per row
+        raise NotImplementedError("reward scores with flash-attention varlen: use attn_implementation=sdpa_segments")
     handle = _backbone(model).register_forward_hook(keep)
     try:
-        model(input_ids=batch["input_ids"], **kwargs)
+        model(input_ids=input_ids, **kwargs)
     finally:
         handle.remove()
     hidden = captured[-1][:, -batch["input_ids"].shape[1]:]  # (B, T, H); drop prompt-tuning virtual tokens
