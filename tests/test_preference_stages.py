@@ -189,3 +189,31 @@ def test_bad_preference_data_is_a_clear_cli_error(tiny_model_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "posttrain", "kto", f"model={tiny_model_dir}", f"data.train={kto_bad}"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "kto.jsonl:1: label: expected true or false, got 'yes'" in proc.stderr
+
+
+def test_dpo_two_processes_with_a_sharded_precomputed_reference_match_one(tiny_model_dir, tmp_path):
+    """2 gloo processes x 2 pairs == 1 process x 4 pairs, with the reference pass sharded and summed back."""
+    import os
+
+    one = run("dpo", tiny_model_dir, tmp_path / "one", "max_steps=2", "batch_size=4", "lr=2e-3", "precompute_ref=true")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "posttrain", "dpo", f"model={tiny_model_dir}", f"data.train={PREFS}", f"output_dir={tmp_path / 'two'}",
+           "tensorboard=false", "warmup_ratio=0", "precision=fp32", "max_length=128", "lr_scheduler=constant",
+           "max_steps=2", "batch_size=2", "lr=2e-3", "precompute_ref=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    for key in ("train/loss", "train/rewards/margins"):
+        a, b = metrics(one.output_dir, key), metrics(tmp_path / "two", key)
+        for step in (1, 2):
+            assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-7), (key, step)
+
+
+@pytest.mark.parametrize("method, extra", [("prompt", ("precompute_ref=true",)), ("qlora", ()), ("prefix", ())])
+def test_dpo_with_other_methods(tiny_model_dir, tmp_path, method, extra):
+    result = run("dpo", tiny_model_dir, tmp_path / method, f"method={method}", "max_steps=3", "batch_size=4", "lr=5e-3",
+                 "prompt.num_virtual_tokens=4", "prefix.num_virtual_tokens=4", *extra)
+    loss = metrics(result.output_dir, "train/loss")
+    if extra or method == "qlora":  # reference == initial policy (precomputed, or LoRA's B = 0 at the start)
+        assert loss[1] == pytest.approx(math.log(2), abs=1e-5)
+    assert all(math.isfinite(v) for v in loss.values())
