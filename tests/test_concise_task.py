@@ -14,13 +14,11 @@ SPLITS = ("train", "valid", "test")
 
 
 def fact_key(row: dict) -> tuple:
-    """What a row asks about, independent of wording: the country, the unordered addends, or the thing."""
+    """What a row asks about, independent of wording: the country, or the unordered addends."""
     answer = row["answer"]
     if answer["kind"] == "capital":
         return ("capital", answer["country"])
-    if answer["kind"] == "sum":
-        return ("sum", *sorted((answer["a"], answer["b"])))
-    return ("colour", answer["thing"])
+    return ("sum", *sorted((answer["a"], answer["b"])))
 
 
 def reply(text: str) -> list[dict]:
@@ -55,7 +53,7 @@ def test_deterministic_and_seeded():
 
 def test_kinds_take_turns_and_small_splits_repeat_no_question():
     rows = make_pairs(30, "test", seed=1)
-    assert [r["answer"]["kind"] for r in rows[:6]] == ["capital", "sum", "colour"] * 2
+    assert [r["answer"]["kind"] for r in rows[:6]] == ["capital", "sum"] * 3
     keys = [fact_key(r) for r in rows]
     assert len(set(keys)) == len(keys)
 
@@ -65,12 +63,10 @@ def test_splits_use_disjoint_facts(rows):
     assert not keys["train"] & keys["test"]
     assert not keys["train"] & keys["valid"]
     assert not keys["valid"] & keys["test"]
-    # Disjoint at the source too: no country, addend pair or thing belongs to two splits.
-    for pools in (concise_task.CAPITALS, concise_task.COLOURS, concise_task.SUMS):
-        firsts = {split: {tuple(sorted(f)) if pools is concise_task.SUMS else f[0] for f in pools[split]}
-                  for split in SPLITS}
-        assert not firsts["train"] & firsts["test"] and not firsts["train"] & firsts["valid"]
-        assert not firsts["valid"] & firsts["test"]
+    # Disjoint at the source too: no country or addend pair belongs to two splits, and every fact is in one.
+    for pools, facts in ((concise_task.CAPITAL_SPLITS, concise_task.CAPITALS), (concise_task.SUM_SPLITS, concise_task.SUM_PAIRS)):
+        assert sorted(f for split in SPLITS for f in pools[split]) == sorted(facts)
+        assert len(set(facts)) == len(facts)
     # Every fact of each split is drawn (600 rows is enough), and the capitals differ too.
     for split in SPLITS:
         assert len(keys[split]) == sum(len(v) for v in concise_task._facts(split).values())
@@ -86,12 +82,8 @@ def test_check_passes_every_chosen_and_fails_every_rejected(rows):
             assert not check(rejected, row), (split, rejected)
             # The rejected answer holds the same correct fact: it loses on length alone.
             assert states_fact(rejected, row), (split, rejected)
-            assert word_count(rejected) > MAX_WORDS + 8
+            assert word_count(rejected) > MAX_WORDS + 15
             assert word_count(chosen) <= MAX_WORDS - 3
-
-
-def answer_row(kind: str, split: str = "test") -> dict:
-    return next(r for r in make_pairs(30, split, seed=1) if r["answer"]["kind"] == kind)
 
 
 def test_check_capital():
@@ -112,14 +104,6 @@ def test_check_sum():
         assert not check(bad, row), bad
 
 
-def test_check_colour():
-    row = concise_task.make_row({"kind": "colour", "thing": "an elephant", "value": "grey", "accept": ["grey", "gray"]},
-                                concise_task.random.Random(0))
-    assert check("Gray.", row) and check("An elephant is grey.", row)
-    assert not check("Pink.", row)
-    assert not check("Greyhound.", row)
-
-
 def test_number_words():
     assert concise_task.number_word(7) == "seven"
     assert concise_task.number_word(20) == "twenty"
@@ -135,7 +119,7 @@ def test_unknown_split():
 
 def test_sums_never_equal_an_addend_and_come_in_both_orders():
     for split in SPLITS:
-        for a, b in concise_task.SUMS[split]:
+        for a, b in concise_task.SUM_SPLITS[split]:
             assert a <= b and a + b not in (a, b)
     asked = {(r["answer"]["a"], r["answer"]["b"]) for r in make_pairs(300, "train", seed=0) if r["answer"]["kind"] == "sum"}
     assert any((b, a) in asked for a, b in asked if a != b)

@@ -9,7 +9,8 @@ dpo  DPO from the SFT adapter (`posttrain dpo examples/demo_dpo.yaml adapter=<ou
      (the correct fact in <= 12 words) with the SFT adapter and after DPO; the DPO implicit reward's accuracy
      on the held-out pairs is printed too.
 rm   a LoRA Bradley-Terry reward model on the base model (`posttrain rm examples/demo_rm.yaml`), trained on
-     the same pairs; its pairwise accuracy on the held-out pairs.
+     the same pairs; its pairwise accuracy on the held-out pairs, and (after dpo) its scores of the greedy
+     answers from before and after DPO.
 
 `--stages` runs a subset (default all three, in that order); dpo needs the SFT adapter in the same --out.
 Hyperparameters were chosen on the train/valid splits only; the test splits are scored, never tuned on.
@@ -30,6 +31,7 @@ DPO_CONFIG = EXAMPLES / "demo_dpo.yaml"
 RM_CONFIG = EXAMPLES / "demo_rm.yaml"
 STAGES = ("sft", "dpo", "rm")
 MODEL = "smollm2-135m"
+DETAIL = ("samples", "completions", "passed")  # per-row results of concise_task.evaluate, kept out of the summary
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -109,7 +111,7 @@ def preference_data(args, out: Path) -> tuple[Path, list[dict]]:
     splits = {"train": args.pref_train_rows, "valid": 30, "test": args.pref_test_rows}
     for split, n in splits.items():
         _write_jsonl(data / f"{split}.jsonl", make_pairs(n, split, seed=1))
-    print(f"[prefs] task: concise answers to short factual questions (capitals, sums, colours); {splits['train']} train, "
+    print(f"[prefs] task: concise answers to short factual questions (capitals and sums); {splits['train']} train, "
           f"{splits['valid']} valid and {splits['test']} held-out test pairs in {data}/ (test facts never appear in train)")
     return data, make_pairs(splits["test"], "test", seed=1)
 
@@ -117,7 +119,7 @@ def preference_data(args, out: Path) -> tuple[Path, list[dict]]:
 def run_dpo(args, out: Path, tokenizer, data: Path, test_rows: list[dict]) -> tuple[dict, object]:
     """SFT adapter -> DPO; greedy answers to the held-out questions judged by the check before and after."""
     from posttrain.config import load_config
-    from posttrain.demo.concise_task import MAX_WORDS, evaluate
+    from posttrain.demo.concise_task import MAX_WORDS, evaluate, question_of
     from posttrain.errors import PosttrainError
     from posttrain.models.adapters import load_for_inference
     from posttrain.stages import dpo
@@ -137,12 +139,13 @@ def run_dpo(args, out: Path, tokenizer, data: Path, test_rows: list[dict]) -> tu
     print("[dpo 3/3] scoring the DPO adapter on the same held-out questions ...")
     after = evaluate(result.model, tokenizer, test_rows)
     ev = result.fit.eval_metrics
-    summary = {"before": {k: v for k, v in before.items() if k not in ("samples", "completions")},
-               "after": {k: v for k, v in after.items() if k not in ("samples", "completions")},
+    summary = {"before": {k: v for k, v in before.items() if k not in DETAIL},
+               "after": {k: v for k, v in after.items() if k not in DETAIL},
                "heldout_pairs": {k: ev[k] for k in ("rewards/accuracy", "rewards/margins", "loss") if k in ev},
                "train_steps": result.fit.steps, "train_seconds": round(result.fit.seconds, 1),
-               "samples": [{"question": q, "before": b, "after": a}
-                           for (q, b, _), (_, a, _) in zip(before["samples"], after["samples"])]}
+               "answers": [{"question": question_of(row), "before": b, "passed_before": bp, "after": a, "passed_after": ap}
+                           for row, b, bp, a, ap in zip(test_rows, before["completions"], before["passed"],
+                                                        after["completions"], after["passed"], strict=True)]}
     return summary, (before, after, result)
 
 
@@ -165,45 +168,52 @@ def show_dpo(summary: dict, detail) -> None:
 def run_rm(args, out: Path, data: Path, test_rows: list[dict], dpo_detail) -> dict:
     """A LoRA reward model on the base model, scored on the held-out pairs (and on the DPO stage's answers)."""
     from posttrain.config import load_config
+    from posttrain.data.formats import normalize_prompt_completion
     from posttrain.rewards.model import load_reward_model
     from posttrain.stages import rm
 
     overrides = [f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}",
                  f"output_dir={out / 'rm'}", *args.rm]
-    print(f"[rm 1/2] posttrain rm {_shown(RM_CONFIG)} " + " ".join(overrides))
+    steps = 2 if dpo_detail is not None else 1
+    print(f"[rm 1/{steps}] posttrain rm {_shown(RM_CONFIG)} " + " ".join(overrides))
     result = rm.train(load_config("rm", RM_CONFIG, overrides))
-
-    print("[rm 2/2] scoring the held-out pairs with the saved reward model ...")
-    reward = load_reward_model(result.output_dir)
-    wins = []
-    for row in test_rows:
-        chosen, rejected = reward.score(row["prompt"], [row["chosen"], row["rejected"]])
-        wins.append(chosen > rejected)
-    summary = {"heldout_accuracy": sum(wins) / len(wins), "n": len(wins),
-               "eval_metrics": {k: v for k, v in result.fit.eval_metrics.items() if k in ("accuracy", "margin", "loss")},
+    ev = result.fit.eval_metrics
+    summary = {"heldout_pairs": {k: ev[k] for k in ("accuracy", "margin", "loss") if k in ev}, "n": int(ev.get("units", 0)),
                "train_steps": result.fit.steps, "train_seconds": round(result.fit.seconds, 1)}
-    print("\n=== reward model (LoRA on the base model), held-out pairs ===")
-    print(f"  pairwise accuracy {summary['heldout_accuracy']:.1%} (chosen scored above rejected, n={len(wins)}); "
-          f"mean margin {result.fit.eval_metrics.get('margin', float('nan')):.2f}")
+    greedy = None
     if dpo_detail is not None:
+        print("[rm 2/2] scoring the dpo stage's held-out answers with the saved reward model ...")
         before, after, _ = dpo_detail
-        # Score every held-out answer of the DPO stage: does the reward model agree that DPO made them better?
-        answers = {"before": [], "after": []}
-        for row, b, a in zip(test_rows, before["completions"], after["completions"], strict=True):
-            b_score, a_score = reward.score(row["prompt"], [[{"role": "assistant", "content": b or "."}],
-                                                            [{"role": "assistant", "content": a or "."}]])
-            answers["before"].append(b_score)
-            answers["after"].append(a_score)
-        n = len(answers["before"])
-        summary["greedy_answers"] = {
-            "mean_before_dpo": sum(answers["before"]) / n, "mean_after_dpo": sum(answers["after"]) / n,
-            "after_above_before": sum(a > b for a, b in zip(answers["after"], answers["before"])) / n}
-        g = summary["greedy_answers"]
-        print(f"  its mean score of the held-out greedy answers: {g['mean_before_dpo']:.2f} before DPO, "
-              f"{g['mean_after_dpo']:.2f} after; the DPO answer scores higher on {g['after_above_before']:.0%} of questions")
+        examples = [normalize_prompt_completion(row["prompt"], [{"role": "assistant", "content": text or "."}])
+                    for texts in (before["completions"], after["completions"]) for row, text in zip(test_rows, texts, strict=True)]
+        scores = load_reward_model(result.output_dir).score_examples(examples)
+        n = len(test_rows)
+        b_scores, a_scores = scores[:n], scores[n:]
+        greedy = {"mean_before_dpo": sum(b_scores) / n, "mean_after_dpo": sum(a_scores) / n,
+                  "after_above_before": sum(a > b for a, b in zip(a_scores, b_scores)) / n,
+                  "rank_agrees_with_check": _agreement(b_scores + a_scores, before["passed"] + after["passed"])}
+        summary["greedy_answers"] = greedy
+
+    print("\n=== reward model (LoRA on the base model), held-out pairs ===")
+    print(f"  pairwise accuracy {ev['accuracy']:.1%} (chosen scored above rejected, n={summary['n']}); "
+          f"mean margin {ev['margin']:.2f}")
+    if greedy is not None:
+        print(f"  mean score of the greedy answers to the held-out questions: {greedy['mean_before_dpo']:.2f} with the "
+              f"SFT adapter, {greedy['mean_after_dpo']:.2f} after DPO (after > before on {greedy['after_above_before']:.0%} "
+              "of questions)")
+        print(f"  of (passing, failing) answer pairs, the reward model scores the passing one higher in "
+              f"{greedy['rank_agrees_with_check']:.0%} (chance: 50%)")
     print(f"\nreward model saved to {result.output_dir}/ (`posttrain score reward_model={result.output_dir} ...`); "
           f"training took {result.fit.seconds:.0f} s for {result.fit.steps} steps")
     return summary
+
+
+def _agreement(scores: list[float], passed: list[bool]) -> float:
+    """Over every (passing answer, failing answer) pair, the share where the passing one scores higher."""
+    good = [s for s, p in zip(scores, passed, strict=True) if p]
+    bad = [s for s, p in zip(scores, passed, strict=True) if not p]
+    pairs = [(g, b) for g in good for b in bad]
+    return sum(g > b for g, b in pairs) / len(pairs) if pairs else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,20 +2,27 @@
 
     prompt:   "What is the capital of Portugal?"
     chosen:   "The capital of Portugal is Lisbon."
-    rejected: "Great question! I'm happy to help with that. The capital of Portugal is Lisbon. Capital
+    rejected: "Great question! I'm happy to help you with that. The capital of Portugal is Lisbon. Capital
                cities are usually where ... I hope this helps! Let me know if you have any other questions."
 
 Both answers hold the same correct fact, so the pairs teach a style (say it in one short sentence), not
-knowledge. Questions come in three kinds whose answers are fixed by this module: the capital of a country,
-the sum of two small numbers, and the colour of a familiar thing. Rows use TRL's conversational
-prompt/chosen/rejected format (plus an ``answer`` column, ignored by training, that :func:`check` reads).
+knowledge. Questions come in two kinds, taking turns, whose answers this module fixes: the capital of a
+country, and the sum of two small numbers. Rows use TRL's conversational prompt/chosen/rejected format
+(plus an ``answer`` column, ignored by training, that :func:`check` reads).
 
-The splits use disjoint facts: ``train``, ``valid`` and ``test`` never share a country, a pair of numbers
-or a thing, so a test score measures the style carried over to questions never seen in training.
+The splits use disjoint facts: ``train``, ``valid`` and ``test`` never share a country or a pair of addends,
+so a test score measures the style carried over to questions never seen in training.
 
-:func:`check` is the automated judge: an answer passes when it states the correct fact and is concise
-(at most :data:`MAX_WORDS` words). Every ``chosen`` passes and every ``rejected`` fails (the tests check
-all rows); the base SmolLM2-135M-Instruct mostly fails, because it explains at length.
+:func:`check` is the automated judge: an answer passes when it states the correct fact and is concise (at
+most :data:`MAX_WORDS` words). Every ``chosen`` passes and every ``rejected`` fails (the tests check all
+rows). The base SmolLM2-135M-Instruct mostly fails: it explains sums at length (and answers most capitals
+in one sentence, which passes).
+
+The check also needs the right fact, and a 135M model knows few. So that it measures style rather than
+knowledge, the pools hold only facts the base model completes correctly when made to answer tersely (greedy,
+after the forced prefix "The capital of X is" or "a + b ="; for a sum, in both orders). That probe was run
+once on every candidate and applied alike to all splits; countries such as Turkey, Vietnam, Brazil or
+Switzerland and sums such as 9 + 5 or 7 + 7 were left out because the model gets them wrong.
 """
 
 from __future__ import annotations
@@ -29,87 +36,67 @@ from posttrain.errors import PosttrainError
 
 SPLITS = ("train", "valid", "test")
 MAX_WORDS = 12
-"""An answer of more words than this is not concise (the longest ``chosen`` has 9, every ``rejected`` > 20)."""
+"""An answer of more words than this is not concise (the longest ``chosen`` has 9, every ``rejected`` > 30)."""
 
-# (country, capital, other accepted spellings of the capital). The split of each fact is fixed here.
-CAPITALS = {
-    "train": (
-        ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Ireland", "Dublin"),
-        ("Norway", "Oslo"), ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Hungary", "Budapest"),
-        ("Belgium", "Brussels"), ("South Korea", "Seoul"), ("Kenya", "Nairobi"), ("Peru", "Lima"),
-        ("Cuba", "Havana"), ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Turkey", "Ankara"),
-        ("Iran", "Tehran"), ("Indonesia", "Jakarta"), ("Vietnam", "Hanoi"), ("Romania", "Bucharest"),
-        ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Switzerland", "Bern"), ("Iceland", "Reykjavik"),
-        ("Morocco", "Rabat"), ("Nigeria", "Abuja"), ("Ghana", "Accra"), ("Saudi Arabia", "Riyadh"),
-        ("Pakistan", "Islamabad"), ("Nepal", "Kathmandu"), ("New Zealand", "Wellington"),
-        ("Brazil", "Brasilia", "Brasília"), ("Colombia", "Bogota", "Bogotá"), ("Venezuela", "Caracas"),
-        ("Croatia", "Zagreb"), ("Finland", "Helsinki"),
-    ),
-    "valid": (
-        ("Sweden", "Stockholm"), ("Austria", "Vienna"), ("Netherlands", "Amsterdam"), ("Thailand", "Bangkok"),
-        ("Argentina", "Buenos Aires"), ("Philippines", "Manila"), ("Iraq", "Baghdad"), ("Ukraine", "Kyiv", "Kiev"),
-    ),
-    "test": (
-        ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("the United Kingdom", "London"),
-        ("China", "Beijing"), ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Mexico", "Mexico City"),
-        ("India", "New Delhi", "Delhi"), ("the Czech Republic", "Prague"), ("Chile", "Santiago"),
-        ("Malaysia", "Kuala Lumpur"),
-    ),
-}
-
-# (thing, colour, other accepted colour words): the thing as it reads after "What colour is".
-COLOURS = {
-    "train": (
-        ("fresh grass", "green"), ("snow", "white"), ("coal", "black"), ("a carrot", "orange"),
-        ("a lemon", "yellow"), ("chocolate", "brown"), ("a pumpkin", "orange"), ("a crow", "black"),
-        ("blood", "red"), ("a fire truck", "red"), ("an emerald", "green"), ("a sapphire", "blue"),
-        ("a flamingo", "pink"), ("an eggplant", "purple"), ("a raven", "black"), ("a cucumber", "green"),
-        ("a blueberry", "blue"), ("a dandelion flower", "yellow"), ("an elephant", "grey", "gray"),
-        ("a tangerine", "orange"), ("a pearl", "white"), ("a canary", "yellow"), ("a plum", "purple"),
-    ),
-    "valid": (
-        ("a ripe strawberry", "red"), ("a frog", "green"), ("a polar bear", "white"), ("a chestnut", "brown"),
-        ("charcoal", "black"), ("a lime", "green"),
-    ),
-    "test": (
-        ("a ripe banana", "yellow"), ("a clear daytime sky", "blue"), ("milk", "white"), ("a ripe tomato", "red"),
-        ("a stop sign", "red"), ("the leaves of a tree in summer", "green"), ("a cherry", "red"),
-        ("an orange", "orange"), ("a lavender flower", "purple"), ("a gorilla", "black"),
-    ),
-}
-
-SUM_MIN, SUM_MAX = 2, 12  # both addends; a sum never equals an addend, so stating it is unambiguous
+# (country, capital, other accepted spellings of the capital).
+CAPITALS = (
+    ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Ireland", "Dublin"),
+    ("Norway", "Oslo"), ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Hungary", "Budapest"),
+    ("Belgium", "Brussels"), ("South Korea", "Seoul"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Cuba", "Havana"),
+    ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Iran", "Tehran"), ("Indonesia", "Jakarta"),
+    ("Romania", "Bucharest"), ("Bulgaria", "Sofia"), ("Morocco", "Rabat"), ("Nigeria", "Abuja"), ("Ghana", "Accra"),
+    ("Saudi Arabia", "Riyadh"), ("Pakistan", "Islamabad"), ("Nepal", "Kathmandu"), ("New Zealand", "Wellington"),
+    ("Colombia", "Bogota", "Bogotá"), ("Croatia", "Zagreb"), ("Finland", "Helsinki"), ("Sweden", "Stockholm"),
+    ("Austria", "Vienna"), ("the Netherlands", "Amsterdam"), ("Thailand", "Bangkok"), ("Argentina", "Buenos Aires"),
+    ("the Philippines", "Manila"), ("Iraq", "Baghdad"), ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"),
+    ("the United Kingdom", "London"), ("China", "Beijing"), ("Greece", "Athens"), ("Portugal", "Lisbon"),
+    ("Mexico", "Mexico City"), ("India", "New Delhi", "Delhi"), ("the Czech Republic", "Prague"), ("Chile", "Santiago"),
+    ("Cambodia", "Phnom Penh"), ("Syria", "Damascus"), ("Lebanon", "Beirut"), ("Qatar", "Doha"),
+    ("Afghanistan", "Kabul"), ("Uganda", "Kampala"), ("Zimbabwe", "Harare"), ("Senegal", "Dakar"), ("Tunisia", "Tunis"),
+    ("Libya", "Tripoli"), ("Sudan", "Khartoum"), ("Uruguay", "Montevideo"), ("Latvia", "Riga"),
+    ("Lithuania", "Vilnius"), ("Estonia", "Tallinn"), ("North Korea", "Pyongyang"), ("Cyprus", "Nicosia"),
+    ("Albania", "Tirana"), ("Zambia", "Lusaka"), ("Ethiopia", "Addis Ababa"), ("Bangladesh", "Dhaka"),
+)
+# Unordered addends (a <= b); a row asks "a + b" or "b + a". A sum never equals an addend, so stating it is
+# unambiguous.
+SUM_PAIRS = (
+    (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (2, 2), (2, 3), (2, 4), (2, 8), (2, 9), (3, 3),
+    (3, 4), (3, 5), (3, 6), (3, 7), (3, 8), (4, 4), (4, 5), (4, 6), (4, 7), (4, 8), (4, 9), (4, 10), (4, 11),
+    (4, 12), (5, 6), (5, 7), (6, 6), (6, 7), (6, 8), (6, 9), (7, 8), (7, 9), (8, 9), (10, 10), (10, 12), (11, 11),
+    (12, 12),
+)
+# How many facts of each kind the valid and test splits get; train gets the rest.
+SPLIT_SIZES = {"capital": {"test": 20, "valid": 9}, "sum": {"test": 16, "valid": 5}}
 
 
-def _split_sums() -> dict[str, tuple[tuple[int, int], ...]]:
-    """Every unordered pair of addends (a <= b; a row asks "a + b" or "b + a"), shuffled once with a fixed seed:
-    a third of them for test, an eighth for valid, the rest for train."""
-    pairs = [(a, b) for a in range(SUM_MIN, SUM_MAX + 1) for b in range(a, SUM_MAX + 1)]
-    random.Random("concise_task/sums").shuffle(pairs)
-    n_test, n_valid = len(pairs) // 3, len(pairs) // 8
-    cut = {"test": pairs[:n_test], "valid": pairs[n_test:n_test + n_valid], "train": pairs[n_test + n_valid:]}
+def _split(kind: str, facts: tuple) -> dict[str, tuple]:
+    """The facts shuffled once with a fixed seed, then cut into test, valid and train (disjoint by construction)."""
+    shuffled = list(facts)
+    random.Random(f"concise_task/{kind}").shuffle(shuffled)  # str seeds are hashed stably, unlike hash()
+    n_test, n_valid = SPLIT_SIZES[kind]["test"], SPLIT_SIZES[kind]["valid"]
+    cut = {"test": shuffled[:n_test], "valid": shuffled[n_test:n_test + n_valid], "train": shuffled[n_test + n_valid:]}
     return {split: tuple(sorted(cut[split])) for split in SPLITS}
 
 
-SUMS = _split_sums()
+CAPITAL_SPLITS = _split("capital", CAPITALS)
+SUM_SPLITS = _split("sum", SUM_PAIRS)
 
-KINDS = ("capital", "sum", "colour")
+KINDS = ("capital", "sum")
 QUESTIONS = {
     "capital": ("What is the capital of {country}?", "Which city is the capital of {country}?",
                 "What's the capital city of {country}?"),
     "sum": ("What is {a} + {b}?", "What is {a} plus {b}?", "How much is {a} plus {b}?"),
-    "colour": ("What colour is {thing}?", "What color is {thing}?", "Which colour is {thing}?"),
 }
+# One concise form per kind: the forms the knowledge probe above used, so a model that learns the style also
+# reaches for what it knows.
 CONCISE = {
-    "capital": ("{capital}.", "The capital of {country} is {capital}.", "It is {capital}."),
-    "sum": ("{value}.", "{a} + {b} = {value}.", "The answer is {value}."),
-    "colour": ("{Colour}.", "{Thing} is {colour}.", "It is {colour}."),
+    "capital": ("The capital of {country} is {capital}.",),
+    "sum": ("{a} + {b} = {value}.",),
 }
 # The sentence the rambling answer buries the fact in.
 FACT_SENTENCE = {
     "capital": "The capital of {country} is {capital}.",
     "sum": "When you add {a} and {b} together, the result is {value}.",
-    "colour": "{Thing} is usually {colour}.",
 }
 OPENERS = (
     "Great question! I'm happy to help you with that.",
@@ -126,10 +113,6 @@ ELABORATIONS = {
     "sum": (
         "Addition is one of the basic operations of arithmetic, and it is something we use every day.",
         "You can check this by counting up one step at a time from the first number.",
-    ),
-    "colour": (
-        "Colours come from the way a surface reflects some wavelengths of light and absorbs the others.",
-        "This is something you can easily see for yourself the next time you come across one.",
     ),
 }
 CLOSERS = (
@@ -150,21 +133,16 @@ def _facts(split: str) -> dict[str, list[dict]]:
         raise PosttrainError(f"concise_task split must be one of {', '.join(SPLITS)}, got '{split}'")
     return {
         "capital": [{"kind": "capital", "country": c, "value": cap, "accept": [cap, *alt]}
-                    for c, cap, *alt in CAPITALS[split]],
+                    for c, cap, *alt in CAPITAL_SPLITS[split]],
         "sum": [{"kind": "sum", "a": a, "b": b, "value": str(a + b), "accept": [str(a + b), number_word(a + b)]}
-                for a, b in SUMS[split]],
-        "colour": [{"kind": "colour", "thing": t, "value": col, "accept": [col, *alt]} for t, col, *alt in COLOURS[split]],
+                for a, b in SUM_SPLITS[split]],
     }
 
 
 def _fields(answer: dict) -> dict:
-    kind = answer["kind"]
-    if kind == "capital":
+    if answer["kind"] == "capital":
         return {"country": answer["country"], "capital": answer["value"]}
-    if kind == "sum":
-        return {"a": answer["a"], "b": answer["b"], "value": answer["value"]}
-    return {"thing": answer["thing"], "Thing": _capitalize(answer["thing"]), "colour": answer["value"],
-            "Colour": _capitalize(answer["value"])}
+    return {"a": answer["a"], "b": answer["b"], "value": answer["value"]}
 
 
 def make_row(answer: dict, rng: random.Random) -> dict:
@@ -187,7 +165,7 @@ def make_row(answer: dict, rng: random.Random) -> dict:
 def make_pairs(n: int, split: str, seed: int) -> list[dict]:
     """``n`` preference rows of ``split`` (train, valid or test); the same arguments always give the same rows.
 
-    Kinds take turns (capital, sum, colour, ...). Within a kind, facts are drawn without replacement until
+    Kinds take turns (capital, sum, capital, ...). Within a kind, facts are drawn without replacement until
     the split's pool is used up, then reshuffled, so a small split repeats no question.
     """
     facts = _facts(split)
@@ -259,8 +237,8 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 16, max_new_t
 
     ``max_new_tokens`` 24 is about 18 words, enough for any concise answer; an answer cut off there had more
     than :data:`MAX_WORDS` words anyway. Returns ``pass_rate``, ``states_fact`` (the correct fact, at any
-    length), ``concise`` (<= MAX_WORDS words, right or wrong), ``mean_words``, ``n``, ``completions`` (all of
-    them, in row order) and ``samples``: the first ``num_samples`` (question, completion, passed) triples.
+    length), ``concise`` (<= MAX_WORDS words, right or wrong), ``mean_words``, ``n``, ``completions`` and
+    ``passed`` (all of them, in row order) and ``samples``: the first ``num_samples`` (question, completion, passed) triples.
     """
     from posttrain.generation import SamplingConfig, generate
 
@@ -276,5 +254,6 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 16, max_new_t
         "mean_words": fmean(word_count(c) for c in completions),
         "n": len(rows),
         "completions": completions,
+        "passed": passed,
         "samples": [(question_of(row), c, p) for row, c, p in zip(rows[:num_samples], completions, passed, strict=False)],
     }

@@ -134,6 +134,13 @@ def load_causal_lm(
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    if task == "seq_cls":
+        # transformers reports the score head as MISSING from a causal-LM checkpoint, which reads like an error:
+        # the head is new by design (initialised here, then trained, or loaded from the reward adapter).
+        hf_logging.set_verbosity_error()
     try:
         return auto.from_pretrained(
             resolve_model(spec),
@@ -145,3 +152,5 @@ def load_causal_lm(
         )
     except OSError as e:
         raise PosttrainError(f"model: could not load '{spec}': {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)

@@ -72,6 +72,7 @@ def train(cfg: RMConfig) -> RMResult:
     model, report = build_model(cfg, device=accelerator.device, mixed_precision=accelerator.mixed_precision,
                                 task="seq_cls", pad_token_id=pad_id)
     say(accelerator, report.summary())
+    say(accelerator, "reward head: a new Linear(hidden, 1) on the last non-padding token, initialised randomly and trained")
 
     def collate(pairs: list[PairExample]):
         return collate_pairs(pairs, pad_id, capacity)
