@@ -100,8 +100,17 @@ def run(stage: str, cfg) -> None:
         getattr(commands, f"run_{stage}")(cfg)
 
 
+def quiet_known_warnings() -> None:
+    """Silence library deprecation notices a user cannot act on (PEFT reads a transformers property that
+    transformers deprecated); posttrain's own messages are unaffected."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_known_warnings()
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.stage is None:

@@ -217,6 +217,9 @@ def _agreement(scores: list[float], passed: list[bool]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from posttrain.cli import quiet_known_warnings
+
+    quiet_known_warnings()
     parser = argparse.ArgumentParser(prog="python -m posttrain.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="working directory for data, adapters and the reward model")
