@@ -179,7 +179,9 @@ def test_activation_count_matches_what_autograd_saves(tiny_model_dir, method, pr
     from posttrain.config import SFTConfig
     from posttrain.models.adapters import build_model
 
-    cfg = SFTConfig(model=str(tiny_model_dir), method=method)
+    # The planner models transformers' sdpa with a block-diagonal mask for packed rows, an upper bound for the
+    # default sdpa_segments kernel (no mask, no repeated k/v).
+    cfg = SFTConfig(model=str(tiny_model_dir), method=method, attn_implementation="sdpa")
     model, report = build_model(cfg, mixed_precision="bf16" if precision == "bf16" else "no")
     model.train()
     shape = plan.load_shape(str(tiny_model_dir))
