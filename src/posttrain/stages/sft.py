@@ -10,6 +10,7 @@ Departures from a textbook SFT loop:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,14 @@ from posttrain.engine.trainer import Engine, FitResult
 from posttrain.losses import count_loss_tokens, sft_loss
 from posttrain.models.adapters import PACKING_METHODS
 from posttrain.models.forward import target_logps
-from posttrain.stages.common import build, load_tokenizer_for, make_accelerator, save_final, say
+from posttrain.stages.common import (
+    build,
+    load_tokenizer_for,
+    load_train_eval,
+    make_accelerator,
+    save_final,
+    say,
+)
 
 
 class SFTObjective:
@@ -50,14 +58,8 @@ class SFTResult:
 def train(cfg: SFTConfig) -> SFTResult:
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer_for(cfg)
-    kw = dict(max_length=cfg.max_length, overflow=cfg.data.overflow, skip_invalid=cfg.data.skip_invalid,
-              loss_on=cfg.data.loss_on)
-    train_rows, report = load_sft_dataset(cfg.data.train, tokenizer, **kw)
-    say(accelerator, f"train data: {report.summary()}")
-    eval_rows = None
-    if cfg.data.eval:
-        eval_rows, eval_report = load_sft_dataset(cfg.data.eval, tokenizer, **kw)
-        say(accelerator, f"eval data: {eval_report.summary()}")
+    loader = functools.partial(load_sft_dataset, loss_on=cfg.data.loss_on)
+    train_rows, eval_rows = load_train_eval(cfg, tokenizer, accelerator, loader)
 
     pad_id = tokenizer.pad_token_id
     if cfg.packing and cfg.method in PACKING_METHODS:
