@@ -20,6 +20,8 @@ DESCRIPTIONS = {
     "rm": "Train a Bradley-Terry reward model on prompt/chosen/rejected pairs.",
     "dpo": "Preference optimisation on prompt/chosen/rejected pairs: DPO, robust DPO, IPO, hinge, SimPO.",
     "kto": "KTO on unpaired prompt/completion/label (thumbs up/down) data.",
+    "grpo": "Online RL with GRPO/RLOO: sample groups of completions per prompt, reward them, guard against reward hacking.",
+    "ppo": "Online RL with PPO: a value head on the policy, GAE, a KL penalty; typically with a reward model.",
     "score": "Score prompt/response pairs with a reward model from `posttrain rm`.",
     "generate": "Generate answers for prompts with a model and an optional adapter.",
     "chat": "Chat interactively with a model and an optional adapter (/reset, /exit).",
@@ -33,6 +35,8 @@ EXAMPLES = {
     "rm": "posttrain rm examples/rm.yaml\n  posttrain rm data.train=prefs.jsonl method=lora max_steps=200",
     "dpo": "posttrain dpo examples/dpo.yaml\n  posttrain dpo data.train=prefs.jsonl adapter=runs/sft loss=ipo beta=0.5",
     "kto": "posttrain kto examples/kto.yaml\n  posttrain kto data.train=feedback.jsonl undesirable_weight=1.3",
+    "grpo": "posttrain grpo examples/grpo.yaml\n  posttrain grpo data.train=prompts.jsonl 'rewards=[{function: numeric_match}]' num_generations=8",
+    "ppo": "posttrain ppo examples/ppo.yaml\n  posttrain ppo data.train=prompts.jsonl 'rewards=[{reward_model: runs/rm}]'",
     "score": "posttrain score reward_model=runs/rm data=prefs.jsonl\n  posttrain score reward_model=runs/rm prompt='Hi' response='[\"Hello!\", \"Go away.\"]'",
     "generate": "posttrain generate adapter=runs/sft prompt='[\"Name three colours.\"]'",
     "chat": "posttrain chat adapter=runs/sft",
@@ -56,7 +60,7 @@ def _keys_help(stage: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="posttrain",
-        description="Post-train LLMs: SFT, reward models, DPO/KTO, by full fine-tuning, LoRA/DoRA, QLoRA, prompt or prefix tuning.",
+        description="Post-train LLMs: SFT, reward models, DPO/KTO, GRPO/PPO, by full fine-tuning, LoRA/DoRA, QLoRA, prompt or prefix tuning.",
         epilog="Run `posttrain <command> --help` for every key of a command.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="<command>")
@@ -86,7 +90,7 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(stage: str, cfg) -> None:
-    if stage in ("sft", "rm", "dpo", "kto"):
+    if stage in ("sft", "rm", "dpo", "kto", "grpo", "ppo"):
         import importlib
 
         importlib.import_module(f"posttrain.stages.{stage}").train(cfg)

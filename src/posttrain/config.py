@@ -196,6 +196,106 @@ class RMConfig(TrainConfig):
 
 
 @dataclass
+class RolloutSamplingSection:
+    max_new_tokens: int = opt(128, "Most tokens generated per completion (the EOS token counts).")
+    temperature: float = opt(1.0, "Sampling temperature of rollouts; the loss uses the same temperature. 0 = greedy (no exploration).")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
+    top_k: int = opt(0, "Sample from the k most likely tokens (0 = off).")
+    stop: list[str] = opt([], "Stop strings: a completion ends at the first one (the text is cut before it).")
+
+
+@dataclass
+class GuardsSection:
+    rewards: list[dict] = opt([], "Held-out guard rewards, never optimised: same item format as `rewards`. Scored on data.eval prompts every `guards.every` steps (logged as guard/<name>, with guard/gap = held-out reward - guard total).")
+    rules: list[dict] = opt([], "Thresholds: items {metric, min and/or max, action: warn|stop, patience, after}. Metrics: reward, kl, kl/trend, length/mean, length/change, length/trend, entropy, duplicates/share, guard/<name>, guard/gap, ...")
+    every: int = opt(10, "Evaluate held-out rewards and guard rewards every N steps (0: only at the end).")
+    window: int = opt(10, "Steps in the trend windows (length/trend, length/change, kl/trend).")
+    keep_good: bool = opt(True, "Keep an in-memory copy of the trainable weights of the last policy that passed every guard, and save it when a guard stops the run.")
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """Shared by the RL stages: prompts in, rollouts, rewards, guards."""
+
+    lr: float = opt(1e-5, "Peak learning rate (AdamW); RL wants small steps: ~1e-5 to 5e-5 for LoRA, ~1e-6 for full fine-tuning.")
+    warmup_ratio: float = opt(0.0, "Fraction of steps spent on linear warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = opt("constant", "Decay after warmup.")
+    batch_size: int = opt(4, "PROMPTS per micro-batch per process; each gets num_generations completions.")
+    max_prompt_length: int = opt(512, "Longer prompts are dropped (and counted).")
+    num_generations: int = opt(8, "Completions sampled per prompt (a GRPO group).")
+    rollout_batch_size: int = opt(16, "Prompts generated together by the rollout engine (each with its num_generations samples).")
+    sampling: RolloutSamplingSection = section(RolloutSamplingSection, "Rollout sampling.")
+    rewards: list[dict] = opt([], "Reward sources (required): items with one of function (module:function or a verifier name: exact_match, numeric_match, regex_match, json_schema, code_tests), reward_model (a `posttrain rm` directory) or judge ({base_url, model, ...}); optional name, weight (default 1), kwargs, timeout.")
+    guards: GuardsSection = section(GuardsSection, "Reward-hacking guards.")
+    eval_num_generations: int = opt(1, "Completions per held-out prompt at evaluation.")
+    eval_temperature: float = opt(0.0, "Sampling temperature at evaluation (0 = greedy, reproducible).")
+    max_length: int = opt(1024, "Unused by RL stages: sequences are at most max_prompt_length + sampling.max_new_tokens.")
+    packing: bool = opt(True, "Pack the rollout sequences of a micro-batch into rows (no attention across sequences).")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.method in ("prompt", "prefix"):
+            raise ConfigError(f"method: RL stages support full, lora and qlora, not {self.method}")
+        if self.num_generations < 1:
+            raise ConfigError(f"num_generations: must be >= 1, got {self.num_generations}")
+        if not self.rewards:
+            raise ConfigError("rewards: required, a list of reward sources, e.g. [{function: numeric_match}]")
+        if self.max_prompt_length < 1 or self.rollout_batch_size < 1:
+            raise ConfigError("max_prompt_length and rollout_batch_size: must be >= 1")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """Group relative policy optimisation (and RLOO): group-normalised rewards, clipped ratio, k3 KL."""
+
+    output_dir: str = opt("runs/grpo", "Where checkpoints, logs, the report and the final adapter/model go.")
+    advantage: Literal["grpo", "rloo"] = opt("grpo", "grpo: (r - group mean) [/ group std]; rloo: r - mean of the other samples of the prompt.")
+    scale_rewards: bool = opt(True, "GRPO: divide by the group's standard deviation (false: Dr. GRPO, Liu et al. 2025).")
+    loss_norm: Literal["token", "sequence"] = opt("token", "token: every completion token weighs the same (DAPO); sequence: each completion's token mean, averaged (the GRPO paper).")
+    beta: float = opt(0.04, "Coefficient of the k3 KL to the reference in the loss (0: KL only measured).")
+    clip_low: float = opt(0.2, "Ratio clipping below 1 (epsilon).")
+    clip_high: float = opt(0.2, "Ratio clipping above 1 (DAPO's clip-higher uses 0.28).")
+    num_iterations: int = opt(1, "Optimizer updates per rollout batch (GRPO's mu); >1 reuses rollouts, ratios then leave 1.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.advantage == "rloo" and self.num_generations < 2:
+            raise ConfigError("advantage rloo: needs num_generations >= 2")
+        if self.advantage == "grpo" and self.num_generations < 2:
+            raise ConfigError("num_generations: GRPO compares completions of a prompt, so it needs >= 2")
+        if self.num_iterations < 1:
+            raise ConfigError(f"num_iterations: must be >= 1, got {self.num_iterations}")
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO with a value head on the policy (classic RLHF): GAE, clipped policy and value losses, KL penalty."""
+
+    output_dir: str = opt("runs/ppo", "Where checkpoints, logs, the report and the final adapter/model (+ value head) go.")
+    num_generations: int = opt(1, "Completions sampled per prompt.")
+    ppo_epochs: int = opt(4, "Passes over each rollout batch.")
+    num_minibatches: int = opt(1, "Optimizer updates per pass (grad_accum must be a multiple of it).")
+    gamma: float = opt(1.0, "Discount factor.")
+    lam: float = opt(0.95, "GAE lambda.")
+    clip_range: float = opt(0.2, "Policy ratio clipping epsilon.")
+    value_clip_range: float = opt(0.2, "Value clipping range around the rollout's values.")
+    value_coef: float = opt(0.1, "Weight of the value loss.")
+    kl_coef: float = opt(0.05, "KL coefficient.")
+    kl_in: Literal["reward", "loss"] = opt("reward", "reward: per-token penalty -kl_coef (log pi_old - log pi_ref) added to the reward (InstructGPT); loss: k3 KL term in the loss.")
+    whiten_rewards: bool = opt(False, "Whiten the sequence scores across the step before adding the KL penalty.")
+    whiten_advantages: bool = opt(True, "Whiten the advantages across the step's tokens.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ppo_epochs < 1 or self.num_minibatches < 1:
+            raise ConfigError("ppo_epochs and num_minibatches: must be >= 1")
+        if self.grad_accum % self.num_minibatches:
+            raise ConfigError(f"num_minibatches: {self.num_minibatches} must divide grad_accum ({self.grad_accum})")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError("gamma and lam: must be in [0, 1]")
+
+
+@dataclass
 class ScoreConfig:
     reward_model: str | None = opt(None, "A reward model from `posttrain rm`: its output directory (a full model, or an adapter) (required).")
     model: str | None = opt(None, "Base model under an adapter reward model; default: the one the adapter was trained on.")
@@ -258,6 +358,8 @@ STAGE_CONFIGS: dict[str, type] = {
     "rm": RMConfig,
     "dpo": DPOConfig,
     "kto": KTOConfig,
+    "grpo": GRPOConfig,
+    "ppo": PPOConfig,
     "score": ScoreConfig,
     "generate": GenerateConfig,
     "chat": GenerateConfig,
@@ -278,7 +380,7 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(inner)}"
     if tp is type(None):
         return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -316,6 +418,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
     elif tp is str:
         if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
             return value
     else:
         raise AssertionError(f"unsupported config type {tp} for {key}")

@@ -204,3 +204,199 @@ def bradley_terry_loss(
         "rewards/chosen": chosen_rewards.detach().sum(),
         "rewards/rejected": rejected_rewards.detach().sum(),
     }
+
+
+# ------------------------------------------------------------------------------------------------ RL
+# Token tensors are flat: (N,) for the N completion tokens of a batch in row-major order, with ``seq_index``
+# (N,) naming each token's sequence. Per-sequence tensors are (S,). Completions of one prompt (a group of G)
+# are consecutive: sequences g*G .. g*G+G-1.
+
+ADVANTAGES = ("grpo", "rloo")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024, "DeepSeekMath", eq. 3, outcome supervision).
+
+        A_i = (r_i - mean_g(r)) / (std_g(r) + eps)      (scale_std=True; std with Bessel's correction, as TRL)
+        A_i =  r_i - mean_g(r)                            (scale_std=False, Liu et al. 2025 "Dr. GRPO")
+
+    Args:
+        rewards: (S,) with S = groups x group_size, groups consecutive.
+    Returns:
+        (S,) advantages; a group whose rewards are all equal gets 0 for every member.
+    """
+    r = rewards.reshape(-1, group_size).double()
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale_std and group_size > 1:
+        centred = centred / (r.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1).to(rewards.dtype)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): the baseline of each sample is the mean
+    reward of the OTHER G-1 samples of its prompt.
+
+        A_i = r_i - 1/(G-1) sum_{j != i} r_j  =  G/(G-1) (r_i - mean_g(r))
+    """
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    r = rewards.reshape(-1, group_size).double()
+    others = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    return (r - others).reshape(-1).to(rewards.dtype)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate k3 (Schulman 2020, "Approximating KL divergence"), used by GRPO:
+
+        k3 = exp(q - p) - (q - p) - 1,   p = log pi(y_t), q = log pi_ref(y_t)
+
+    Unbiased for KL(pi || pi_ref) under samples from pi, and never negative.
+    """
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, *, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7), as a loss to minimise:
+
+        rho = exp(log pi - log pi_old)
+        l_t = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A)
+
+    clip_high > clip_low is DAPO's "clip-higher" (Yu et al. 2025). Returns (per-token losses, clipped mask).
+    """
+    ratio = torch.exp(logps - old_logps)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped)
+
+
+def _per_sequence_norm(token_values: torch.Tensor, seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """sum_i (1/|o_i|) sum_{t in o_i} v_t: each sequence's token mean, summed over sequences."""
+    lengths = torch.bincount(seq_index, minlength=num_seqs).clamp(min=1).to(token_values.dtype)
+    return (token_values / lengths[seq_index]).sum()
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    seq_index: torch.Tensor,
+    num_seqs: int,
+    *,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    norm: str = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO objective (Shao et al. 2024, eq. 3) as a summed loss over a batch of completions.
+
+        l_t = -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i) + beta k3_t
+
+    with A_i the completion's advantage broadcast to its tokens and k3 the per-token KL to the reference
+    (:func:`k3_kl`). Normalisation (``norm``) is the engine's unit:
+      - ``token``: sum_i sum_t l_t, divided by the step's completion tokens (DAPO, Yu et al. 2025: long
+        completions are not down-weighted);
+      - ``sequence``: sum_i (1/|o_i|) sum_t l_t, divided by the step's completions (the GRPO paper).
+
+    Args:
+        logps, old_logps: (N,) log-probs of the sampled tokens under the policy (with grad) and the policy that
+            sampled them (detached; equal to ``logps.detach()`` on the first update of a rollout).
+        advantages: (S,) per completion. seq_index: (N,) in [0, S).
+        ref_logps: (N,) reference log-probs, needed when beta > 0.
+    Metrics (sums over the unit): ``kl`` (k3), ``clip_fraction``, ``ratio``.
+    """
+    adv = advantages[seq_index].to(logps.dtype)
+    losses, was_clipped = clipped_surrogate(logps, old_logps, adv, clip_low=clip_low, clip_high=clip_high)
+    kl = k3_kl(logps, ref_logps) if ref_logps is not None else torch.zeros_like(logps)
+    if beta:
+        losses = losses + beta * kl
+    reduce = (lambda v: v.sum()) if norm == "token" else (lambda v: _per_sequence_norm(v, seq_index, num_seqs))
+    return reduce(losses), {
+        "kl": reduce(kl.detach()),
+        "clip_fraction": reduce(was_clipped.to(logps.dtype)),
+        "ratio": reduce(torch.exp(logps - old_logps).detach()),
+    }
+
+
+def whiten(values: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over all elements (std without Bessel's correction); ``shift_mean=False`` keeps the mean
+    (as for PPO rewards, whose sign matters to the value function). Ziegler et al. 2019 whiten rewards and advantages."""
+    mean, var = values.mean(), values.var(unbiased=False)
+    out = (values - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over padded token sequences.
+
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = sum_l (gamma lam)^l delta_{t+l},   returns_t = A_t + V_t
+
+    The value after a sequence's last token is 0 (the episode ends with the completion).
+
+    Args:
+        rewards, values: (S, L) per completion token; mask: (S, L) bool, True on real tokens (a prefix of each row).
+    Returns:
+        advantages (S, L) and returns (S, L), zero on padding.
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * m[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * m
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *, clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss per token (as in Ziegler et al. 2019's implementation):
+
+        l_t = 1/2 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)
+
+    Returns (per-token losses, clipped mask)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    plain_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.maximum(plain_err, clipped_err), clipped_err > plain_err
+
+
+def ppo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    *,
+    clip_range: float = 0.2,
+    value_clip_range: float = 0.2,
+    value_coef: float = 0.1,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO with a value head (Schulman et al. 2017; Ouyang et al. 2022), summed over completion tokens:
+
+        l_t = -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t) + value_coef l^V_t [+ kl_coef k3_t]
+
+    A_t from :func:`gae` (already whitened by the caller if wanted), l^V from :func:`value_loss`. The KL is either
+    in the reward (the caller subtracted kl_coef (log pi_old - log pi_ref) per token before GAE; pass
+    kl_coef=0 here) or a loss term (k3, as GRPO). All inputs (N,) per completion token.
+    Metrics (sums): ``policy_loss``, ``value_loss``, ``clip_fraction``, ``value_clip_fraction``, ``kl``.
+    """
+    policy, was_clipped = clipped_surrogate(logps, old_logps, advantages, clip_low=clip_range, clip_high=clip_range)
+    vloss, v_clipped = value_loss(values, old_values, returns, clip_range=value_clip_range)
+    losses = policy + value_coef * vloss
+    kl = k3_kl(logps, ref_logps) if ref_logps is not None else torch.zeros_like(logps)
+    if kl_coef:
+        losses = losses + kl_coef * kl
+    return losses.sum(), {
+        "policy_loss": policy.detach().sum(),
+        "value_loss": vloss.detach().sum(),
+        "clip_fraction": was_clipped.to(logps.dtype).sum(),
+        "value_clip_fraction": v_clipped.to(logps.dtype).sum(),
+        "kl": kl.detach().sum(),
+    }

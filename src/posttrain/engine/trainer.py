@@ -46,6 +46,15 @@ class Objective(Protocol):
 
     Optional attributes: ``unit`` (what count() counts, shown as units/s; default "tok"), ``perplexity``
     (False: eval loss is not a token NLL, so no perplexity), ``progress_keys`` (metrics on the progress bar).
+
+    Optional methods, for stages that make their own training data each step (RL):
+
+    - ``rollout(model, examples, step) -> (updates, metrics)``: given this process's share of the step's examples
+      (prompts), return a list of updates, each a list of micro-batches (one optimizer step each; PPO epochs and
+      minibatches are several updates per step), plus metrics of the rollout (already means). May raise
+      :class:`StopTraining`. ``updates_per_step`` (attribute) says how many updates every step has.
+    - ``evaluate(model, examples) -> metrics``: replaces the eval loss (RL evaluates by generating).
+    - ``state_dict()`` / ``load_state_dict(state)``: JSON-able state kept in checkpoints (guard monitors).
     """
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -66,6 +75,23 @@ def means(sums: dict[str, float], units: float) -> dict[str, float]:
         own = sums.get(f"count/{k.split('/', 1)[1]}") if "/" in k and not k.startswith("count/") else None
         out[k] = v / own if own else (float("nan") if own == 0 else v / max(units, 1.0))
     return out
+
+
+class StopTraining(Exception):
+    """Raised by an objective to end the run early on purpose (a reward-hacking guard tripped).
+
+    The engine stops before applying the step's updates and returns; nothing is saved as final (the stage
+    decides what to keep)."""
+
+
+def _short(key: str) -> str:
+    """Progress-bar label of a metric: ``rewards/accuracy`` -> ``accuracy``, ``length/mean`` -> ``length``."""
+    return key.split("/")[0] if key.endswith("/mean") else key.split("/")[-1]
+
+
+class _Diverged(Exception):
+    def __init__(self, loss: float):
+        self.loss = loss
 
 
 class DataStream:
@@ -95,6 +121,7 @@ class DataStream:
 class FitResult:
     steps: int
     final_train_loss: float
+    stopped: str | None = None  # why the run ended early (StopTraining), None when it completed
     eval_metrics: dict[str, float] = field(default_factory=dict)
     tokens_seen: int = 0
     seconds: float = 0.0
@@ -179,6 +206,7 @@ class Engine:
         self.eval_examples = eval_examples
         self.collate = collate
         self.output_dir = Path(cfg.output_dir)
+        self._objective = None
         acc = self.accelerator
         self.world = acc.num_processes
         self.rank = acc.process_index
@@ -214,6 +242,8 @@ class Engine:
         if not self.eval_examples:
             return {}
         model = self.model
+        if hasattr(objective, "evaluate"):
+            return objective.evaluate(model, self.eval_examples)
         model.eval()
         mine = list(range(self.rank, len(self.eval_examples), self.world))
         sums: dict[str, float] = {}
@@ -241,6 +271,8 @@ class Engine:
         unwrapped = acc.unwrap_model(self.model)
         state = {"step": step, "tokens_seen": tokens_seen, "total_steps": self.total_steps,
                  "world_size": self.world, "global_batch": self.global_batch}
+        if hasattr(self._objective, "state_dict"):
+            state["objective"] = self._objective.state_dict()
         path = None
         if acc.is_main_process:
             path = save_checkpoint(
@@ -255,10 +287,50 @@ class Engine:
         return path
 
     # ------------------------------------------------------------------------------------------ the loop
+    def _step_examples(self, stream: DataStream, step: int) -> list[Any]:
+        """This process's share of step ``step``'s examples (for objectives that roll out)."""
+        indices = stream.take(step * self.global_batch, self.global_batch)
+        per_rank = self.cfg.batch_size * self.cfg.grad_accum
+        return [self.train_examples[i] for i in indices[self.rank * per_rank : (self.rank + 1) * per_rank]]
+
+    def _update(self, objective: Objective, micro: list[dict[str, torch.Tensor]], params, optimizer, scheduler):
+        """One optimizer step over ``micro`` (globally normalised, see module docstring).
+        Returns (loss, summed metrics, units, grad_norm, lr), or raises TrainingDiverged before touching weights."""
+        cfg, acc = self.cfg, self.accelerator
+        local_units = sum(objective.count(b) for b in micro)
+        (global_units,) = self._sum_across([local_units])
+        sums: dict[str, float] = {}
+        for m, batch in enumerate(micro):
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            sync = acc.no_sync(self.model) if m < len(micro) - 1 else nullcontext()
+            with sync:
+                with acc.autocast():
+                    loss_sum, metrics = objective.loss(self.model, batch)
+                acc.backward(loss_sum * (self.world / max(global_units, 1.0)))
+            for k, v in {"loss": loss_sum, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        keys = sorted(sums)
+        totals = dict(zip(keys, self._sum_across([sums[k] for k in keys])))
+        loss = totals["loss"] / max(global_units, 1.0)
+        if not math.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            raise _Diverged(loss)
+        grad_norm = None
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss, totals, global_units, grad_norm, lr
+
     def fit(self, objective: Objective, on_step: Callable[[int, dict], None] | None = None) -> FitResult:
         cfg, acc = self.cfg, self.accelerator
+        self._objective = objective
+        rollouts = hasattr(objective, "rollout")
+        updates_per_step = int(getattr(objective, "updates_per_step", 1))
         raw_optimizer = build_optimizer(self.model, cfg)
-        scheduler = build_scheduler(raw_optimizer, cfg, self.total_steps)
+        scheduler = build_scheduler(raw_optimizer, cfg, self.total_steps * updates_per_step)
         stream = DataStream(len(self.train_examples), cfg.seed)
 
         start_step, tokens_seen = 0, 0
@@ -272,6 +344,8 @@ class Engine:
                     "the data position would not line up. Use the same batch settings."
                 )
             start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+            if "objective" in state and hasattr(objective, "load_state_dict"):
+                objective.load_state_dict(state["objective"])
             if acc.is_main_process:
                 print(f"resumed from {resume_from} at step {start_step}")
 
@@ -291,46 +365,51 @@ class Engine:
         last_saved: Path | None = resume_from
 
         for step in range(start_step, self.total_steps):
-            micro = [self._to_device(b) for b in self._micro_batches(stream, step)]
-            local_units = sum(objective.count(b) for b in micro)
-            (global_units,) = self._sum_across([local_units])
-            sums: dict[str, float] = {}
-            for m, batch in enumerate(micro):
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = acc.no_sync(self.model) if m < len(micro) - 1 else nullcontext()
-                with sync:
-                    with acc.autocast():
-                        loss_sum, metrics = objective.loss(self.model, batch)
-                    acc.backward(loss_sum * (self.world / max(global_units, 1.0)))
-                for k, v in {"loss": loss_sum, **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-            keys = sorted(sums)
-            totals = dict(zip(keys, self._sum_across([sums[k] for k in keys])))
-            loss = totals["loss"] / max(global_units, 1.0)
-            if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
+            t_step = time.perf_counter()
+            rollout_metrics: dict[str, float] = {}
+            if rollouts:
+                try:
+                    updates, rollout_metrics = objective.rollout(self.model, self._step_examples(stream, step), step)
+                except StopTraining as stop:
+                    result.stopped = str(stop)
+                    result.steps = step
+                    bar.write(f"stopped at step {step + 1}: {stop}")
+                    break
+                keys = sorted(rollout_metrics)
+                if self.world > 1 and keys:  # every process rolled out as many prompts: mean of means
+                    rollout_metrics = {k: v / self.world for k, v in zip(keys, self._sum_across([rollout_metrics[k] for k in keys]))}
+                updates = [[self._to_device(b) for b in u] for u in updates]
+            else:
+                updates = [[self._to_device(b) for b in self._micro_batches(stream, step)]]
+            record: dict[str, float] = {}
+            losses, step_units = [], 0.0
+            try:
+                for micro in updates:
+                    loss, totals, global_units, grad_norm, lr = self._update(objective, micro, params, optimizer, scheduler)
+                    losses.append(loss)
+                    step_units = global_units  # units of one update (every update covers the same data)
+                    for k, v in means(totals, global_units).items():
+                        if k != "loss":
+                            record[k] = record.get(k, 0.0) + v / len(updates)
+                    if grad_norm is not None:
+                        record["grad_norm"] = record.get("grad_norm", 0.0) + grad_norm / len(updates)
+            except _Diverged as d:
                 bar.close()
                 logger.close()
                 kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint had been saved yet"
                 raise TrainingDiverged(
-                    f"loss became {loss} at step {step + 1}; stopped before updating the weights, {kept}. "
+                    f"loss became {d.loss} at step {step + 1}; stopped before updating the weights, {kept}. "
                     "Lower lr, check the data, or use precision=fp32."
-                )
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                ) from None
+            loss = sum(losses) / len(losses)
 
             done = step + 1
-            tokens_seen += int(global_units)
-            window_tokens += int(global_units)
-            record = {"loss": loss, "lr": lr, "units": global_units}
-            record.update({k: v for k, v in means(totals, global_units).items() if k != "loss"})
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
+            tokens_seen += int(step_units)
+            window_tokens += int(step_units)
+            record = {"loss": loss, "lr": lr, "units": step_units, **rollout_metrics, **record}
+            record["step_seconds"] = time.perf_counter() - t_step
+            if "rollout/seconds" in record:  # the share of the step spent generating
+                record["rollout/share"] = record["rollout/seconds"] / max(record["step_seconds"], 1e-9)
             result.history.append({"step": done, **record})
             result.final_train_loss = loss
             if done % cfg.log_every == 0 or done == self.total_steps:
@@ -340,7 +419,7 @@ class Engine:
                 record["epoch"] = done * self.global_batch / len(self.train_examples)
                 logger.log(done, record)
                 shown = {"loss": f"{loss:.4f}"}
-                shown.update({k.split("/")[-1]: f"{record[k]:.3f}" for k in getattr(objective, "progress_keys", ()) if k in record})
+                shown.update({_short(k): f"{record[k]:.3f}" for k in getattr(objective, "progress_keys", ()) if k in record})
                 shown.update({"lr": f"{lr:.2e}", f"{getattr(objective, 'unit', 'tok')}/s": f"{record['units_per_s']:.1f}"})
                 bar.set_postfix(shown)
             if on_step is not None:
@@ -350,15 +429,18 @@ class Engine:
                 ev = self.evaluate(objective)
                 if ev:
                     logger.log(done, ev, prefix="eval")
-                    bar.write(f"step {done}: eval loss {ev['loss']:.4f}")
+                    result.history[-1].update({f"eval/{k}": v for k, v in ev.items()})
+                    if "loss" in ev:
+                        bar.write(f"step {done}: eval loss {ev['loss']:.4f}")
             if cfg.save_every and done % cfg.save_every == 0 and done != self.total_steps:
                 last_saved = self._save(done, raw_optimizer, scheduler, tokens_seen)
+        else:
+            result.steps = self.total_steps
 
         bar.close()
-        result.steps = self.total_steps
         result.tokens_seen = tokens_seen
         result.seconds = time.perf_counter() - t_start
-        if start_step < self.total_steps:
+        if start_step < self.total_steps and result.stopped is None:
             result.eval_metrics = self.evaluate(objective)
             if result.eval_metrics:
                 logger.log(self.total_steps, result.eval_metrics, prefix="eval")

@@ -91,43 +91,59 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     return input_ids, labels, kwargs
 
 
-def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     logits = head(hidden).float()  # (n, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     return -F.cross_entropy(logits, targets, reduction="none")  # (n,) log p(target)
 
 
-def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """log p(target) for (N, H) hidden rows, chunked and checkpointed. Returns (N,) fp32."""
+def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
+               temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) for (N, H) hidden rows, chunked and checkpointed; logits divided by ``temperature`` (RL
+    evaluates the distribution it sampled from). Returns (N,) fp32."""
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False))
+            parts.append(checkpoint(_chunk_logps, head, h, t, temperature, use_reentrant=False))
         else:
-            parts.append(_chunk_logps(head, h, t))
+            parts.append(_chunk_logps(head, h, t, temperature))
     return torch.cat(parts)
 
 
-def target_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def target_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the batch's target tokens.
 
     Args:
         batch: ``input_ids`` (B, T), ``labels`` (B, T) (-100 = not a target), ``attention_mask`` (B, T) or
             a (B, 1, T, T) packed mask, optional ``position_ids`` (B, T).
+        temperature: the logits are divided by it before the softmax (1 for every stage but RL sampling).
     Returns:
         logps (N,) fp32 for the N target tokens in row-major order, and the (B, T) boolean mask of the
         positions that predict them (position t predicts token t+1).
     """
+    logps, predicts, _ = target_logps_and_values(model, batch, chunk_size, temperature)
+    return logps, predicts
+
+
+def target_logps_and_values(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
+                            temperature: float = 1.0, value_head: torch.nn.Module | None = None):
+    """:func:`target_logps` plus, with ``value_head`` (H -> 1), the value estimate at each predicting position
+    from the same forward pass's final hidden states (PPO's policy + value head on one backbone): (N,) fp32 or None."""
     input_ids, labels, kwargs = model_inputs(model, batch)
     with head_bypassed(model) as head:
         hidden = model(input_ids=input_ids, **kwargs).logits  # (B, T', H); T' = T + virtual tokens for prompt tuning
         hidden = hidden[:, -input_ids.shape[1]:]  # (B, T, H)
         targets = shift_labels(labels)  # (B, T)
         predicts = targets != IGNORE_INDEX
-        logps = head_logps(head, hidden[predicts], targets[predicts], chunk_size)
-    return logps, predicts.reshape(batch["labels"].shape)  # (B, T) even when flattened for varlen attention
+        rows = hidden[predicts]
+        logps = head_logps(head, rows, targets[predicts], chunk_size, temperature)
+    values = None if value_head is None else value_head(rows.to(value_head.weight.dtype)).squeeze(-1).float()
+    return logps, predicts.reshape(batch["labels"].shape), values  # (B, T) even when flattened for varlen attention
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:

@@ -99,7 +99,7 @@ def finish(engine, fit, tokenizer, cfg: TrainConfig, accelerator, what: str) -> 
     out = save_final(engine.model, tokenizer, cfg.output_dir, accelerator)
     parts = [f"done: {fit.steps} steps, final train loss {fit.final_train_loss:.4f}"]
     if fit.eval_metrics:
-        shown = {k: v for k, v in fit.eval_metrics.items() if k in ("loss", "rewards/accuracy", "accuracy", "rewards/margins", "margin")}
+        shown = {k: v for k, v in fit.eval_metrics.items() if k in ("loss", "rewards/accuracy", "accuracy", "rewards/margins", "margin", "reward")}
         parts.append("eval " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     say(accelerator, f"{'; '.join(parts)}; {what} saved to {out}")
     return out

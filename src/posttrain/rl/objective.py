@@ -1,0 +1,211 @@
+"""What every RL stage shares, plugged into the one training engine as an objective that rolls out.
+
+Per engine step (``rollout``), for this process's prompts:
+
+1. **Sample** ``num_generations`` completions per prompt with the rollout engine, from a ``torch.Generator``
+   seeded by (seed, step, process): the same step always samples the same completions from the same weights,
+   which is what makes a resumed run repeat an uninterrupted one.
+2. **Score** them with the weighted reward sources (each source logged as ``reward/<name>``).
+3. **Measure** the reward-hacking signals: KL to the reference (k3, from the rollout's own log-probs and one
+   no-gradient reference pass), mean length, token entropy, the share of duplicate completions within groups,
+   the share cut by ``max_new_tokens``; every ``guards.every`` steps the held-out reward and the guard rewards on
+   ``data.eval`` prompts (never optimised), and ``guard/gap`` = held-out reward - guard total.
+4. **Guard**: the monitor's rules may warn or stop (:class:`~posttrain.engine.trainer.StopTraining`). A policy
+   whose rollout passed every guard is remembered (its trainable weights, on CPU) so a stop can keep it.
+5. **Build** the stage's micro-batches (the stage adds advantages and whatever its loss needs).
+
+Sequences are ``prompt ids + generated ids`` exactly as sampled (never re-tokenized), packed per micro-batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import torch
+
+from posttrain.config import RLConfig
+from posttrain.data.preference import collate_sequences
+from posttrain.data.prompts import PromptExample
+from posttrain.data.tokenize import TokenizedExample
+from posttrain.engine.trainer import StopTraining
+from posttrain.losses import k3_kl
+from posttrain.models.forward import target_logps
+from posttrain.models.reference import Reference, unwrap
+from posttrain.rewards.registry import RewardSet
+from posttrain.rl.guards import GuardMonitor
+from posttrain.rl.rollout import Completion, RolloutEngine, Sampling
+
+
+def flat_order(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Sequences in the order their target tokens appear in ``target_logps``'s flat (N,) output."""
+    from posttrain.losses import IGNORE_INDEX, shift_labels
+
+    predicts = shift_labels(batch["labels"]) != IGNORE_INDEX
+    which = batch["sequence_ids"][predicts]
+    return torch.unique_consecutive(which).tolist()
+
+
+def flatten_per_sequence(batch: dict[str, torch.Tensor], values: list[list[float]]) -> torch.Tensor:
+    """Per-sequence token values (in completion order) laid out like ``target_logps``'s flat output."""
+    return torch.tensor([v for i in flat_order(batch) for v in values[i]], dtype=torch.float32)
+
+
+class RolloutObjective:
+    """Base of the GRPO and PPO objectives (see the module docstring). Subclasses implement ``build_updates``,
+    ``count`` and ``loss``."""
+
+    perplexity = False
+    progress_keys = ("reward", "kl", "length/mean")
+
+    def __init__(self, cfg: RLConfig, *, tokenizer, reference: Reference, rewards: RewardSet,
+                 guard_rewards: RewardSet | None, monitor: GuardMonitor, capacity: int | None, accelerator,
+                 eval_examples: list[PromptExample] | None = None):
+        self.cfg, self.tokenizer, self.reference = cfg, tokenizer, reference
+        self.rewards, self.guard_rewards, self.monitor = rewards, guard_rewards, monitor
+        self.capacity, self.accelerator = capacity, accelerator
+        self.eval_examples = eval_examples or []
+        self.sampling = Sampling(**vars(cfg.sampling))
+        self.engine = RolloutEngine(tokenizer, prompts_per_batch=cfg.rollout_batch_size)
+        self.good: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, trainable weights) of the last passing policy
+        self.warned: set[tuple[int, str]] = set()
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def generator(self, step: int, salt: int = 0) -> torch.Generator:
+        device = self.accelerator.device
+        g = torch.Generator(device=device if device.type == "cuda" else "cpu")
+        g.manual_seed((self.cfg.seed * 1_000_003 + step * 7919 + self.accelerator.process_index * 104_729 + salt) % (2**63))
+        return g
+
+    def sample(self, model, examples: list[PromptExample], step: int) -> list[Completion]:
+        return self.engine.generate(unwrap(model), [e.prompt_ids for e in examples], self.cfg.num_generations,
+                                    self.sampling, self.generator(step))
+
+    def score(self, rewards: RewardSet, examples: list[PromptExample], completions: list[Completion]):
+        prompts = [examples[c.prompt_index].prompt for c in completions]
+        rows = [examples[c.prompt_index].row for c in completions]
+        totals, per_source = rewards.score(prompts, [c.text for c in completions], rows)
+        return torch.tensor(totals, dtype=torch.float32), per_source
+
+    def sequences(self, examples: list[PromptExample], completions: list[Completion]) -> list[TokenizedExample]:
+        out = []
+        for c in completions:
+            prompt = examples[c.prompt_index].prompt_ids
+            out.append(TokenizedExample(prompt + c.token_ids, [0] * len(prompt) + [1] * len(c.token_ids)))
+        return out
+
+    def micro_slices(self, num_prompts: int) -> list[slice]:
+        """Completion index ranges of the micro-batches: ``batch_size`` prompts x ``num_generations`` each."""
+        per = self.cfg.batch_size * self.cfg.num_generations
+        return [slice(s, s + per) for s in range(0, num_prompts * self.cfg.num_generations, per)]
+
+    def collate(self, seqs: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        return collate_sequences(seqs, self.tokenizer.pad_token_id, self.capacity)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) reference log-probs of the batch's completion tokens (same temperature as sampling)."""
+        temperature = self.sampling.temperature or 1.0
+        with self.accelerator.autocast():
+            return self.reference(model, batch, lambda m, b: target_logps(m, b, self.cfg.loss_chunk_size, temperature)[0]).float()
+
+    # ------------------------------------------------------------------------------------------ metrics
+    def rollout_metrics(self, completions: list[Completion], totals: torch.Tensor, per_source: dict, kl_tokens: list[torch.Tensor]) -> dict[str, float]:
+        n = self.cfg.num_generations
+        lengths = [len(c.token_ids) for c in completions]
+        tokens = max(sum(lengths), 1)
+        metrics = RewardSet.metrics("reward", totals.tolist(), per_source)
+        if n > 1:
+            metrics["reward/group_std"] = float(totals.reshape(-1, n).std(dim=1).mean())
+        metrics["length/mean"] = sum(lengths) / len(lengths)
+        metrics["length/truncated"] = sum(c.finish_reason == "length" for c in completions) / len(completions)
+        metrics["entropy"] = sum(sum(c.entropy) for c in completions) / tokens
+        if n > 1:
+            dup = 0
+            for g in range(0, len(completions), n):
+                counts = Counter(c.text for c in completions[g : g + n])
+                dup += sum(k - 1 for k in counts.values())
+            metrics["duplicates/share"] = dup / len(completions)
+        if kl_tokens:
+            kl = torch.cat(kl_tokens)
+            metrics["kl"] = float(kl.mean()) if kl.numel() else 0.0
+        metrics["rollout/seconds"] = self._rollout_seconds
+        metrics["rollout/tokens_per_s"] = sum(lengths) / max(self._rollout_seconds, 1e-9)
+        return metrics
+
+    def kl_of(self, batch: dict[str, torch.Tensor], completions: list[Completion], ref: torch.Tensor) -> torch.Tensor:
+        """Per-token k3 KL of the rollout's own log-probs against the reference's, in flat order."""
+        rollout = flatten_per_sequence(batch, [c.logprobs for c in completions]).to(ref.device)
+        return k3_kl(rollout, ref).cpu()
+
+    @torch.no_grad()
+    def heldout(self, model, step: int | None) -> dict[str, float]:
+        """Held-out reward (each source) and guard rewards on the eval prompts, decoded with eval settings."""
+        if not self.eval_examples:
+            return {}
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        mine = self.eval_examples[rank::world]
+        sampling = Sampling(max_new_tokens=self.sampling.max_new_tokens, temperature=self.cfg.eval_temperature,
+                            top_p=self.sampling.top_p, top_k=self.sampling.top_k, stop=list(self.sampling.stop))
+        n = self.cfg.eval_num_generations
+        completions = self.engine.generate(unwrap(model), [e.prompt_ids for e in mine], n, sampling,
+                                           self.generator(step or 0, salt=1))
+        totals, per_source = self.score(self.rewards, mine, completions)
+        out = RewardSet.metrics("heldout/reward", totals.tolist(), per_source)
+        out["heldout/length"] = sum(len(c.token_ids) for c in completions) / max(len(completions), 1)
+        if self.guard_rewards is not None:
+            g_totals, g_per = self.score(self.guard_rewards, mine, completions)
+            guard = RewardSet.metrics("guard", g_totals.tolist(), g_per)
+            out.update(guard)
+            out["guard/gap"] = out["heldout/reward"] - guard["guard"]
+        if world > 1:
+            keys = sorted(out)
+            t = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+            t = self.accelerator.reduce(t, reduction="sum") / world
+            out = dict(zip(keys, t.tolist()))
+        return out
+
+    def evaluate(self, model, examples) -> dict[str, float]:
+        return {k.removeprefix("heldout/"): v for k, v in self.heldout(model, None).items()}
+
+    # ------------------------------------------------------------------------------------------ guards
+    def check_guards(self, model, step: int, metrics: dict[str, float]) -> None:
+        done = step + 1
+        events = self.monitor.observe(done, metrics)
+        if self.accelerator.is_main_process:
+            for e in events:
+                if e.action == "warn":
+                    print(f"guard warning: {e.message}", flush=True)
+        if self.monitor.stopped is not None:
+            raise StopTraining(self.monitor.stopped.message)
+        if self.cfg.guards.keep_good and self.monitor.last_passing_step == done:
+            inner = unwrap(model)
+            self.good = (step, {k: p.detach().to("cpu", copy=True) for k, p in inner.named_parameters() if p.requires_grad})
+
+    # ------------------------------------------------------------------------------------------ engine hooks
+    def rollout(self, model, examples: list[PromptExample], step: int):
+        t0 = time.perf_counter()
+        completions = self.sample(model, examples, step)
+        self._rollout_seconds = time.perf_counter() - t0
+        totals, per_source = self.score(self.rewards, examples, completions)
+        updates, kl_tokens = self.build_updates(model, examples, completions, totals, step)
+        metrics = self.rollout_metrics(completions, totals, per_source, kl_tokens)
+        every = self.cfg.guards.every
+        if every and step % every == 0:
+            metrics.update(self.heldout(model, step))
+        self.last_completions = (examples, completions)
+        self.check_guards(model, step, metrics)
+        return updates, metrics
+
+    def build_updates(self, model, examples, completions, totals, step):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "monitor" in state:
+            self.monitor.load_state_dict(state["monitor"])

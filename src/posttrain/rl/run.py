@@ -1,0 +1,131 @@
+"""Setting up and finishing an RL run: the parts ``posttrain grpo`` and ``posttrain ppo`` share.
+
+Order matters for the user (as in every stage): prompts are read and validated, reward sources and guard rules
+are checked (a typo in a reward reference fails here, not after a model load), then the model loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.config import RLConfig
+from posttrain.data.prompts import PromptExample, load_prompt_dataset
+from posttrain.models.reference import drop_reference_adapter, unwrap
+from posttrain.rewards.registry import RewardSet
+from posttrain.rl.guards import GuardMonitor, parse_rules
+from posttrain.stages.common import build, finish, load_tokenizer_for, make_accelerator, reference_for, say
+
+
+@dataclass
+class RLSetup:
+    accelerator: object
+    tokenizer: object
+    model: torch.nn.Module
+    train: list[PromptExample]
+    eval: list[PromptExample] | None
+    rewards: RewardSet
+    guard_rewards: RewardSet | None
+    monitor: GuardMonitor
+    reference: object
+    capacity: int | None
+
+
+@dataclass
+class RLResult:
+    output_dir: Path
+    fit: object
+    model: torch.nn.Module
+    report: Path
+    stopped: str | None
+
+
+def setup_rl(cfg: RLConfig, value_head: bool = False) -> RLSetup:
+    from posttrain.models.adapters import PACKING_METHODS
+
+    accelerator = make_accelerator(cfg)
+    tokenizer = load_tokenizer_for(cfg)
+    kw = dict(max_prompt_length=cfg.max_prompt_length, skip_invalid=cfg.data.skip_invalid)
+    train, report = load_prompt_dataset(cfg.data.train, tokenizer, **kw)
+    say(accelerator, f"prompts: {report.summary()}")
+    eval_rows = None
+    if cfg.data.eval:
+        eval_rows, eval_report = load_prompt_dataset(cfg.data.eval, tokenizer, **kw)
+        say(accelerator, f"held-out prompts: {eval_report.summary()}")
+    monitor = GuardMonitor(parse_rules(cfg.guards.rules), window=cfg.guards.window)
+    if cfg.guards.rewards and not eval_rows:
+        from posttrain.errors import ConfigError
+
+        raise ConfigError("guards.rewards: held-out guard rewards are scored on data.eval prompts; set data.eval")
+    device = accelerator.device
+    rewards = RewardSet.from_config(cfg.rewards, "rewards", device=device)
+    guard_rewards = RewardSet.from_config(cfg.guards.rewards, "guards.rewards", device=device) if cfg.guards.rewards else None
+    say(accelerator, "rewards: " + ", ".join(f"{s.name} (x{s.weight:g})" for s in rewards.sources)
+        + ("; guards: " + ", ".join(s.name for s in guard_rewards.sources) if guard_rewards else ""))
+
+    setup = build(cfg, tokenizer, accelerator)
+    model = setup.model
+    reference = reference_for(cfg, model, accelerator)
+    capacity = cfg.max_prompt_length + cfg.sampling.max_new_tokens if cfg.packing and cfg.method in PACKING_METHODS else None
+    return RLSetup(accelerator, tokenizer, model, train, eval_rows, rewards, guard_rewards, monitor, reference, capacity)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(unwrap(model), "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def finish_rl(cfg: RLConfig, s: RLSetup, engine, fit, objective, title: str, extra_save=None) -> RLResult:
+    """Keep the right weights, save them, write the report. After a guard stop the saved policy is the last one
+    whose rollout passed every guard (when ``guards.keep_good``), and ``guard_stop.json`` says why."""
+    from posttrain.rl.report import write_report
+
+    acc = s.accelerator
+    model = engine.model
+    kept_step = None
+    if fit.stopped is not None:
+        if objective.good is not None:
+            step, weights = objective.good
+            params = dict(unwrap(model).named_parameters())
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value.to(params[name].device))
+            kept_step = step + 1
+            say(acc, f"guard stop: restored the policy of step {kept_step}, the last that passed every guard")
+        else:
+            say(acc, "guard stop: no step passed every guard; saving the current policy (see the report)")
+        if acc.is_main_process:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "guard_stop.json").write_text(json.dumps(
+                {"reason": fit.stopped, "stopped_at_step": fit.steps + 1, "kept_step": kept_step}, indent=2))
+    drop_reference_adapter(model)
+    out = finish(engine, fit, s.tokenizer, cfg, acc, "adapter" if cfg.method != "full" else "model")
+    if extra_save is not None and acc.is_main_process:
+        extra_save(out)
+    report = Path(cfg.output_dir) / "report.md"
+    if acc.is_main_process:
+        history = s.monitor.history
+        last = history[-1] if history else {}
+        summary = {"stage": title, "steps": str(fit.steps), "method": cfg.method,
+                   "rewards": ", ".join(f"{x.name} x{x.weight:g}" for x in s.rewards.sources)}
+        if s.guard_rewards is not None:
+            summary["guard rewards"] = ", ".join(x.name for x in s.guard_rewards.sources)
+        timing = fit.history[-1] if fit.history else last
+        for key in ("rollout/tokens_per_s", "rollout/share"):
+            if key in timing:
+                summary[key] = f"{timing[key]:.3g}"
+        if fit.eval_metrics:
+            summary.update({f"final held-out {k}": f"{v:.4g}" for k, v in fit.eval_metrics.items()})
+        report, png = write_report(cfg.output_dir, history, s.monitor.events, title=f"posttrain {title}: {cfg.output_dir}",
+                                   summary=summary, stopped_step=(fit.steps + 1) if fit.stopped else None, kept_step=kept_step)
+        say(acc, f"report: {report} and {png}")
+    s.rewards.close()
+    if s.guard_rewards is not None:
+        s.guard_rewards.close()
+    return RLResult(out, fit, model, report, fit.stopped)

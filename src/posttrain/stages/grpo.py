@@ -1,0 +1,83 @@
+"""GRPO (and RLOO): sample a group of completions per prompt, reward them, and push up the better ones.
+
+Composed from shared parts: the engine (one optimizer step per rollout batch, or ``num_iterations`` of them;
+the unit is completion tokens or completions, per ``loss_norm``), the rollout objective
+(:mod:`posttrain.rl.objective`: sampling, rewards, KL/length/entropy/duplicate guards), the pure losses
+(:func:`~posttrain.losses.grpo_loss`, :func:`~posttrain.losses.group_advantages`,
+:func:`~posttrain.losses.rloo_advantages`) and the reference strategies (base model by disabling the adapter).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.config import GRPOConfig
+from posttrain.engine.trainer import Engine
+from posttrain.losses import group_advantages, grpo_loss, rloo_advantages
+from posttrain.models.forward import target_logps
+from posttrain.models.reference import eval_mode, unwrap
+from posttrain.rl.objective import RolloutObjective
+from posttrain.rl.run import RLResult, eos_token_ids, finish_rl, setup_rl
+from posttrain.stages.common import say
+
+
+class GRPOObjective(RolloutObjective):
+    def __init__(self, cfg: GRPOConfig, **kw):
+        super().__init__(cfg, **kw)
+        self.unit = "tok" if cfg.loss_norm == "token" else "seqs"
+        self.updates_per_step = cfg.num_iterations
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.advantage == "rloo":
+            return rloo_advantages(rewards, cfg.num_generations)
+        return group_advantages(rewards, cfg.num_generations, scale_std=cfg.scale_rewards)
+
+    def build_updates(self, model, examples, completions, totals, step):
+        cfg = self.cfg
+        adv = self.advantages(totals)
+        seqs = self.sequences(examples, completions)
+        micro, kl_tokens = [], []
+        temperature = self.sampling.temperature or 1.0
+        for sl in self.micro_slices(len(examples)):
+            batch = self.collate(seqs[sl])
+            batch["advantages"] = adv[sl].clone()
+            dev = self.to_device(batch)
+            ref = self.reference_logps(model, dev)
+            batch["ref_logps"] = ref.cpu()
+            kl_tokens.append(self.kl_of(dev, completions[sl], ref))
+            if cfg.num_iterations > 1:  # later updates need the sampling policy's log-probs
+                with torch.no_grad(), eval_mode(unwrap(model)), self.accelerator.autocast():
+                    batch["old_logps"] = target_logps(unwrap(model), dev, cfg.loss_chunk_size, temperature)[0].float().cpu()
+            micro.append(batch)
+        return [micro] * cfg.num_iterations, kl_tokens
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        if self.cfg.loss_norm == "token":
+            return int((batch["labels"][:, 1:] != -100).sum())
+        return int(batch["last_index"].shape[0])
+
+    def loss(self, model, batch: dict[str, torch.Tensor]):
+        cfg = self.cfg
+        logps, predicts = target_logps(model, batch, cfg.loss_chunk_size, self.sampling.temperature or 1.0)
+        seq_index = batch["sequence_ids"][predicts]
+        old = batch.get("old_logps")
+        return grpo_loss(
+            logps, logps.detach() if old is None else old.to(logps.dtype), batch["advantages"], seq_index,
+            int(batch["last_index"].shape[0]), ref_logps=batch["ref_logps"].to(logps.dtype), beta=cfg.beta,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, norm=cfg.loss_norm,
+        )
+
+
+def train(cfg: GRPOConfig) -> RLResult:
+    s = setup_rl(cfg)
+    objective = GRPOObjective(cfg, tokenizer=s.tokenizer, reference=s.reference, rewards=s.rewards,
+                              guard_rewards=s.guard_rewards, monitor=s.monitor, capacity=s.capacity,
+                              accelerator=s.accelerator, eval_examples=s.eval)
+    objective.engine.eos_ids = eos_token_ids(s.tokenizer, s.model)
+    engine = Engine(cfg, s.model, s.train, lambda rows: rows, s.eval, s.accelerator)
+    say(s.accelerator, f"training {engine.total_steps} steps of {engine.global_batch} prompts x {cfg.num_generations} "
+                       f"completions, advantage {cfg.advantage}, beta {cfg.beta}, loss_norm {cfg.loss_norm} "
+                       f"({s.accelerator.num_processes} process(es), precision {s.accelerator.mixed_precision})")
+    fit = engine.fit(objective)
+    return finish_rl(cfg, s, engine, fit, objective, "grpo")
