@@ -62,11 +62,13 @@ class GRPOObjective(RolloutObjective):
         logps, predicts = target_logps(model, batch, cfg.loss_chunk_size, self.sampling.temperature or 1.0)
         seq_index = batch["sequence_ids"][predicts]
         old = batch.get("old_logps")
-        return grpo_loss(
+        loss, metrics = grpo_loss(
             logps, logps.detach() if old is None else old.to(logps.dtype), batch["advantages"], seq_index,
             int(batch["last_index"].shape[0]), ref_logps=batch["ref_logps"].to(logps.dtype), beta=cfg.beta,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, norm=cfg.loss_norm,
         )
+        metrics["update/kl"] = metrics.pop("kl")  # "kl" is the rollout's (before the update), which guards watch
+        return loss, metrics
 
 
 def train(cfg: GRPOConfig) -> RLResult:

@@ -126,6 +126,7 @@ class PPOObjective(RolloutObjective):
             kl_coef=cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
         )
         metrics["values"] = values.detach().sum()
+        metrics["update/kl"] = metrics.pop("kl")  # "kl" is the rollout's (before the update), which guards watch
         return loss, metrics
 
 
