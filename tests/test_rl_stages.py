@@ -108,7 +108,7 @@ def test_guard_stop_keeps_the_last_passing_policy(tiny_model_dir, rl_files, tmp_
     assert info == {"reason": stopped.stopped, "stopped_at_step": 3, "kept_step": 2}
     report = (tmp_path / "stopped" / "report.md").read_text()
     assert "length/mean" in report and "3" in report
-    one = run("grpo", tiny_model_dir, rl_files, tmp_path / "one", "max_steps=1")
+    run("grpo", tiny_model_dir, rl_files, tmp_path / "one", "max_steps=1")
     kept = load_file(str(tmp_path / "stopped" / "adapter_model.safetensors"))
     after_one = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     assert kept.keys() == after_one.keys()
