@@ -106,3 +106,72 @@ def test_trl_side_runs_and_trains_the_same_tokens(bench, tiny_model_dir, tmp_pat
         assert run["summary"]["trained_tokens_per_s"] > 0
     # Unpacked, TRL keeps the rows in order: the trained tokens of its prepared data equal posttrain's count.
     assert runs["trl-default"]["prepared_trained_tokens"] == report["data"]["trained_tokens"]
+
+
+# ---------------------------------------------------------------------------------------------- GRPO benchmark
+GRPO_SCRIPT = ROOT / "benchmarks" / "grpo_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def grpo_bench():
+    spec = importlib.util.spec_from_file_location("grpo_throughput", GRPO_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["grpo_throughput"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grpo_reward_reads_the_last_number(grpo_bench):
+    assert grpo_bench.arith_reward(None, "15 - 4 = 11", answer="11") == 1.0
+    assert grpo_bench.arith_reward(None, "11 apples, so 12", answer="11") == 0.0
+    assert grpo_bench.arith_reward(None, "no number", answer="3") == 0.0
+    assert grpo_bench.trl_arith_reward([None] * 2, [[{"role": "assistant", "content": "It is 7."}], "-2"],
+                                       answer=["7", "-2"]) == [1.0, 1.0]
+
+
+def _run_grpo(grpo_bench, tiny_model_dir, out: Path, contenders: str, parts: str) -> dict:
+    grpo_bench.main(["--model", str(tiny_model_dir), "--contenders", contenders, "--parts", parts, "--steps", "1",
+                     "--warmup", "1", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "6",
+                     "--threads", "1", "--device", "cpu", "--out", str(out / "grpo.json")])
+    return json.loads((out / "grpo.json").read_text())
+
+
+def _check_grpo_run(run: dict, completions_per_step: int) -> None:
+    assert "error" not in run, run
+    assert len(run["steps"]) == 2 and run["summary"]["steps_timed"] == 1
+    s = run["summary"]
+    for key in ("step_seconds", "rollout_seconds_per_step", "rollout_tokens_per_s", "trained_tokens_per_s"):
+        assert s[key] > 0, key
+    assert 1 <= s["mean_completion_length"] <= 6
+    for step in run["steps"]:  # every completion token is trained on (up to and including the EOS)
+        assert completions_per_step <= step["trained_tokens"] == step["rollout_tokens"] <= 6 * completions_per_step
+    assert run["peak_rss_mb"] > 0 and run["trainable_params"] > 0
+
+
+def test_grpo_benchmark_posttrain_and_rollout(grpo_bench, tiny_model_dir, tmp_path):
+    report = _run_grpo(grpo_bench, tiny_model_dir, tmp_path, "posttrain", "grpo,rollout")
+    assert report["versions"]["torch"] and report["machine"]["cpu_count"]
+    (run,) = report["grpo"]["runs"]
+    assert run["contender"] == "posttrain"
+    _check_grpo_run(run, completions_per_step=4)
+    assert report["grpo"]["ratios_posttrain_over_trl"] is None
+    methods = report["rollout"]["methods"]
+    assert set(methods) == {"posttrain-engine", "generate-loop", "generate-batched"}
+    for m in methods.values():
+        assert m["completions"] == 4 and 4 <= m["completion_tokens"] <= 24 and m["tokens_per_s"] > 0
+    assert set(report["rollout"]["ratios_engine_over"]) == {"generate-loop", "generate-batched"}
+    assert "| posttrain |" in (tmp_path / "grpo.md").read_text()
+
+
+def test_grpo_benchmark_trl_side_matches_the_setup(grpo_bench, tiny_model_dir, tmp_path):
+    pytest.importorskip("trl")
+    report = _run_grpo(grpo_bench, tiny_model_dir, tmp_path, "trl", "grpo")
+    (run,) = report["grpo"]["runs"]
+    assert run["contender"] == "trl"
+    _check_grpo_run(run, completions_per_step=4)
+    assert run["same_prompt_tokens_as_posttrain"] is True
+    assert run["settings"]["per_device_train_batch_size"] == 4 and run["settings"]["generation_batch_size"] == 4
+    assert run["settings"]["gradient_checkpointing"] is False and run["settings"]["bf16"] is False
+    # LoRA r 16 on all 7 linear layers of the 2 tiny layers (hidden 64, kv 32, mlp 128): what posttrain trains too
+    linears = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    assert run["trainable_params"] == 2 * 16 * sum(i + o for i, o in linears)

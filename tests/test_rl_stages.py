@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,7 @@ def test_grpo_several_iterations_move_the_ratio(tiny_model_dir, rl_files, tmp_pa
     ("num_generations=1", "num_generations"),
 ])
 def test_config_errors_name_the_key(override, message, tiny_model_dir, rl_files, tmp_path):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         run("grpo", tiny_model_dir, rl_files, tmp_path / "bad", override)
 
 

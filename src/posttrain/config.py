@@ -231,6 +231,7 @@ class RLConfig(TrainConfig):
     eval_temperature: float = opt(0.0, "Sampling temperature at evaluation (0 = greedy, reproducible).")
     max_length: int = opt(1024, "Unused by RL stages: sequences are at most max_prompt_length + sampling.max_new_tokens.")
     packing: bool = opt(True, "Pack the rollout sequences of a micro-batch into rows (no attention across sequences).")
+    share_prompt: bool = opt(True, "Training and reference forwards compute each prompt once for all completions of its group (its completions attend to one shared copy); exact, and P-1+n instead of n*P prompt positions. Not with flash-attention varlen.")
 
     def validate(self) -> None:
         super().validate()

@@ -8,6 +8,10 @@ work is sum(len_i^2) and no mask exists. On this project's 2-core CPU a LoRA ste
 512-token packed rows took about half the time of the masked version (measured side by side; see
 docs/benchmarks.md), with identical loss.
 
+A span may also name a shared prefix ``(start, end, prefix_start, prefix_end)``: its queries see the prefix in
+full and themselves causally. RL uses it to run a prompt once for all completions of its group
+(:mod:`posttrain.data.groups`).
+
 It is registered with transformers' ``AttentionInterface`` as ``sdpa_segments`` and used when
 ``attn_implementation`` resolves to it (``auto`` without flash-attn). Without a ``segments`` argument (unpacked
 batches, generation, eval) it is exactly transformers' ``sdpa``. Spans come from the position ids, which restart
@@ -44,13 +48,32 @@ def sdpa_segments_forward(module, query, key, value, attention_mask, dropout: fl
     gqa = query.shape[1] != key.shape[1]
     rows = []
     for r, spans in enumerate(segments):
-        parts = [
-            F.scaled_dot_product_attention(query[r : r + 1, :, s:e], key[r : r + 1, :, s:e], value[r : r + 1, :, s:e],
-                                           dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-            for s, e in spans
-        ]
+        parts = []
+        for span in spans:
+            s, e = span[0], span[1]
+            q, k, v = query[r : r + 1, :, s:e], key[r : r + 1, :, s:e], value[r : r + 1, :, s:e]
+            if len(span) == 4 and span[3] > span[2]:  # a shared prefix every query of the span sees in full
+                ps, pe = span[2], span[3]
+                k = torch.cat([key[r : r + 1, :, ps:pe], k], dim=2)
+                v = torch.cat([value[r : r + 1, :, ps:pe], v], dim=2)
+                n = e - s
+                allowed = torch.ones(n, pe - ps + n, dtype=torch.bool, device=query.device)
+                allowed[:, pe - ps :] = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                                            scale=scaling, enable_gqa=gqa))
+            else:
+                parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                            scale=scaling, enable_gqa=gqa))
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def segments_from_table(table: torch.Tensor, num_rows: int) -> list[list[tuple[int, ...]]]:
+    """(K, 5) [row, start, end, prefix_start, prefix_end] -> per row, its spans in order (see data.groups)."""
+    out: list[list[tuple[int, ...]]] = [[] for _ in range(num_rows)]
+    for row, start, end, ps, pe in table.tolist():
+        out[row].append((start, end, ps, pe))
+    return out
 
 
 def register() -> None:

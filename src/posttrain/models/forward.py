@@ -79,14 +79,25 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
     if batch["attention_mask"].dim() == 4:
+        if getattr(_causal_lm(model).config, "_attn_implementation", "") == "eager" and batch["attention_mask"].dtype == torch.bool:
+            # transformers' eager attention ADDS a given 4D mask to the scores: make it 0 / -inf-like, not 1 / 0.
+            dtype = next(model.parameters()).dtype
+            dtype = dtype if dtype.is_floating_point else torch.float32
+            kwargs["attention_mask"] = torch.zeros(batch["attention_mask"].shape, dtype=dtype, device=input_ids.device).masked_fill(
+                ~batch["attention_mask"], torch.finfo(dtype).min)
         if uses_varlen_attention(model):
+            if "segment_table" in batch:
+                raise NotImplementedError("shared-prompt batches need sdpa_segments, sdpa or eager attention")
             input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
             kwargs["position_ids"] = batch["position_ids"].reshape(1, -1)
             kwargs["attention_mask"] = None
         elif uses_segment_attention(model):
-            from posttrain.models.attention import segments_from_positions
+            from posttrain.models.attention import segments_from_positions, segments_from_table
 
-            kwargs["segments"] = segments_from_positions(batch["position_ids"])
+            if "segment_table" in batch:  # explicit spans, some with a shared prefix (data.groups)
+                kwargs["segments"] = segments_from_table(batch["segment_table"], input_ids.shape[0])
+            else:
+                kwargs["segments"] = segments_from_positions(batch["position_ids"])
             kwargs["attention_mask"] = None
     return input_ids, labels, kwargs
 

@@ -25,12 +25,13 @@ from collections import Counter
 import torch
 
 from posttrain.config import RLConfig
+from posttrain.data.groups import collate_groups
 from posttrain.data.preference import collate_sequences
 from posttrain.data.prompts import PromptExample
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.engine.trainer import StopTraining
 from posttrain.losses import k3_kl
-from posttrain.models.forward import target_logps
+from posttrain.models.forward import target_logps, uses_varlen_attention
 from posttrain.models.reference import Reference, unwrap
 from posttrain.rewards.registry import RewardSet
 from posttrain.rl.guards import GuardMonitor
@@ -101,6 +102,16 @@ class RolloutObjective:
 
     def collate(self, seqs: list[TokenizedExample]) -> dict[str, torch.Tensor]:
         return collate_sequences(seqs, self.tokenizer.pad_token_id, self.capacity)
+
+    def collate_slice(self, model, examples: list[PromptExample], completions: list[Completion], sl: slice) -> dict[str, torch.Tensor]:
+        """The micro-batch of completions ``sl`` (whole groups): shared prompts (data.groups) when possible."""
+        if self.cfg.share_prompt and not uses_varlen_attention(model):
+            n = self.cfg.num_generations
+            part = completions[sl]
+            groups = [(examples[part[g].prompt_index].prompt_ids, [c.token_ids for c in part[g : g + n]])
+                      for g in range(0, len(part), n)]
+            return collate_groups(groups, self.tokenizer.pad_token_id, 0 if self.capacity else None)
+        return self.collate(self.sequences(examples, completions[sl]))
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}

@@ -36,11 +36,10 @@ class GRPOObjective(RolloutObjective):
     def build_updates(self, model, examples, completions, totals, step):
         cfg = self.cfg
         adv = self.advantages(totals)
-        seqs = self.sequences(examples, completions)
         micro, kl_tokens = [], []
         temperature = self.sampling.temperature or 1.0
         for sl in self.micro_slices(len(examples)):
-            batch = self.collate(seqs[sl])
+            batch = self.collate_slice(model, examples, completions, sl)
             batch["advantages"] = adv[sl].clone()
             dev = self.to_device(batch)
             ref = self.reference_logps(model, dev)

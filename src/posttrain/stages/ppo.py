@@ -73,11 +73,10 @@ class PPOObjective(RolloutObjective):
         cfg = self.cfg
         temperature = self.sampling.temperature or 1.0
         scores = whiten(totals, shift_mean=False) if cfg.whiten_rewards and totals.numel() > 1 else totals
-        seqs = self.sequences(examples, completions)
         inner = unwrap(model)
         micro, kl_tokens, per_micro = [], [], []
         for sl in self.micro_slices(len(examples)):
-            batch = self.collate(seqs[sl])
+            batch = self.collate_slice(model, examples, completions, sl)
             dev = self.to_device(batch)
             with torch.no_grad(), eval_mode(inner), self.accelerator.autocast():
                 old, _, values = target_logps_and_values(inner, dev, cfg.loss_chunk_size, temperature, self.value_head)
