@@ -1,4 +1,4 @@
-"""`make demo`: post-train the embedded SmolLM2-135M-Instruct in three stages, each scored on held-out data.
+"""`make demo`: post-train the embedded SmolLM2-135M-Instruct in four stages, each scored on held-out data.
 
 sft  LoRA SFT on the sentence -> JSON record task (`posttrain sft examples/demo_json.yaml`):
      1. generate train / valid / test splits (test uses names and cities never seen in training);
@@ -12,7 +12,10 @@ rm   a LoRA Bradley-Terry reward model on the base model (`posttrain rm examples
      the same pairs; its pairwise accuracy on the held-out pairs, and (after dpo) its scores of the greedy
      answers from before and after DPO.
 
-`--stages` runs a subset (default all three, in that order); dpo needs the SFT adapter in the same --out.
+rl   online RL with GRPO (`posttrain grpo examples/demo_grpo.yaml`) from the base model on built-in arithmetic
+     word problems, rewarded by the shipped numeric_match verifier; greedy held-out accuracy before and after.
+
+`--stages` runs a subset (default all four, in that order); dpo needs the SFT adapter in the same --out.
 Hyperparameters were chosen on the train/valid splits only; the test splits are scored, never tuned on.
 """
 
@@ -29,7 +32,8 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 EXAMPLE_CONFIG = EXAMPLES / "demo_json.yaml"
 DPO_CONFIG = EXAMPLES / "demo_dpo.yaml"
 RM_CONFIG = EXAMPLES / "demo_rm.yaml"
-STAGES = ("sft", "dpo", "rm")
+GRPO_CONFIG = EXAMPLES / "demo_grpo.yaml"
+STAGES = ("sft", "dpo", "rm", "rl")
 MODEL = "smollm2-135m"
 DETAIL = ("samples", "completions", "passed")  # per-row results of concise_task.evaluate, kept out of the summary
 
@@ -216,6 +220,35 @@ def _agreement(scores: list[float], passed: list[bool]) -> float:
     return sum(g > b for g, b in pairs) / len(pairs) if pairs else float("nan")
 
 
+def run_rl(args, out: Path) -> dict:
+    """GRPO on the arithmetic task; held-out reward (= accuracy: the verifier scores 0 or 1) before and after."""
+    from posttrain.config import load_config
+    from posttrain.demo.arith_task import make_rows
+    from posttrain.stages import grpo
+
+    data = out / "arith"
+    _write_jsonl(data / "train.jsonl", make_rows(args.rl_train_rows, "train", seed=0))
+    _write_jsonl(data / "test.jsonl", make_rows(args.rl_test_rows, "test", seed=0))
+    print(f"[rl 1/2] task: one-step arithmetic word problems; {args.rl_train_rows} train and {args.rl_test_rows} held-out "
+          f"prompts in {data}/ (held-out names, objects and number pairs never appear in train); reward: numeric_match")
+    overrides = [f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}", f"output_dir={out / 'grpo'}", *args.grpo]
+    print(f"[rl 2/2] posttrain grpo {_shown(GRPO_CONFIG)} " + " ".join(overrides))
+    result = grpo.train(load_config("grpo", GRPO_CONFIG, overrides))
+    history = result.fit.history
+    before = history[0].get("heldout/reward/numeric_match", float("nan"))  # step 1's rollout policy = the base model
+    after = result.fit.eval_metrics.get("reward/numeric_match", float("nan"))
+    print("\n=== rl stage: arithmetic word problems, held-out accuracy (greedy decoding) ===")
+    print(f"  base model      {before:6.1%}   mean length {history[0].get('heldout/length', float('nan')):5.1f} tokens")
+    print(f"  after GRPO      {after:6.1%}   mean length {result.fit.eval_metrics.get('length', float('nan')):5.1f} tokens "
+          f"({result.fit.steps} steps, {result.fit.seconds:.0f} s; rollout {history[-1].get('rollout/tokens_per_s', 0):.0f} tok/s, "
+          f"{history[-1].get('rollout/share', 0):.0%} of the step)")
+    print(f"  train reward    step 1 {history[0]['reward']:.3f} -> step {len(history)} {history[-1]['reward']:.3f}; "
+          f"KL to the base model {history[-1]['kl']:.4f}; report: {result.report}")
+    return {"heldout_accuracy_before": before, "heldout_accuracy_after": after, "steps": result.fit.steps,
+            "train_seconds": round(result.fit.seconds, 1), "stopped": result.stopped,
+            "train_reward": [round(h["reward"], 4) for h in history]}
+
+
 def main(argv: list[str] | None = None) -> int:
     from posttrain.cli import quiet_known_warnings
 
@@ -224,13 +257,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="working directory for data, adapters and the reward model")
     parser.add_argument("--stages", type=_stages, default=list(STAGES),
-                        help="comma-separated stages to run, of sft,dpo,rm (default: all); dpo needs sft's adapter in --out")
+                        help="comma-separated stages to run, of sft,dpo,rm,rl (default: all); dpo needs sft's adapter in --out")
     parser.add_argument("--train-rows", type=int, default=384)
     parser.add_argument("--test-rows", type=int, default=64)
     parser.add_argument("--pref-train-rows", type=int, default=192, help="preference pairs to train DPO and the reward model on")
     parser.add_argument("--pref-test-rows", type=int, default=32, help="held-out preference pairs (and questions)")
     parser.add_argument("--dpo", action="append", default=[], metavar="KEY=VALUE", help="an override for the DPO config (repeatable)")
     parser.add_argument("--rm", action="append", default=[], metavar="KEY=VALUE", help="an override for the reward-model config (repeatable)")
+    parser.add_argument("--grpo", action="append", default=[], metavar="KEY=VALUE", help="an override for the GRPO config (repeatable)")
+    parser.add_argument("--rl-train-rows", type=int, default=256, help="arithmetic prompts to train GRPO on")
+    parser.add_argument("--rl-test-rows", type=int, default=32, help="held-out arithmetic prompts")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the SFT config")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -265,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             summary["rm"] = run_rm(args, out, data, test_rows, dpo_detail)
             seconds["rm"] = time.perf_counter() - t
+        if "rl" in args.stages:
+            print()
+            t = time.perf_counter()
+            summary["rl"] = run_rl(args, out)
+            seconds["rl"] = time.perf_counter() - t
     except PosttrainError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
