@@ -34,3 +34,12 @@ def test_example_configs_are_valid():
         stage = next((part for part in path.stem.split("_") if part in STAGE_CONFIGS), "sft")
         cfg = load_config(stage, path, [] if "data:" in path.read_text() else ["data.train=x.jsonl"])
         assert cfg.method in ("full", "lora", "qlora", "prompt", "prefix")
+    # The reward-hacking example: a GRPO config whose rewards and guard rules parse.
+    from posttrain.rewards.registry import _check_item
+    from posttrain.rl.guards import parse_rules
+
+    cfg = load_config("grpo", ROOT / "examples" / "reward_hacking" / "config.yaml")
+    assert (ROOT / cfg.data.train).is_file() and (ROOT / cfg.data.eval).is_file()
+    for i, item in enumerate(cfg.rewards + cfg.guards.rewards):
+        _check_item(item, f"rewards[{i}]")
+    assert {r.metric for r in parse_rules(cfg.guards.rules)} >= {"guard/informative", "length/change"}
