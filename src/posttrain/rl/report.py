@@ -20,7 +20,7 @@ from posttrain.rl.guards import GuardEvent, measured_value
 
 # The metrics every report tabulates (when logged), in this order; reward/<name> and guard/<name> follow theirs.
 _ORDER = [
-    "reward", "reward/", "guard/", "guard/gap", "kl", "kl/trend",
+    "reward", "reward/", "heldout/reward", "guard/", "guard/gap", "kl", "kl/trend",
     "length/mean", "length/change", "length/trend", "entropy", "duplicates/share",
 ]
 
@@ -125,7 +125,9 @@ def _plot(path: Path, history: list[dict], events: list[GuardEvent], title: str,
     from matplotlib.lines import Line2D
 
     names = {key for row in history for key in row}
-    rewards = ["reward"] + sorted(n for n in names if n.startswith("reward/"))
+    # Training reward (sampled) and each source, plus the held-out reward on eval prompts where measured.
+    rewards = ["reward"] + sorted(n for n in names if n.startswith("reward/") and n != "reward/group_std")
+    rewards += ["heldout/reward"] if "heldout/reward" in names else []
     guards = sorted(n for n in names if n.startswith("guard/") and n != "guard/gap")
     guards += ["guard/gap"] if "guard/gap" in names else []
     panels = [("reward", rewards, [])]  # (y label, metrics on the left axis, metrics on a right axis)
