@@ -112,6 +112,12 @@ if [ "${PROFILE:-0}" = "1" ]; then
         --steps 5 --warmup 2 --eval-rows 8 --run-timeout 150 --profile --out "$SCRATCH/profile" \
         && cp "$SCRATCH/profile/runs/lora-posttrain/profile.txt" "$OUT/profile.txt"
 fi
+if [ "${GRPO:-1}" = "1" ]; then
+    elapsed "grpo: posttrain vs TRL GRPOTrainer, and the rollout engine vs model.generate"
+    timeout 240 "$PY" benchmarks/grpo_throughput.py --device "$DEVICE" --model "$MODEL" --steps 3 \
+        --prompts-per-step 8 --num-generations 8 --max-new-tokens 64 --out "$OUT/grpo.json" || echo "grpo benchmark failed"
+    if [ -d "$OUT/grpo-runs" ]; then tar -czf "$OUT/grpo-runs.tar.gz" -C "$OUT" grpo-runs && rm -rf "$OUT/grpo-runs"; fi
+fi
 # Few files at the top of $OUT (some runners fetch only a handful): each run's spec/log/result go in one archive.
 if [ -d "$OUT/runs" ]; then
     tar -czf "$OUT/runs.tar.gz" -C "$OUT" runs && rm -rf "$OUT/runs"
