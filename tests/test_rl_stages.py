@@ -151,3 +151,26 @@ def test_cli_reports_a_bad_reward_without_traceback(tiny_model_dir, rl_files, tm
     assert code == 2
     err = capsys.readouterr().err
     assert "rewards[0]" in err and "Traceback" not in err
+
+
+def test_grpo_runs_on_two_processes(tiny_model_dir, rl_files, tmp_path):
+    """2 gloo processes: prompts sharded, rollout metrics and held-out rewards reduced across processes, one adapter.
+    (Not an equality test: each process samples its own prompts with its own seed.)"""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "posttrain", "grpo", f"model={tiny_model_dir}", f"data.train={rl_files / 'prompts.jsonl'}",
+           f"data.eval={rl_files / 'prompts.jsonl'}", f"output_dir={out}", "tensorboard=false", "precision=fp32",
+           "batch_size=1", "num_generations=4", "sampling.max_new_tokens=6", "max_steps=2", "lr=1e-3", "guards.every=1",
+           f"rewards=[{{function: '{rl_files / 'my_rewards.py'}:length_mod'}}]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all("train/heldout/reward" in r and "train/reward" in r for r in train)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()

@@ -44,6 +44,7 @@ class DataReport:
     dropped_reasons: Counter[str] = field(default_factory=Counter)  # other drops after fitting, by reason
     tokens: int = 0  # in kept rows, after truncation
     loss_tokens: int = 0
+    prompts_only: bool = False  # RL prompt data: nothing in it is trained on, so the summary does not say so
 
     @property
     def rows_invalid(self) -> int:
@@ -52,10 +53,8 @@ class DataReport:
     def summary(self) -> str:
         """One paragraph for the log: what was kept, and why everything else was not."""
         share = f"{100 * self.loss_tokens / self.tokens:.1f}%" if self.tokens else "0%"
-        parts = [
-            f"{self.source}: read {_rows(self.rows_read)}, kept {self.rows_kept:,} "
-            f"({self.tokens:,} tokens, {share} of them trained on)."
-        ]
+        trained = "" if self.prompts_only else f", {share} of them trained on"
+        parts = [f"{self.source}: read {_rows(self.rows_read)}, kept {self.rows_kept:,} ({self.tokens:,} tokens{trained})."]
         if self.rows_invalid:
             top = "; ".join(f"{n:,} × {reason}" for reason, n in self.invalid_reasons.most_common(5))
             others = len(self.invalid_reasons) - 5

@@ -76,4 +76,5 @@ def load_prompt_dataset(path: str | Path, tokenizer: PreTrainedTokenizerBase, *,
         return [TokenizedExample(ids, [1] * len(ids))], (prompt, extra)
 
     rows, report = load_rows(path, convert, max_length=max_prompt_length, overflow="drop", skip_invalid=skip_invalid)
+    report.prompts_only = True
     return [PromptExample(prompt, seqs[0].input_ids, extra) for seqs, (prompt, extra) in rows], report

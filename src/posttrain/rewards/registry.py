@@ -139,13 +139,15 @@ class RewardSet:
 
     @staticmethod
     def metrics(prefix: str, totals: list[float], per_source: dict[str, list[float]]) -> dict[str, float]:
-        """Means for logging: ``<prefix>``, ``<prefix>/<name>`` (NaN scores left out) and ``errors/<name>`` (counts)."""
+        """Means for logging: ``<prefix>``, ``<prefix>/<name>`` (NaN scores left out) and the count of NaN scores,
+        ``errors/<name>`` for the training reward (``errors/heldout/<name>``, ``errors/guard/<name>`` otherwise), logged even when 0 so every
+        process has the same keys."""
         out = {prefix: sum(totals) / max(len(totals), 1)}
         for name, scores in per_source.items():
             good = [v for v in scores if math.isfinite(v)]
             out[f"{prefix}/{name}"] = sum(good) / len(good) if good else float("nan")
-            if len(good) < len(scores):
-                out[f"errors/{name}"] = float(len(scores) - len(good))
+            where = "errors" if prefix == "reward" else f"errors/{prefix.split('/')[0]}"
+            out[f"{where}/{name}"] = float(len(scores) - len(good))
         return out
 
     def close(self) -> None:

@@ -172,12 +172,17 @@ class RolloutObjective:
             guard = RewardSet.metrics("guard", g_totals.tolist(), g_per)
             out.update(guard)
             out["guard/gap"] = out["heldout/reward"] - guard["guard"]
-        if world > 1:
-            keys = sorted(out)
-            t = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-            t = self.accelerator.reduce(t, reduction="sum") / world
-            out = dict(zip(keys, t.tolist()))
-        return out
+        return self.mean_across(out)
+
+    def mean_across(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Mean of each metric over processes (each rolled out as many prompts); keys are the same on every process."""
+        world = self.accelerator.num_processes
+        if world == 1:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        t = self.accelerator.reduce(t, reduction="sum") / world
+        return dict(zip(keys, t.tolist()))
 
     def evaluate(self, model, examples) -> dict[str, float]:
         return {k.removeprefix("heldout/"): v for k, v in self.heldout(model, None).items()}
@@ -203,11 +208,11 @@ class RolloutObjective:
         self._rollout_seconds = time.perf_counter() - t0
         totals, per_source = self.score(self.rewards, examples, completions)
         updates, kl_tokens = self.build_updates(model, examples, completions, totals, step)
-        metrics = self.rollout_metrics(completions, totals, per_source, kl_tokens)
+        # Every process must see the same metrics before the guards decide (else one could stop alone and hang the rest).
+        metrics = self.mean_across(self.rollout_metrics(completions, totals, per_source, kl_tokens))
         every = self.cfg.guards.every
         if every and step % every == 0:
             metrics.update(self.heldout(model, step))
-        self.last_completions = (examples, completions)
         self.check_guards(model, step, metrics)
         return updates, metrics
 
