@@ -150,7 +150,7 @@ class RolloutObjective:
     def kl_of(self, batch: dict[str, torch.Tensor], completions: list[Completion], ref: torch.Tensor) -> torch.Tensor:
         """Per-token k3 KL of the rollout's own log-probs against the reference's, in flat order."""
         rollout = flatten_per_sequence(batch, [c.logprobs for c in completions]).to(ref.device)
-        return k3_kl(rollout, ref).cpu()
+        return k3_kl(rollout, ref).clamp(min=0).cpu()  # k3 >= 0; float noise gives -1e-10 at a start where pi = pi_ref
 
     @torch.no_grad()
     def heldout(self, model, step: int | None) -> dict[str, float]:
