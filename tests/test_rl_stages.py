@@ -174,3 +174,32 @@ def test_grpo_runs_on_two_processes(tiny_model_dir, rl_files, tmp_path):
     assert [r["step"] for r in train] == [1, 2]
     assert all("train/heldout/reward" in r and "train/reward" in r for r in train)
     assert (out / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
+
+
+def test_reward_sources_see_row_columns_and_reward_models_score_like_posttrain_score(tiny_model_dir, rl_files, tmp_path):
+    """A reward-model source scores exactly as load_reward_model(...).score does, and functions get the row's columns."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.rewards.model import load_reward_model
+    from posttrain.rewards.registry import RewardSet
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.save_pretrained(tmp_path / "rm")
+    from posttrain.models.loading import load_tokenizer
+
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(tmp_path / "rm")
+    (tmp_path / "cols.py").write_text("def answer_value(prompt, completion, answer, **row):\n    return float(answer)\n")
+    rewards = RewardSet.from_config([{"reward_model": str(tmp_path / "rm"), "weight": 0.5},
+                                     {"function": f"{tmp_path / 'cols.py'}:answer_value"}], device=torch.device("cpu"))
+    try:
+        prompts = [[{"role": "user", "content": "Count to 3."}], "Plain prompt:"]
+        totals, per = rewards.score(prompts, ["1 2 3", "more text"], [{"answer": "3"}, {"answer": "7"}])
+    finally:
+        rewards.close()
+    direct = load_reward_model(tmp_path / "rm")
+    expected = [direct.score(prompts[0], [[{"role": "assistant", "content": "1 2 3"}]])[0],
+                direct.score(prompts[1], ["more text"])[0]]
+    assert per["reward_model"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert per["answer_value"] == [3.0, 7.0]
+    assert totals == pytest.approx([0.5 * expected[0] + 3.0, 0.5 * expected[1] + 7.0], rel=1e-5, abs=1e-6)
