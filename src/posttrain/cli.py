@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `posttrain <command> --help` for every key of a command.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="<command>")
+    sub.add_parser("data", help="Data toolkit: `posttrain data audit FILE [--against EVAL] [--max-length N]` (see `posttrain data --help`).")
     for stage, desc in DESCRIPTIONS.items():
         p = sub.add_parser(
             stage,
@@ -115,6 +116,11 @@ def quiet_known_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_known_warnings()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "data":  # the data toolkit has its own subcommands and flags
+        from posttrain.data.audit import main as data_main
+
+        return data_main(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.stage is None:

@@ -1,0 +1,80 @@
+"""`posttrain data audit` on crafted files where every planted problem is known by construction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain.data.audit import audit, write_reports
+
+PARAGRAPH = ("The committee met on Tuesday to review the annual budget for the regional library network, which "
+             "serves eleven towns and several schools. Members discussed the cost of new shelving, longer opening "
+             "hours on weekends, and a plan to digitise the local newspaper archive going back one hundred years. "
+             "After a long debate they agreed to fund two new mobile libraries, to repair the roof of the oldest "
+             "branch before winter, and to ask volunteers to run reading clubs for children during the holidays.")
+
+
+def chat(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def write(path, rows):
+    with path.open("w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    rows = [chat(f"Question {i} about topic {i * 7}?", f"Distinct answer number {i} with detail {i * 13}.") for i in range(20)]
+    rows[3] = chat("Summarise the meeting.", PARAGRAPH)                                            # line 4
+    rows[5] = chat("summarise   the MEETING.", PARAGRAPH.upper())                                   # line 6: exact dup of 4
+    rows[8] = chat("Summarise the meeting.", PARAGRAPH.replace("Tuesday", "Monday"))              # line 9: near dup of 4
+    rows[10] = chat("Contact?", "Write to jane.doe@example.com or call (555) 123-4567.")          # line 11: email+phone
+    rows[12] = chat("Pay?", "Card 4111 1111 1111 1111 works; 4111 1111 1111 1112 does not.")      # line 13: one Luhn-valid card
+    rows[14] = chat("Opinion?", "As an AI language model, I don't have opinions.")                # line 15: boilerplate
+    rows[16] = {"messages": [{"role": "assistant", "content": "orphan"}]}                          # line 17: invalid
+    rows.append("{not json")                                                                        # line 21: unparseable
+    rows.append(chat("What is the capital of France and why is it famous for its art museums today?",
+                     "Paris, home of the Louvre and the Musee d'Orsay, famous for art."))           # line 22: contaminated
+    return write(tmp_path / "sft.jsonl", rows)
+
+
+def test_audit_finds_every_planted_problem_and_nothing_else(sft_file, tmp_path, tokenizer):
+    eval_file = write(tmp_path / "eval.jsonl", [chat("What is the capital of France and why is it famous for its art museums today?", "Paris.")])
+    result = audit(sft_file, tokenizer=tokenizer, max_length=40, against=eval_file, progress=False)
+    s = result.summary()
+    assert s["rows"] == 22 and s["invalid"] == 2
+    assert [w.rsplit(":", 1)[1] for w, _ in result.invalid] == ["17", "21"]
+    assert result.exact == [(f"{sft_file}:6", f"{sft_file}:4")]
+    assert result.near == [(f"{sft_file}:9", f"{sft_file}:4")]
+    assert result.pii == {"email": [f"{sft_file}:11"], "phone": [f"{sft_file}:11"], "credit_card": [f"{sft_file}:13"]}
+    assert result.boilerplate == [f"{sft_file}:15"]
+    assert result.contaminated == [f"{sft_file}:22"]
+    assert s["tokens"]["truncated_rows"] == sum(n > 40 for n in result.lengths) >= 3  # the paragraph rows
+    md, page, js = write_reports(result, tmp_path / "out")
+    assert "1 exact, 1 near" in md.read_text() and "base64," in page.read_text()
+    assert json.loads(js.read_text())["pii"] == {"credit_card": 1, "email": 1, "phone": 1}
+
+
+def test_preference_checks_length_bias_and_swapped_pairs(tmp_path, tokenizer):
+    rows = [{"prompt": f"Q{i}?", "chosen": f"A long and careful answer number {i}.", "rejected": f"No {i}."} for i in range(8)]
+    rows.append({"prompt": "Q3?", "chosen": "No 3.", "rejected": "A long and careful answer number 3."})  # swapped copy
+    rows.append({"prompt": "Q9?", "chosen": "same", "rejected": "same"})                                  # no preference
+    path = write(tmp_path / "prefs.jsonl", rows)
+    result = audit(path, tokenizer=tokenizer, progress=False)
+    s = result.summary()
+    assert s["invalid"] == 1 and "identical" in result.invalid[0][1]
+    assert s["preference"]["pairs"] == 9 and s["preference"]["chosen_longer_share"] == pytest.approx(8 / 9)
+    assert result.swapped == [(f"{path}:9", f"{path}:4")]
+
+
+def test_cli_audit(sft_file, tmp_path, capsys):
+    from posttrain.cli import main
+
+    assert main(["data", "audit", str(sft_file), "--max-length", "64", "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "2 invalid" in out and (tmp_path / "rep" / "report.html").is_file()
+    assert main(["data", "audit", str(tmp_path / "missing.jsonl")]) == 2
