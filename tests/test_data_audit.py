@@ -78,3 +78,31 @@ def test_cli_audit(sft_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 invalid" in out and (tmp_path / "rep" / "report.html").is_file()
     assert main(["data", "audit", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_clean_keeps_good_rows_and_accounts_for_every_other(sft_file, tmp_path, capsys):
+    from posttrain.cli import main
+
+    eval_file = write(tmp_path / "eval.jsonl", [chat("What is the capital of France and why is it famous for its art museums today?", "Paris.")])
+    out = tmp_path / "clean.jsonl"
+    assert main(["data", "clean", str(sft_file), "-o", str(out), "--against", str(eval_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "read 22, kept 16, rejected 6" in printed
+    rejects = [json.loads(line) for line in (tmp_path / "clean.jsonl.rejects.jsonl").read_text().splitlines()]
+    by_line = {r["where"].rsplit(":", 1)[1]: r["reason"] for r in rejects}
+    assert by_line["6"] == "exact duplicate" and by_line["9"] == "near duplicate"
+    assert by_line["15"] == "boilerplate/refusal" and by_line["22"].startswith("contaminated")
+    assert by_line["17"].startswith("invalid") and by_line["21"].startswith("invalid")
+    kept = (out).read_text()
+    assert "jane.doe@example.com" not in kept and "[EMAIL]" in kept and "[PHONE]" in kept and "[CREDIT_CARD]" in kept
+    assert "4111 1111 1111 1112" in kept  # fails Luhn: not a card number, not touched
+    assert len(kept.splitlines()) == 16
+
+
+def test_clean_config_errors_name_the_key(sft_file, tmp_path):
+    from posttrain.cli import main
+
+    (tmp_path / "c.yaml").write_text("pii: hide\n")
+    assert main(["data", "clean", str(sft_file), "-o", str(tmp_path / "o.jsonl"), "--config", str(tmp_path / "c.yaml")]) == 2
+    (tmp_path / "c.yaml").write_text("near_treshold: 0.9\n")
+    assert main(["data", "clean", str(sft_file), "-o", str(tmp_path / "o.jsonl"), "--config", str(tmp_path / "c.yaml")]) == 2

@@ -269,6 +269,7 @@ def write_reports(result: AuditResult, out_dir: str | Path) -> tuple[Path, Path,
 def main(argv: list[str]) -> int:
     """``posttrain data audit FILE [--against EVAL] [--max-length N] [--model M] [--out DIR]``."""
     import argparse
+    import sys
 
     from posttrain.errors import PosttrainError
 
@@ -281,6 +282,13 @@ def main(argv: list[str]) -> int:
     a.add_argument("--max-length", type=int, help="count rows longer than this many tokens")
     a.add_argument("--model", default="smollm2-135m", help="whose tokenizer measures lengths (default: the embedded model)")
     a.add_argument("--out", help="report folder (default: <file>.audit/)")
+    c = sub.add_parser("clean", help="write the rows worth training on, and every dropped row with its reason",
+                       description=__import__("posttrain.data.clean", fromlist=["x"]).__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("file")
+    c.add_argument("-o", "--output", required=True, help="kept rows (JSONL); rejects go to OUTPUT.rejects.jsonl")
+    c.add_argument("--config", help="a YAML file of clean options (max_length, exact_dedup, near_dedup, near_threshold, boilerplate, pii, model)")
+    c.add_argument("--against", help="an eval set: rows sharing a word 8-gram with it are dropped")
     args = parser.parse_args(argv)
     try:
         from posttrain.models.loading import load_tokenizer
@@ -288,11 +296,21 @@ def main(argv: list[str]) -> int:
         for p in [args.file] + ([args.against] if args.against else []):
             if not Path(p).exists():
                 raise PosttrainError(f"{p}: no such file")
+        if args.command == "clean":
+            from posttrain.data.clean import clean, load_clean_config
+
+            cfg = load_clean_config(args.config)
+            tokenizer = load_tokenizer(cfg.model) if cfg.max_length is not None else None
+            res = clean(args.file, args.output, cfg, against=args.against, tokenizer=tokenizer)
+            reasons = "; ".join(f"{n} {k}" for k, n in sorted(res["reasons"].items(), key=lambda kv: -kv[1])) or "none"
+            print(f"{args.file}: read {res['read']}, kept {res['kept']}, rejected {res['rejected']} "
+                  f"(kept + rejected = read: checked). Reasons: {reasons}.\nkept: {res['out']}\nrejects: {res['rejects']}")
+            return 0
         tokenizer = load_tokenizer(args.model)
         result = audit(args.file, tokenizer=tokenizer, max_length=args.max_length, against=args.against)
         paths = write_reports(result, args.out or f"{args.file}.audit")
     except PosttrainError as e:
-        print(f"posttrain data audit: error: {e}")
+        print(f"posttrain data {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(_markdown(result.summary()))
     print(f"\nreports: {', '.join(str(p) for p in paths)}")
