@@ -234,7 +234,7 @@ def _markdown(s: dict) -> str:
     lines += ["## Token lengths", "", f"min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}"
               + (f"; {t['truncated_rows']} rows longer than max_length {t['max_length']}" if t["max_length"] else ""),
               "", "## Duplicates", "", f"{s['exact_duplicates']} exact, {s['near_duplicates']} near (MinHash, Jaccard >= 0.8)", ""]
-    lines += [f"- {e}" for e in s["duplicate_examples"]] + [""]
+    lines += [f"- {e}" for e in s["duplicate_examples"]] + ([""] if s["duplicate_examples"] else [])
     lines += ["## PII", ""] + ([f"- {k}: {v} rows (e.g. {', '.join(s['pii_examples'][k])})" for k, v in s["pii"].items()] or ["none found"]) + [""]
     lines += ["## Boilerplate and refusals", "", f"{s['boilerplate_rows']} rows" + (f" (e.g. {', '.join(s['boilerplate_examples'])})" if s["boilerplate_examples"] else ""), ""]
     if "preference" in s:
@@ -242,12 +242,12 @@ def _markdown(s: dict) -> str:
         lines += ["## Preference pairs", "", f"{p['pairs']} pairs; chosen is the longer response in {p['chosen_longer_share']:.0%} "
                   "(far from 50% is a length bias a reward model will learn); "
                   f"{p['swapped_pairs']} pairs appear elsewhere with chosen and rejected swapped", ""]
-        lines += [f"- {e}" for e in p["swapped_examples"]] + [""]
+        lines += [f"- {e}" for e in p["swapped_examples"]] + ([""] if p["swapped_examples"] else [])
     if "contamination" in s:
         c = s["contamination"]
         lines += ["## Contamination", "", f"{c['rows']} rows ({c['share']:.1%}) share a word {c['ngram']}-gram with {c['against']}", ""]
-        lines += [f"- {e}" for e in c["examples"]] + [""]
-    return "\n".join(lines)
+        lines += [f"- {e}" for e in c["examples"]] + ([""] if c["examples"] else [])
+    return "\n".join(lines).rstrip("\n")
 
 
 def write_reports(result: AuditResult, out_dir: str | Path) -> tuple[Path, Path, Path]:
