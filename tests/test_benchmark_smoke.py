@@ -175,3 +175,18 @@ def test_grpo_benchmark_trl_side_matches_the_setup(grpo_bench, tiny_model_dir, t
     # LoRA r 16 on all 7 linear layers of the 2 tiny layers (hidden 64, kv 32, mlp 128): what posttrain trains too
     linears = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
     assert run["trainable_params"] == 2 * 16 * sum(i + o for i, o in linears)
+
+
+def test_data_throughput_smoke(tmp_path):
+    """The data benchmark runs end to end on a small file and finds the planted duplicates."""
+    import subprocess
+
+    out = tmp_path / "data.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--rows", "1500",
+                           "--work", str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["dedup"]["exact_found"] >= res["planted"]["planted_exact"]
+    assert res["dedup"]["near_found"] >= 0.7 * res["planted"]["planted_near"]
+    assert res["clean"]["kept"] + sum(res["clean"]["reasons"].values()) == 1500
+    assert res["dedup"]["rows_per_s"] > 0 and res["dedup"]["peak_rss_mb"] > 0
