@@ -140,6 +140,18 @@ def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
+def eval_ngrams(against: str | Path) -> set[tuple[str, ...]]:
+    """Every word ``CONTAMINATION_N``-gram of the eval set's rows (unreadable or invalid rows are skipped)."""
+    grams: set = set()
+    for record in read_records(against):
+        if record.data is not None:
+            try:
+                grams |= _ngrams(parse_row(record.where, record.data).text, CONTAMINATION_N)
+            except ValueError:
+                continue
+    return grams
+
+
 def audit(path: str | Path, *, tokenizer=None, max_length: int | None = None, against: str | Path | None = None,
           near_threshold: float = 0.8, progress: bool = True) -> AuditResult:
     from tqdm.auto import tqdm
@@ -195,13 +207,7 @@ def audit(path: str | Path, *, tokenizer=None, max_length: int | None = None, ag
         seen.setdefault(row.key, row.where)
 
     if against is not None:
-        eval_grams: set = set()
-        for record in read_records(against):
-            if record.data is not None:
-                try:
-                    eval_grams |= _ngrams(parse_row(record.where, record.data).text, CONTAMINATION_N)
-                except ValueError:
-                    continue
+        eval_grams = eval_ngrams(against)
         result.contaminated = [row.where for row in rows if _ngrams(row.text, CONTAMINATION_N) & eval_grams]
     return result
 

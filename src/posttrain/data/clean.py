@@ -18,6 +18,7 @@ command reports success.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,23 +70,13 @@ def _redact_value(value, kinds=None):
 def clean(path: str | Path, out: str | Path, cfg: CleanConfig, *, against: str | Path | None = None,
           tokenizer=None) -> dict:
     """Filter ``path`` into ``out`` and ``out.rejects.jsonl``; returns counts by reason (see module docstring)."""
-    from posttrain.data.audit import BOILERPLATE, CONTAMINATION_N, _ngrams, parse_row
+    from posttrain.data.audit import BOILERPLATE, CONTAMINATION_N, _ngrams, eval_ngrams, parse_row
     from posttrain.data.dedup import NearDuplicateIndex, normalize_for_dedup
     from posttrain.data.io import read_records
     from posttrain.data.pii import find_pii
     from posttrain.data.tokenize import ChatTemplateError, tokenize_sft
 
-    eval_grams: set = set()
-    if against is not None:
-        for record in read_records(against):
-            if record.data is not None:
-                try:
-                    eval_grams |= _ngrams(parse_row(record.where, record.data).text, CONTAMINATION_N)
-                except ValueError:
-                    continue
-
-    import hashlib
-
+    eval_grams = eval_ngrams(against) if against is not None else set()
     out = Path(out)
     rejects_path = out.with_name(out.name + ".rejects.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)

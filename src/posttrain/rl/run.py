@@ -73,6 +73,24 @@ def setup_rl(cfg: RLConfig, value_head: bool = False) -> RLSetup:
     return RLSetup(accelerator, tokenizer, model, train, eval_rows, rewards, guard_rewards, monitor, reference, capacity)
 
 
+def objective_parts(s: RLSetup) -> dict:
+    """The keyword arguments every RL objective takes from the setup."""
+    return dict(tokenizer=s.tokenizer, reference=s.reference, rewards=s.rewards, guard_rewards=s.guard_rewards,
+                monitor=s.monitor, capacity=s.capacity, accelerator=s.accelerator, eval_examples=s.eval)
+
+
+def fit_rl(cfg: RLConfig, s: RLSetup, objective, what: str):
+    """Run the engine on ``objective`` (``what`` describes the algorithm's settings); returns (engine, fit)."""
+    from posttrain.engine.trainer import Engine
+
+    objective.engine.eos_ids = eos_token_ids(s.tokenizer, s.model)
+    engine = Engine(cfg, s.model, s.train, lambda rows: rows, s.eval, s.accelerator)
+    say(s.accelerator, f"training {engine.total_steps} steps of {engine.global_batch} prompts x {cfg.num_generations} "
+                       f"completions, {what} ({s.accelerator.num_processes} process(es), precision "
+                       f"{s.accelerator.mixed_precision})")
+    return engine, engine.fit(objective)
+
+
 def eos_token_ids(tokenizer, model) -> list[int]:
     ids = {tokenizer.eos_token_id}
     gen = getattr(unwrap(model), "generation_config", None)

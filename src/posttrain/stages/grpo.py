@@ -12,13 +12,11 @@ from __future__ import annotations
 import torch
 
 from posttrain.config import GRPOConfig
-from posttrain.engine.trainer import Engine
 from posttrain.losses import group_advantages, grpo_loss, rloo_advantages
 from posttrain.models.forward import target_logps
 from posttrain.models.reference import eval_mode, unwrap
 from posttrain.rl.objective import RolloutObjective
-from posttrain.rl.run import RLResult, eos_token_ids, finish_rl, setup_rl
-from posttrain.stages.common import say
+from posttrain.rl.run import RLResult, finish_rl, fit_rl, objective_parts, setup_rl
 
 
 class GRPOObjective(RolloutObjective):
@@ -72,13 +70,6 @@ class GRPOObjective(RolloutObjective):
 
 def train(cfg: GRPOConfig) -> RLResult:
     s = setup_rl(cfg)
-    objective = GRPOObjective(cfg, tokenizer=s.tokenizer, reference=s.reference, rewards=s.rewards,
-                              guard_rewards=s.guard_rewards, monitor=s.monitor, capacity=s.capacity,
-                              accelerator=s.accelerator, eval_examples=s.eval)
-    objective.engine.eos_ids = eos_token_ids(s.tokenizer, s.model)
-    engine = Engine(cfg, s.model, s.train, lambda rows: rows, s.eval, s.accelerator)
-    say(s.accelerator, f"training {engine.total_steps} steps of {engine.global_batch} prompts x {cfg.num_generations} "
-                       f"completions, advantage {cfg.advantage}, beta {cfg.beta}, loss_norm {cfg.loss_norm} "
-                       f"({s.accelerator.num_processes} process(es), precision {s.accelerator.mixed_precision})")
-    fit = engine.fit(objective)
+    objective = GRPOObjective(cfg, **objective_parts(s))
+    engine, fit = fit_rl(cfg, s, objective, f"advantage {cfg.advantage}, beta {cfg.beta}, loss_norm {cfg.loss_norm}")
     return finish_rl(cfg, s, engine, fit, objective, "grpo")

@@ -17,13 +17,11 @@ from __future__ import annotations
 import torch
 
 from posttrain.config import PPOConfig
-from posttrain.engine.trainer import Engine
 from posttrain.losses import IGNORE_INDEX, gae, ppo_loss, whiten
 from posttrain.models.forward import _causal_lm, target_logps_and_values
 from posttrain.models.reference import eval_mode, unwrap
 from posttrain.rl.objective import RolloutObjective, flat_order
-from posttrain.rl.run import RLResult, eos_token_ids, finish_rl, setup_rl
-from posttrain.stages.common import say
+from posttrain.rl.run import RLResult, finish_rl, fit_rl, objective_parts, setup_rl
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -134,15 +132,9 @@ def train(cfg: PPOConfig) -> RLResult:
 
     s = setup_rl(cfg)
     value_head = attach_value_head(s.model)
-    objective = PPOObjective(cfg, value_head, tokenizer=s.tokenizer, reference=s.reference, rewards=s.rewards,
-                             guard_rewards=s.guard_rewards, monitor=s.monitor, capacity=s.capacity,
-                             accelerator=s.accelerator, eval_examples=s.eval)
-    objective.engine.eos_ids = eos_token_ids(s.tokenizer, s.model)
-    engine = Engine(cfg, s.model, s.train, lambda rows: rows, s.eval, s.accelerator)
-    say(s.accelerator, f"training {engine.total_steps} steps of {engine.global_batch} prompts x {cfg.num_generations} "
-                       f"completions, {cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches, kl_coef {cfg.kl_coef} "
-                       f"in the {cfg.kl_in} ({s.accelerator.num_processes} process(es), precision {s.accelerator.mixed_precision})")
-    fit = engine.fit(objective)
+    objective = PPOObjective(cfg, value_head, **objective_parts(s))
+    engine, fit = fit_rl(cfg, s, objective, f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches, "
+                                            f"kl_coef {cfg.kl_coef} in the {cfg.kl_in}")
     head = detach_value_head(engine.model)
 
     def save_head(out):
