@@ -47,11 +47,23 @@ elapsed "machine"
 
 # --- venv: reuse the machine's CUDA torch (system site packages) rather than pulling another one -------------
 BASE_PY="${PYTHON:-python3}"
-if [ ! -x "$VENV/bin/python" ]; then
-    "$BASE_PY" -m venv --system-site-packages "$VENV" || { echo "could not create $VENV"; exit 1; }
+TARGET=""
+if "$BASE_PY" -c "import sys, torch; sys.exit(0 if sys.prefix != sys.base_prefix else 1)" 2>/dev/null; then
+    # python3 is itself a venv holding torch: a venv made from it would not see its packages, so install what
+    # is missing into a folder on PYTHONPATH instead.
+    PY="$BASE_PY"
+    TARGET="$SCRATCH/site"
+    mkdir -p "$TARGET"
+    export PYTHONPATH="$TARGET:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    PIP=("$PY" -m pip install -q --disable-pip-version-check --no-compile --target "$TARGET")
+    echo "using $("$PY" -c 'import sys; print(sys.prefix)') (a venv with torch) plus $TARGET"
+else
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$BASE_PY" -m venv --system-site-packages "$VENV" || { echo "could not create $VENV"; exit 1; }
+    fi
+    PY="$VENV/bin/python"
+    PIP=("$PY" -m pip install -q --disable-pip-version-check)
 fi
-PY="$VENV/bin/python"
-PIP=("$PY" -m pip install -q --disable-pip-version-check)
 if [ -n "${WHEELS:-}" ]; then
     PIP+=(--no-index --find-links "$WHEELS")
 fi
@@ -81,10 +93,18 @@ if [ -n "${WHEELS:-}" ]; then
     "${PIP[@]}" --no-deps "$WHEELS"/*.whl || echo "some wheels in $WHEELS did not install"
 fi
 elapsed "installing what is missing of: $DEPS"
-for dep in $DEPS; do  # one at a time: a package that cannot be had must not block the others
+SATISFIED='import sys, importlib.metadata as md
+from packaging.requirements import Requirement
+r = Requirement(sys.argv[1])
+sys.exit(0 if r.specifier.contains(md.version(r.name), prereleases=True) else 1)'
+for dep in $DEPS; do
+    # one at a time: a package that cannot be had must not block the others
+    if [ -n "$TARGET" ] && "$PY" -c "$SATISFIED" "$dep" 2>/dev/null; then continue; fi
     "${PIP[@]}" -c "$SCRATCH/constraints.txt" "$dep" || echo "could not install $dep (the runs that need it will fail)"
 done
-if ! "${PIP[@]}" --no-deps --no-build-isolation -e .; then
+if [ -n "$TARGET" ]; then
+    :  # posttrain comes from src/ on PYTHONPATH
+elif ! "${PIP[@]}" --no-deps --no-build-isolation -e .; then
     echo "pip could not install posttrain: using PYTHONPATH=src"
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi

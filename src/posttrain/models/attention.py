@@ -21,6 +21,8 @@ that span, where causality keeps real tokens from ever attending to it (its labe
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +47,23 @@ def sdpa_segments_forward(module, query, key, value, attention_mask, dropout: fl
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    with _without_cudnn(query.device):
+        return _segments(query, key, value, segments, dropout, scaling)
+
+
+def _without_cudnn(device: torch.device):
+    """Per-span SDPA on CUDA must not reach the cuDNN backend: it builds a graph per new sequence length, and
+    packed spans have ever-new lengths. Measured on an H200 (torch 2.11, benchmarks/results/h200-2026-11-27):
+    ~1.6 ms of CPU per cuDNN attention call against ~7 us of GPU work, 75% of a LoRA step's wall time.
+    Flash/efficient/math stay allowed, in PyTorch's own order of preference."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _segments(query, key, value, segments, dropout, scaling):
     gqa = query.shape[1] != key.shape[1]
     rows = []
     for r, spans in enumerate(segments):
