@@ -446,7 +446,20 @@ def main(argv: list[str]) -> int:
     c.add_argument("--config", help="a YAML file of clean options (max_length, exact_dedup, near_dedup, near_threshold, "
                    "semantic_dedup, semantic_threshold, boilerplate, broken_code, invalid_json, reference_mismatch, languages, pii, model)")
     c.add_argument("--against", help="an eval set: rows sharing a word 8-gram with it are dropped")
+    y = sub.add_parser("synth", help="synthesise SFT rows (self-instruct) or preference pairs with a teacher model",
+                       description=__import__("posttrain.data.synth", fromlist=["x"]).__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  posttrain data synth sft seeds=seed_tasks.jsonl num_rows=200 output=synth/sft.jsonl\n"
+                              "  posttrain data synth preference prompts=prompts.jsonl 'rewards=[{function: numeric_match}]' "
+                              "output=synth/prefs.jsonl\n  posttrain data synth sft synth.yaml teacher.base_url=http://localhost:8000/v1 "
+                              "teacher.model=Qwen/Qwen2.5-7B-Instruct teacher.concurrency=16\n\nkeys (key=value, dotted for sections):\n"
+                              + "\n".join(f"  {k} = {d}: {h}" for k, d, h in _synth_keys()))
+    y.add_argument("mode", choices=["sft", "preference"])
+    y.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value",
+                   help="an optional YAML file of synth keys, then dotted overrides")
     args = parser.parse_args(argv)
+    if args.command == "synth":
+        return _synth_main(args.mode, args.args)
     try:
         from posttrain.models.loading import load_tokenizer
 
@@ -477,4 +490,33 @@ def main(argv: list[str]) -> int:
         return 2
     print(_markdown(result.summary()))
     print(f"\nreports: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _synth_keys() -> list[tuple[str, str, str]]:
+    from posttrain.config import help_table
+    from posttrain.data.synth import SynthConfig
+
+    return [(k, d.replace("\n", " ")[:40], h) for k, d, h in help_table(SynthConfig)]
+
+
+def _synth_main(mode: str, rest: list[str]) -> int:
+    import sys
+
+    from posttrain.data.synth import format_summary, load_synth_config, run_synth
+    from posttrain.errors import PosttrainError
+
+    path = rest[0] if rest and "=" not in rest[0] else None
+    overrides = rest[1:] if path is not None else rest
+    try:
+        cfg = load_synth_config(path, overrides, mode)
+        summary = run_synth(mode, cfg)
+    except PosttrainError as e:
+        print(f"posttrain data synth: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nposttrain data synth: interrupted; every finished item is in the journal "
+              f"({cfg.output}.partial.jsonl): run the same command again to continue.", file=sys.stderr)
+        return 130
+    print(format_summary(summary))
     return 0

@@ -5,9 +5,9 @@ read from the reply is the last ``Score: N`` if there is one, else the last ``N/
 a judge may reason before it scores. A reply without a score in 1..10 is ``nan``, like any row whose request
 failed, and is counted in ``.errors`` (``.last_error`` keeps the latest message).
 
-Requests run ``concurrency`` at a time. Timeouts, connection errors, 429 and 5xx are retried ``retries`` times
-with exponential backoff (``backoff * 2**attempt`` seconds, or the server's ``Retry-After`` if longer); other
-4xx mean the request itself is wrong and are not retried. Identical (prompt, completion) pairs in a batch
+Requests go through :class:`posttrain.openai_compat.ChatClient`: ``concurrency`` at a time, at most
+``rate_limit`` per second, timeouts/connection errors/429/5xx retried ``retries`` times with exponential backoff
+(or the server's ``Retry-After``); other 4xx are not retried. Identical (prompt, completion) pairs in a batch
 share one request.
 
 Judgments are cached by sha256(model, template, prompt, completion): in memory always, and in a SQLite file
@@ -24,17 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import sqlite3
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-
 from posttrain.errors import ConfigError
+from posttrain.openai_compat import ChatClient
 
 DEFAULT_TEMPLATE = """You are grading an AI assistant's response to a user's request.
 
@@ -50,7 +46,6 @@ your reply with a line of the form "Score: N", where N is an integer from 1 (use
 _SCORE_MARKER = re.compile(r"score\W{0,4}?(\d+(?:\.\d+)?)", re.IGNORECASE)
 _OUT_OF_TEN = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*/\s*10(?!\d)")
 _NUMBER = re.compile(r"(?<![\d.])\d+(?:\.\d+)?")
-_MAX_RETRY_AFTER_S = 60.0
 
 
 def parse_score(reply: str) -> float | None:
@@ -70,35 +65,20 @@ def render_prompt(prompt: str | list[dict]) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, wait_s: float = 0.0):
-        super().__init__(message)
-        self.wait_s = wait_s
-
-
 class JudgeReward:
     """Scores completions with an LLM judge; ``template`` holds ``{prompt}`` and ``{completion}``."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  template: str = DEFAULT_TEMPLATE, timeout: float = 30, retries: int = 3, backoff: float = 0.5,
-                 concurrency: int = 4, cache_path: str | Path | None = None, name: str = "judge"):
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"judge: base_url {base_url!r} must start with http:// or https:// (e.g. "
-                              "http://localhost:8000/v1)")
+                 concurrency: int = 4, rate_limit: float = 0.0, cache_path: str | Path | None = None,
+                 name: str = "judge"):
         if "{completion}" not in template:
             raise ConfigError("judge: template has no {completion} placeholder; the judge would never see the "
                               "response it grades")
-        if retries < 0 or concurrency < 1 or timeout <= 0:
-            raise ConfigError(f"judge: expected retries >= 0, concurrency >= 1 and timeout > 0; got retries="
-                              f"{retries}, concurrency={concurrency}, timeout={timeout}")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.client = ChatClient(base_url, model, api_key_env=api_key_env, timeout=timeout, retries=retries,
+                                 backoff=backoff, concurrency=concurrency, rate_limit=rate_limit, what="judge")
         self.model, self.template, self.name = model, template, name
-        self.retries, self.backoff, self.concurrency = retries, backoff, concurrency
         self.errors, self.last_error = 0, None
-        self.requests = 0  # HTTP requests sent, retries included
-        api_key = os.environ.get(api_key_env)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout))
         self._memory: dict[str, str] = {}
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -128,43 +108,10 @@ class JudgeReward:
             with self._db:  # one transaction per batch
                 self._db.executemany("INSERT OR REPLACE INTO judgments (key, reply) VALUES (?, ?)", replies.items())
 
-    # -- requests -----------------------------------------------------------------------------------------------
-
-    def _post_once(self, content: str) -> str:
-        """The judge's reply; _Retryable for errors worth retrying, RuntimeError for the rest."""
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0.0}
-        try:
-            response = self._client.post(self.url, json=body)
-        except httpx.TimeoutException as e:
-            raise _Retryable(f"timed out ({type(e).__name__})") from None
-        except httpx.TransportError as e:
-            raise _Retryable(f"{type(e).__name__}: {e}") from None
-        if response.status_code == 429 or response.status_code >= 500:
-            retry_after = response.headers.get("Retry-After", "")
-            wait_s = min(float(retry_after), _MAX_RETRY_AFTER_S) if retry_after.isdigit() else 0.0
-            raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}", wait_s)
-        if response.status_code >= 400:
-            raise RuntimeError(f"HTTP {response.status_code} (not retried): {response.text[:200]}")
-        try:
-            return response.json()["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise RuntimeError(f"not a chat completion response: {response.text[:200]}") from None
-
-    def _judge(self, prompt, completion: str) -> tuple[str | None, str | None]:
-        """(reply, None), or (None, error message) once retries are spent or the error is not retryable."""
-        content = self.template.replace("{prompt}", render_prompt(prompt)).replace("{completion}", completion)
-        for attempt in range(self.retries + 1):
-            with self._lock:
-                self.requests += 1
-            try:
-                return self._post_once(content), None
-            except RuntimeError as e:
-                return None, str(e)
-            except _Retryable as e:
-                if attempt == self.retries:
-                    return None, f"{e} (after {self.retries + 1} attempts)"
-                time.sleep(max(self.backoff * 2**attempt, e.wait_s))
-        raise AssertionError("unreachable")
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent, retries included."""
+        return self.client.requests
 
     # -- the batch interface ------------------------------------------------------------------------------------
 
@@ -179,8 +126,9 @@ class JudgeReward:
                 todo[key] = (prompt, completion)
         failures: dict[str, str] = {}
         if todo:
-            with ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
-                results = dict(zip(todo, pool.map(lambda pair: self._judge(*pair), todo.values())))
+            contents = [[{"role": "user", "content": self.template.replace("{prompt}", render_prompt(p))
+                          .replace("{completion}", c)}] for p, c in todo.values()]
+            results = dict(zip(todo, self.client.map(contents, temperature=0.0)))
             self._store({key: reply for key, (reply, _) in results.items() if reply is not None})
             failures = {key: error for key, (reply, error) in results.items() if reply is None}
         scores = []
@@ -193,7 +141,7 @@ class JudgeReward:
         return scores
 
     def close(self) -> None:
-        self._client.close()
+        self.client.close()
         if self._db is not None:
             self._db.close()
             self._db = None
