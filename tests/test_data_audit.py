@@ -106,3 +106,27 @@ def test_clean_config_errors_name_the_key(sft_file, tmp_path):
     assert main(["data", "clean", str(sft_file), "-o", str(tmp_path / "o.jsonl"), "--config", str(tmp_path / "c.yaml")]) == 2
     (tmp_path / "c.yaml").write_text("near_treshold: 0.9\n")
     assert main(["data", "clean", str(sft_file), "-o", str(tmp_path / "o.jsonl"), "--config", str(tmp_path / "c.yaml")]) == 2
+
+
+def test_contamination_ignores_a_shared_template_but_finds_an_embedded_eval_item(tmp_path):
+    """A templated task shares its instruction with every eval row: that is not contamination. A training row
+    that quotes one eval item inside a longer text is, with the share of that item's n-grams it holds."""
+    from posttrain.data.audit import EvalIndex
+
+    instruction = "Extract the name, the age, the job and the city of the person below as a JSON object."
+    people = [("Olga Horvat", 65, "data analyst", "Lima"), ("Ingrid Schmidt", 35, "dentist", "Lagos"),
+              ("Maria Haddad", 48, "teacher", "Istanbul"), ("Tomas Berg", 29, "pilot", "Oslo"),
+              ("Aiko Tanaka", 52, "architect", "Osaka"), ("Pedro Alves", 41, "nurse", "Porto")]
+
+    def row(name, age, job, city):
+        return chat(f"{instruction}\n\n{name}, who is {age} years old, has worked as a {job} in {city} for many years.",
+                    json.dumps({"name": name, "age": age, "job": job, "city": city}))
+
+    eval_file = write(tmp_path / "eval.jsonl", [row(*p) for p in people])
+    index = EvalIndex(eval_file)
+    clean_row = row("Nina Petrova", 33, "chemist", "Sofia")  # same template, new content
+    assert index.match("\n".join(m["content"] for m in clean_row["messages"])) is None
+    leaked = ("Notes from the archive. " + people[2][0] + ", who is 48 years old, has worked as a teacher in Istanbul "
+              "for many years. The rest of this document is about something else entirely.")
+    where, share = index.match(leaked)
+    assert where == f"{eval_file}:3" and share >= 0.5

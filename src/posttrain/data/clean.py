@@ -5,7 +5,7 @@ Applies, in this order, the filters selected in the config (defaults below), eac
 
 1. invalid rows (unparseable, or rejected by the trainers' own validation);
 2. rows longer than ``max_length`` tokens (when set);
-3. contamination: rows sharing a word 8-gram with the ``--against`` eval set;
+3. contamination: rows holding at least half of some ``--against`` eval row's identifying word 8-grams of one paragraph (audit.EvalIndex);
 4. exact duplicates (after case/whitespace normalisation), then near duplicates (MinHash LSH); the first
    occurrence is kept; then, with ``semantic_dedup: true``, semantic duplicates (cosine >= ``semantic_threshold``
    between all-MiniLM-L6-v2 sentence embeddings, :mod:`posttrain.data.embed`). Semantic dedup is off by default:
@@ -120,7 +120,7 @@ def clean(path: str | Path, out: str | Path, cfg: CleanConfig, *, against: str |
           tokenizer=None) -> dict:
     """Filter ``path`` into ``out`` and ``out.rejects.jsonl``; returns counts by reason (see module docstring)."""
     from posttrain.data.accuracy import check_row
-    from posttrain.data.audit import BOILERPLATE, CONTAMINATION_N, _ngrams, eval_ngrams, parse_row
+    from posttrain.data.audit import BOILERPLATE, CONTAMINATION_N, EvalIndex, parse_row
     from posttrain.data.consistency import known_languages, language_outside, target_turns
     from posttrain.data.dedup import NearDuplicateIndex, normalize_for_dedup
     from posttrain.data.io import read_records
@@ -132,7 +132,7 @@ def clean(path: str | Path, out: str | Path, cfg: CleanConfig, *, against: str |
         if unknown:
             raise ConfigError(f"languages: unknown code(s) {', '.join(unknown)}; expected ISO 639-1 codes such as en, "
                               f"fr, de, es, zh (py3langid knows {len(known_languages())})")
-    eval_grams = eval_ngrams(against) if against is not None else set()
+    eval_index = EvalIndex(against) if against is not None else None
     out = Path(out)
     rejects_path = out.with_name(out.name + ".rejects.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,9 +148,9 @@ def clean(path: str | Path, out: str | Path, cfg: CleanConfig, *, against: str |
         semantic = SemanticDuplicateIndex(cfg.semantic_threshold)
     read = kept = 0
     with out.open("w", encoding="utf-8") as keep_f, rejects_path.open("w", encoding="utf-8") as rej_f:
-        def reject(where: str, reason: str, row) -> None:
+        def reject(where: str, reason: str, row, **detail) -> None:
             counts[reason] = counts.get(reason, 0) + 1
-            rej_f.write(json.dumps({"where": where, "reason": reason, "row": row}, ensure_ascii=False) + "\n")
+            rej_f.write(json.dumps({"where": where, "reason": reason, **detail, "row": row}, ensure_ascii=False) + "\n")
 
         for record, embedding in _with_embeddings(read_records(path), semantic is not None):
             read += 1
@@ -166,8 +166,10 @@ def clean(path: str | Path, out: str | Path, cfg: CleanConfig, *, against: str |
             except (ValueError, ChatTemplateError) as e:
                 reject(record.where, f"invalid: {e}", record.data)
                 continue
-            if eval_grams and _ngrams(row.text, CONTAMINATION_N) & eval_grams:
-                reject(record.where, f"contaminated: shares a word {CONTAMINATION_N}-gram with {against}", record.data)
+            hit = eval_index.match(row.text) if eval_index else None
+            if hit:
+                reject(record.where, f"contaminated: holds half or more of the word {CONTAMINATION_N}-grams of a paragraph of "
+                       f"{against}", record.data, eval_row=hit[0], share=round(hit[1], 3))
                 continue
             norm = normalize_for_dedup(row.text)
             digest = hashlib.blake2b(norm.encode(), digest_size=16).digest()
