@@ -67,7 +67,7 @@ BOILERPLATE = re.compile(
 )
 CONTAMINATION_N = 8
 CONTAMINATION_SHARE = 0.5  # of an eval row's identifying n-grams; see EvalIndex
-TEMPLATE_SHARE, TEMPLATE_MIN_ROWS = 0.05, 3
+TEMPLATE_SHARE, TEMPLATE_MIN_ROWS = 0.05, 2
 MAX_EXAMPLES = 5
 SEMANTIC_THRESHOLD = 0.9  # why 0.9: see _semantic_and_diversity
 EMBED_MAX = 5000  # rows embedded at most: 2-12 minutes on one CPU core (measured 50 rows/s at 40 tokens, 7 at 256)

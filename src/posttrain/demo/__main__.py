@@ -1,5 +1,9 @@
 """`make demo`: post-train the embedded SmolLM2-135M-Instruct in four stages, each scored on held-out data.
 
+Every stage's training file first goes through `posttrain data audit` (report path printed) and `posttrain
+data clean`, both checked against the stage's held-out split for contamination; the stage trains on the
+cleaned file.
+
 sft  LoRA SFT on the sentence -> JSON record task (`posttrain sft examples/demo_json.yaml`):
      1. generate train / valid / test splits (test uses names and cities never seen in training);
      2. score the base model on the test split; 3. train; 4. score the trained adapter.
@@ -67,6 +71,26 @@ def _stages(text: str) -> list[str]:
     return [s for s in STAGES if s in names]
 
 
+def curate(train: Path, against: Path, tokenizer) -> Path:
+    """The data-first step of every stage: `posttrain data audit` and `posttrain data clean` on its training file
+    (checked against its held-out split for contamination); the stage then trains on the cleaned file."""
+    from posttrain.data.audit import audit, write_reports
+    from posttrain.data.clean import CleanConfig, clean
+
+    result = audit(train, tokenizer=tokenizer, against=against, progress=False)
+    report, _, _ = write_reports(result, train.with_name(train.name + ".audit"))
+    s = result.summary()
+    print(f"[data] posttrain data audit {_shown(train)} --against {_shown(against)}: {s['rows']} rows, {s['invalid']} invalid, "
+          f"{s['exact_duplicates']} exact / {s['near_duplicates']} near / {s['semantic_duplicates']['pairs']} semantic duplicates (reported only), "
+          f"{sum(s['pii'].values())} with PII, {s['contamination']['rows']} contaminated; report {_shown(report)}")
+    cleaned = train.with_name(train.stem + ".clean.jsonl")
+    res = clean(train, cleaned, CleanConfig(), against=against)
+    reasons = ", ".join(f"{n} {k}" for k, n in res["reasons"].items()) or "none"
+    print(f"[data] posttrain data clean {_shown(train)} -o {_shown(cleaned)}: kept {res['kept']} of {res['read']} "
+          f"(dropped or changed: {reasons}); rejects in {_shown(Path(res['rejects']))}")
+    return cleaned
+
+
 def run_sft(args, out: Path, tokenizer) -> dict:
     """The JSON-record SFT stage (steps 1-4); returns its summary."""
     from posttrain.config import load_config
@@ -81,11 +105,13 @@ def run_sft(args, out: Path, tokenizer) -> dict:
     print(f"[1/4] task: sentence -> JSON record; {splits['train']} train, {splits['valid']} valid and "
           f"{splits['test']} held-out test rows in {data}/ (test names and cities never appear in train)")
 
+    train = curate(data / "train.jsonl", data / "test.jsonl", tokenizer)
+
     test_rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
     print("[2/4] scoring the base model on the held-out split ...")
     base = evaluate(load_causal_lm(MODEL), tokenizer, test_rows)
 
-    overrides = [f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'valid.jsonl'}",
+    overrides = [f"data.train={train}", f"data.eval={data / 'valid.jsonl'}",
                  f"output_dir={out / 'adapter'}", *args.overrides]
     print(f"[3/4] posttrain sft {_shown(EXAMPLE_CONFIG)} " + " ".join(overrides))
     result = sft.train(load_config("sft", EXAMPLE_CONFIG, overrides))
@@ -107,7 +133,7 @@ def run_sft(args, out: Path, tokenizer) -> dict:
             "train_steps": result.fit.steps, "train_seconds": round(result.fit.seconds, 1)}
 
 
-def preference_data(args, out: Path) -> tuple[Path, list[dict]]:
+def preference_data(args, out: Path, tokenizer) -> tuple[Path, list[dict]]:
     """Write the concise-answers pairs (train / valid / test) once per run; returns the folder and the test rows."""
     from posttrain.demo.concise_task import make_pairs
 
@@ -117,6 +143,7 @@ def preference_data(args, out: Path) -> tuple[Path, list[dict]]:
         _write_jsonl(data / f"{split}.jsonl", make_pairs(n, split, seed=1))
     print(f"[prefs] task: concise answers to short factual questions (capitals and sums); {splits['train']} train, "
           f"{splits['valid']} valid and {splits['test']} held-out test pairs in {data}/ (test facts never appear in train)")
+    curate(data / "train.jsonl", data / "test.jsonl", tokenizer)  # dpo and rm train on train.clean.jsonl
     return data, make_pairs(splits["test"], "test", seed=1)
 
 
@@ -135,7 +162,7 @@ def run_dpo(args, out: Path, tokenizer, data: Path, test_rows: list[dict]) -> tu
     print(f"[dpo 1/3] scoring the SFT adapter on the held-out questions (check: the correct fact in <= {MAX_WORDS} words) ...")
     before = evaluate(load_for_inference(MODEL, str(adapter)), tokenizer, test_rows)
 
-    overrides = [f"adapter={adapter}", f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}",
+    overrides = [f"adapter={adapter}", f"data.train={data / 'train.clean.jsonl'}", f"data.eval={data / 'test.jsonl'}",
                  f"output_dir={out / 'dpo'}", *args.dpo]
     print(f"[dpo 2/3] posttrain dpo {_shown(DPO_CONFIG)} " + " ".join(overrides))
     result = dpo.train(load_config("dpo", DPO_CONFIG, overrides))
@@ -176,7 +203,7 @@ def run_rm(args, out: Path, data: Path, test_rows: list[dict], dpo_detail) -> di
     from posttrain.rewards.model import load_reward_model
     from posttrain.stages import rm
 
-    overrides = [f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}",
+    overrides = [f"data.train={data / 'train.clean.jsonl'}", f"data.eval={data / 'test.jsonl'}",
                  f"output_dir={out / 'rm'}", *args.rm]
     steps = 2 if dpo_detail is not None else 1
     print(f"[rm 1/{steps}] posttrain rm {_shown(RM_CONFIG)} " + " ".join(overrides))
@@ -290,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds["sft"] = time.perf_counter() - t
         if "dpo" in args.stages or "rm" in args.stages:
             print()
-            data, test_rows = preference_data(args, out)
+            data, test_rows = preference_data(args, out, tokenizer)
         dpo_detail = None
         if "dpo" in args.stages:
             t = time.perf_counter()
