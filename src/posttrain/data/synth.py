@@ -19,7 +19,7 @@ becomes ``chosen`` and the worst ``rejected``. A prompt whose best and worst sco
 ``min_margin``, or whose samples are all the same text, gives no pair and is counted.
 
 **Resumable**: every finished item is appended to ``OUTPUT.partial.jsonl`` and flushed at once, so a crash or
-Ctrl-C loses no finished row; rerunning the same command continues where it stopped (same seeds per item).
+Ctrl-C loses no finished row; rerunning the same command continues where it stopped (batches start at the same items, with the same seeds).
 
 **Final pass**: the generated rows go through the same filters as ``posttrain data clean`` (the ``clean:``
 section: dedup, boilerplate, PII, broken code, invalid JSON, ...) into ``OUTPUT``, with every dropped row and
@@ -211,12 +211,11 @@ class LocalTeacher:
 
         from posttrain.data.prompts import prompt_token_ids
 
-        out = []
-        for conv, seed in zip(conversations, seeds):  # one seed per conversation: a resumed item samples the same
-            ids = prompt_token_ids(self.tokenizer, conv)
-            gen = torch.Generator().manual_seed(seed)
-            out.append([c.text for c in self.engine.generate(self.model, [ids], n, self.sampling, gen)])
-        return out
+        # One batched call seeded by its first item: the drivers cut batches at the same items on a resumed run.
+        gen = torch.Generator().manual_seed(seeds[0] if seeds else 0)
+        ids = [prompt_token_ids(self.tokenizer, conv) for conv in conversations]
+        texts = [c.text for c in self.engine.generate(self.model, ids, n, self.sampling, gen)]
+        return [texts[i * n : (i + 1) * n] for i in range(len(conversations))]
 
     def close(self):
         pass
@@ -310,7 +309,8 @@ def synth_sft(cfg: SynthConfig, teacher: Teacher, journal: Journal, progress: bo
     batch = cfg.teacher.concurrency if cfg.teacher.base_url else cfg.teacher.batch_size
     bar = tqdm(total=cfg.num_rows, initial=len(journal.rows), desc="synth sft rows", unit="row", disable=not progress)
     while len(journal.rows) < cfg.num_rows and item < max_attempts:
-        ids = list(range(item, min(item + batch, max_attempts)))
+        needed = cfg.num_rows - len(journal.rows)
+        ids = list(range(item, min(item + min(batch, needed), max_attempts)))
         item = ids[-1] + 1
         requests = []
         for i in ids:
@@ -336,6 +336,9 @@ def synth_sft(cfg: SynthConfig, teacher: Teacher, journal: Journal, progress: bo
             pool.append(instruction)
             pool_words.append(words)
             accepted.append((i, instruction))
+        for i, _ in accepted[needed:]:
+            journal.add_skip(i, "num_rows reached")  # kept in the pool, not answered
+        accepted = accepted[:needed]
         if not accepted:
             continue
         answers = teacher.complete([_with_system(cfg.system, [{"role": "user", "content": t}]) for _, t in accepted], 1,
@@ -343,9 +346,6 @@ def synth_sft(cfg: SynthConfig, teacher: Teacher, journal: Journal, progress: bo
         for (i, instruction), (answer,) in zip(accepted, answers):
             if answer is None or not answer.strip():
                 journal.add_skip(i, "teacher request failed" if answer is None else "empty answer")
-                continue
-            if len(journal.rows) >= cfg.num_rows:
-                journal.add_skip(i, "num_rows reached")
                 continue
             messages = _with_system(cfg.system, [{"role": "user", "content": instruction},
                                                  {"role": "assistant", "content": answer.strip()}])
