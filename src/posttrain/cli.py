@@ -28,6 +28,7 @@ DESCRIPTIONS = {
     "merge": "Merge a LoRA/DoRA adapter into its base model and save a full transformers model.",
     "eval": "Eval loss and perplexity on a dataset, plus sample generations.",
     "plan": "Predict peak memory and FLOPs per method; recommend the cheapest method that fits.",
+    "serve": "Serve the model and its LoRA adapters over an OpenAI-compatible HTTP API, logging completions and feedback.",
 }
 
 EXAMPLES = {
@@ -43,6 +44,7 @@ EXAMPLES = {
     "merge": "posttrain merge adapter=runs/sft output_dir=runs/sft-merged",
     "eval": "posttrain eval adapter=runs/sft data=heldout.jsonl",
     "plan": "posttrain plan model=7b device_memory_gb=24\n  posttrain plan table=true batch_size=1",
+    "serve": "POSTTRAIN_API_KEY=secret posttrain serve 'adapters={assistant: runs/dpo}'\n  posttrain serve --no-auth port=8080",
 }
 
 
@@ -65,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="stage", metavar="<command>")
     sub.add_parser("data", help="Data toolkit: `posttrain data audit FILE [--against EVAL] [--max-length N]` (see `posttrain data --help`).")
+    sub.add_parser("feedback", help="Feedback store: `posttrain feedback export --db URL --format kto|dpo|sft -o OUT` "
+                   "(see `posttrain feedback export --help`).")
+    sub.add_parser("loop", help="Adapt the served model from feedback: trigger, curate, train a candidate, gate it, "
+                   "promote or reject (see `posttrain loop --help`).")
+    sub.add_parser("rollback", help="Serve an earlier registry version again: `posttrain rollback VERSION [CONFIG]`.")
     for stage, desc in DESCRIPTIONS.items():
         p = sub.add_parser(
             stage,
@@ -75,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
+        if stage == "serve":
+            p.add_argument("--no-auth", action="store_true", help="Turn API-key auth off (auth=false), for local use only.")
     return parser
 
 
@@ -99,6 +108,10 @@ def run(stage: str, cfg) -> None:
         from posttrain.plan import run_plan
 
         run_plan(cfg)
+    elif stage == "serve":
+        from posttrain.serve import run_serve
+
+        run_serve(cfg)
     else:
         from posttrain import commands
 
@@ -121,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         from posttrain.data.audit import main as data_main
 
         return data_main(argv[1:])
+    if argv and argv[0] == "feedback":  # so has the feedback store's export
+        from posttrain.feedback.export import main as feedback_main
+
+        return feedback_main(argv[1:])
+    if argv and argv[0] in ("loop", "rollback"):  # the feedback loop: its own config and flags
+        from posttrain.loop.run import main_loop, main_rollback
+
+        return (main_loop if argv[0] == "loop" else main_rollback)(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.stage is None:
@@ -128,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config_path, overrides = _split_args(ns.args)
+        if ns.stage == "serve" and ns.no_auth:
+            overrides.append("auth=false")
         cfg = load_config(ns.stage, config_path, overrides)
         run(ns.stage, cfg)
     except PosttrainError as e:

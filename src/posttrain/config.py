@@ -354,6 +354,56 @@ class EvalConfig:
     sampling: SamplingSection = section(SamplingSection, "Sampling settings for the sample generations.")
 
 
+@dataclass
+class ServeSamplingSection:
+    max_tokens: int = opt(256, "Tokens generated when a request gives no max_tokens (at most max_tokens_limit).")
+    temperature: float = opt(1.0, "Temperature when a request gives none (OpenAI's default is 1); 0 = greedy.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold when a request gives none.")
+
+
+@dataclass
+class ServeConfig:
+    """`posttrain serve`: an OpenAI-compatible API for a base model and its LoRA adapters."""
+
+    model: str = opt("smollm2-135m", "Base model: 'smollm2-135m' (embedded), a local HF directory, or a hub id.")
+    model_name: str | None = opt(None, "Name clients use for the base model (default: the last part of `model`, e.g. smollm2-135m).")
+    adapters: dict = opt({}, "LoRA adapters served next to the base, one base model in memory: {name: adapter_dir} or {name: {adapter: dir, version: v}}; clients select one by `model: name`. The version defaults to the directory's name.")
+    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Weights' dtype: auto = bfloat16 on GPUs that support it, else float32.")
+    host: str = opt("127.0.0.1", "Address to listen on; 0.0.0.0 exposes the server to the network.")
+    port: int = opt(8000, "TCP port (0: any free port).")
+    auth: bool = opt(True, "Require `Authorization: Bearer <key>`. false (or --no-auth) turns auth off, for local use only.")
+    api_key_env: str = opt("POSTTRAIN_API_KEY", "Environment variable holding the accepted API key(s), comma-separated.")
+    api_keys: list[str] = opt([], "More accepted API keys (a config file is easy to leak: prefer api_key_env).")
+    db: str = opt("sqlite:///runs/serve/feedback.db", "Where completions and feedback are stored: sqlite:///path or a postgresql:// URL.")
+    max_body_bytes: int = opt(1_000_000, "Largest request body accepted; larger ones get 413.")
+    max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for; more gets 400.")
+    max_prompt_tokens: int = opt(4096, "Largest prompt (chat template applied) in tokens; longer gets 400.")
+    max_messages: int = opt(256, "Most messages in one request.")
+    max_queue: int = opt(64, "Requests waiting for the generation worker at most; more get 503 (retry later).")
+    batch_size: int = opt(8, "Requests for the same model decoded together at most.")
+    seed: int = opt(0, "Seed of the server's sampling generator.")
+    sampling: ServeSamplingSection = section(ServeSamplingSection, "Defaults for sampling fields a request leaves out.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "uvicorn's log level.")
+
+    def validate(self) -> None:
+        positive = {"max_body_bytes": self.max_body_bytes, "max_tokens_limit": self.max_tokens_limit,
+                    "max_prompt_tokens": self.max_prompt_tokens, "max_messages": self.max_messages,
+                    "max_queue": self.max_queue, "batch_size": self.batch_size, "sampling.max_tokens": self.sampling.max_tokens}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: must be in 0..65535, got {self.port}")
+        if self.sampling.temperature < 0 or not 0 < self.sampling.top_p <= 1:
+            raise ConfigError("sampling: temperature must be >= 0 and top_p in (0, 1]")
+        for name, spec in self.adapters.items():
+            ok = isinstance(spec, str) or (isinstance(spec, dict) and isinstance(spec.get("adapter"), str)
+                                            and set(spec) <= {"adapter", "version"})
+            if not ok:
+                raise ConfigError(f"adapters.{name}: expected an adapter directory or {{adapter: dir, version: v}}, got {spec!r}")
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "sft": SFTConfig,
     "rm": RMConfig,
@@ -366,6 +416,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "chat": GenerateConfig,
     "merge": MergeConfig,
     "eval": EvalConfig,
+    "serve": ServeConfig,
 }
 
 

@@ -68,7 +68,8 @@ class SamplingConfig:
                 "top_p": self.top_p, "top_k": self.top_k or None}
 
 
-def _prompt_ids(tokenizer, prompt: Messages | str) -> list[int]:
+def encode_prompt(tokenizer, prompt: Messages | str) -> list[int]:
+    """Token ids of a prompt: chat messages through the chat template with a generation prompt, or raw text."""
     if isinstance(prompt, str):
         return tokenizer(prompt).input_ids
     # The chat template already writes the special tokens, so the tokenizer must not add a BOS again.
@@ -95,7 +96,7 @@ def generate(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to the EOS token)")
-    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:

@@ -1,0 +1,57 @@
+"""``posttrain serve``: an OpenAI-compatible HTTP API for a base model and its LoRA adapters.
+
+- :mod:`.app`: the FastAPI app (endpoints, auth, limits, completion logging, feedback);
+- :mod:`.models`: the model registry (one base model, PEFT adapters by name, leases, hot swap);
+- :mod:`.worker`: the generation worker thread (bounded queue, batches per adapter);
+- :mod:`.decode`: the batched KV-cache decoding loop that streams text deltas;
+- :mod:`.schemas`: request bodies and OpenAI-style errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from posttrain.config import ServeConfig
+from posttrain.errors import ConfigError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def resolve_api_keys(cfg: ServeConfig) -> list[str] | None:
+    """The accepted keys: ``cfg.api_keys`` plus the comma-separated keys in ``$cfg.api_key_env``. None when auth is
+    off (only ever by ``auth: false``); a ConfigError when auth is on and there is no key."""
+    if not cfg.auth:
+        return None
+    keys = [k for k in cfg.api_keys if k]
+    keys += [k.strip() for k in os.environ.get(cfg.api_key_env, "").split(",") if k.strip()]
+    if not keys:
+        raise ConfigError(f"auth: no API key; set {cfg.api_key_env}=<key> in the environment (or api_keys), or run "
+                          "with --no-auth (auth=false) for local use only")
+    return keys
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    """Load the models, open the feedback store and serve until interrupted."""
+    import uvicorn
+
+    from posttrain.feedback.store import FeedbackStore
+    from posttrain.serve.app import create_app
+    from posttrain.serve.models import ModelRegistry
+
+    api_keys = resolve_api_keys(cfg)
+    if api_keys is None:
+        where = "" if cfg.host in LOOPBACK else f" AND LISTENING ON {cfg.host}, reachable from the network"
+        print(f"posttrain serve: WARNING: auth is off (auth=false): anyone who can connect can generate, give feedback "
+              f"and switch model versions{where}", file=sys.stderr)
+    store = FeedbackStore(cfg.db)
+    registry = ModelRegistry.load(cfg)
+    registry.start()
+    app = create_app(registry, store, cfg, api_keys)
+    served = ", ".join(f"{name} ({version})" for name, version in registry.served().items())
+    print(f"posttrain serve: models {served}; completions and feedback go to {cfg.db}", file=sys.stderr)
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)).run()
+    finally:
+        registry.stop()
+        store.close()
