@@ -257,3 +257,8 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 16, max_new_t
         "passed": passed,
         "samples": [(question_of(row), c, p) for row, c, p in zip(rows[:num_samples], completions, passed, strict=False)],
     }
+
+
+def concise_reward(prompt, completion: str, answer, **row) -> float:
+    """The check as a reward function (``posttrain.demo.concise_task:concise_reward``): 1.0 if it passes, else 0.0."""
+    return float(check(completion, {"answer": answer}))

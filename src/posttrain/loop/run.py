@@ -1,0 +1,320 @@
+"""``posttrain loop`` and ``posttrain rollback``: adapt a served model from its users' feedback, safely.
+
+One cycle:
+
+1. **trigger**: at least ``min_feedback`` new feedback items in the store since the last cycle (checked every
+   ``poll_s`` seconds; ``--once`` runs one check and exits);
+2. **curate**: export the new feedback as KTO (thumbs, ratings, corrections) or DPO (preferences, corrections)
+   rows through the data filters (:mod:`posttrain.feedback.export`), hashed into the registry;
+3. **train** a candidate adapter starting from the serving version (``posttrain kto|dpo`` with
+   ``adapter=<serving>``, plus the ``train:`` overrides);
+4. **gates** (:mod:`posttrain.loop.gates`): the candidate must beat the serving version on held-out reward or
+   preference accuracy, must not forget (general perplexity, fixed-task accuracy) and must pass the
+   reward-hacking guards (answer length change, duplicate answers);
+5. **decide**: promote (the registry's serving version changes and the running server switches to it through
+   ``POST /v1/admin/versions``, no restart, requests in flight finish on the old version) or reject with the
+   reasons. Every decision is in the registry's ``audit.jsonl``.
+
+``posttrain rollback VERSION`` makes any earlier promoted version serve again (rejected candidates never can).
+The first run registers ``v0``: ``initial_adapter``, or a freshly initialised LoRA (its B matrices are zero, so
+it answers exactly like the base model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from posttrain.config import _build, _merge, opt, parse_overrides, section
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.loop.gates import GatesSection, check
+from posttrain.loop.registry import Registry, sha256_file
+
+
+@dataclass
+class LoopConfig:
+    model: str = opt("smollm2-135m", "Base model the adapters belong to (as served).")
+    served_model: str = opt("assistant", "The model name clients use for the adapted model (the server's adapter name).")
+    initial_adapter: str | None = opt(None, "Adapter registered as v0 on the first run (null: a fresh LoRA, which answers like the base model).")
+    registry: str = opt("runs/loop", "Registry folder: registry.json, versions/, audit.jsonl, cycles/.")
+    db: str = opt("sqlite:///runs/serve/feedback.db", "The feedback store the server writes (sqlite:///path or a postgresql URL).")
+    server_url: str | None = opt(None, "The running `posttrain serve` (e.g. http://127.0.0.1:8000) to switch on promotion/rollback (null: registry only).")
+    api_key_env: str = opt("POSTTRAIN_API_KEY", "Environment variable with the server's API key.")
+    method: Literal["kto", "dpo"] = opt("kto", "Candidate training: kto (thumbs, ratings, corrections) or dpo (preferences, corrections).")
+    min_feedback: int = opt(50, "New feedback items needed to start a cycle.")
+    poll_s: float = opt(30.0, "Seconds between trigger checks when running continuously.")
+    invert_feedback: bool = opt(False, "Train on inverted feedback (flipped labels / swapped pairs): a deliberately bad candidate, to check the gates.")
+    train: dict = opt({}, "Overrides for the training stage (e.g. {max_steps: 20, lr: 5e-5, beta: 0.1}).")
+    gates: GatesSection = section(GatesSection, "Promotion gates.")
+    seed: int = opt(0, "Seed of training and evaluation.")
+
+    def validate(self) -> None:
+        g = self.gates
+        if not ((g.prompts and g.rewards) or g.preference_data):
+            raise ConfigError("gates: need an improvement gate: gates.prompts with gates.rewards, or gates.preference_data")
+        for key in ("prompts", "preference_data", "general_data", "task_prompts"):
+            path = getattr(g, key)
+            if path and not Path(path).exists():
+                raise ConfigError(f"gates.{key}: {path}: no such file")
+        if self.min_feedback < 1:
+            raise ConfigError(f"min_feedback: must be >= 1, got {self.min_feedback}")
+
+
+def load_loop_config(path: str | None, overrides: list[str]) -> LoopConfig:
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of loop options")
+    cfg = _build(LoopConfig, _merge(values, parse_overrides(overrides)))
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def evaluate_version(model, tokenizer, g: GatesSection, cache: dict | None = None) -> dict:
+    """Every gate metric whose data is configured, for one model (a base with the version's adapter applied)."""
+    import torch
+
+    from posttrain.generation import SamplingConfig, generate
+    from posttrain.rewards.registry import RewardSet
+
+    metrics: dict = {}
+    greedy = SamplingConfig(max_new_tokens=g.max_new_tokens, temperature=0.0)
+    cache = {} if cache is None else cache
+
+    def prompts_of(path):
+        if path not in cache:
+            from posttrain.data.synth import _load_prompts
+
+            cache[path] = _load_prompts(path)
+        return cache[path]
+
+    def scored(path, rewards):
+        rows = prompts_of(path)
+        convs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p, _ in rows]
+        answers = generate(model, tokenizer, convs, greedy, batch_size=8)
+        rs = RewardSet.from_config(rewards, "gates.rewards")
+        try:
+            totals, _ = rs.score([p for p, _ in rows], answers, [extra for _, extra in rows])
+        finally:
+            rs.close()
+        return answers, [t if math.isfinite(t) else 0.0 for t in totals]
+
+    if g.prompts and g.rewards:
+        answers, totals = scored(g.prompts, g.rewards)
+        metrics["reward"] = sum(totals) / len(totals)
+        metrics["mean_words"] = sum(_words(a) for a in answers) / len(answers)
+        norm = [" ".join(a.lower().split()) for a in answers]
+        metrics["duplicate_share"] = sum(norm.count(a) > 1 for a in norm) / len(norm)
+        metrics["answers"] = answers[:5]
+    if g.task_prompts:
+        _, totals = scored(g.task_prompts, g.task_rewards)
+        metrics["task_accuracy"] = sum(totals) / len(totals)
+    with torch.inference_mode():
+        if g.preference_data:
+            from posttrain.data.preference import collate_pairs, load_pair_dataset
+            from posttrain.models.forward import sequence_logps
+
+            if ("pairs", g.preference_data) not in cache:
+                cache[("pairs", g.preference_data)] = load_pair_dataset(g.preference_data, tokenizer, max_length=1024)[0]
+            pairs = cache[("pairs", g.preference_data)]
+            right = 0
+            for start in range(0, len(pairs), 8):
+                chunk = pairs[start : start + 8]
+                logps, _ = sequence_logps(model, collate_pairs(chunk, tokenizer.pad_token_id))
+                right += int((logps[: len(chunk)] > logps[len(chunk) :]).sum())
+            metrics["preference_accuracy"] = right / len(pairs)
+        if g.general_data:
+            from posttrain.data.collate import collate_sft
+            from posttrain.data.dataset import load_sft_dataset
+            from posttrain.models.forward import target_logps
+
+            if ("sft", g.general_data) not in cache:
+                cache[("sft", g.general_data)] = load_sft_dataset(g.general_data, tokenizer, max_length=1024)[0]
+            rows = cache[("sft", g.general_data)]
+            total, tokens = 0.0, 0
+            for start in range(0, len(rows), 8):
+                logps, _ = target_logps(model, collate_sft(rows[start : start + 8], tokenizer.pad_token_id))
+                total -= float(logps.sum())
+                tokens += logps.numel()
+            metrics["perplexity"] = math.exp(min(total / max(tokens, 1), 50.0))
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- the cycle
+def _fresh_lora(model_spec: str, out: Path) -> Path:
+    """A LoRA adapter whose B matrices are zero: it answers exactly like the base model."""
+    from posttrain.config import SFTConfig
+    from posttrain.models.adapters import build_model
+
+    cfg = _build(SFTConfig, {"model": model_spec, "method": "lora"})  # no data needed: nothing is trained
+    model, _ = build_model(cfg)
+    model.save_pretrained(out)
+    return out
+
+
+def _notify(cfg: LoopConfig, registry: Registry, version: str) -> str:
+    if not cfg.server_url:
+        return "no server_url: registry updated only"
+    import httpx
+
+    key = os.environ.get(cfg.api_key_env)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": cfg.served_model, "adapter": registry.adapter_of(version), "version": version}
+    try:
+        r = httpx.post(cfg.server_url.rstrip("/") + "/v1/admin/versions", json=body, headers=headers, timeout=300)
+    except httpx.HTTPError as e:
+        raise PosttrainError(f"could not reach the server at {cfg.server_url} to switch to {version}: {e}; the "
+                             "registry records the decision, run `posttrain rollback` to retry the switch") from None
+    if r.status_code != 200:
+        raise PosttrainError(f"the server refused to switch to {version}: HTTP {r.status_code} {r.text[:300]}")
+    return f"server {cfg.server_url} now serves {cfg.served_model} = {version}"
+
+
+def ensure_initial(cfg: LoopConfig, registry: Registry) -> None:
+    if registry.versions:
+        return
+    adapter = cfg.initial_adapter
+    if adapter is None:
+        adapter = str(_fresh_lora(cfg.model, registry.root / "initial-lora"))
+    vid = registry.register(adapter, parent=None, note="initial version")
+    registry.decide(vid, True, ["initial version"], {})
+
+
+def _invert(path: Path, method: str) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in rows:
+        if method == "kto":
+            r["label"] = not r["label"]
+        else:
+            r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def run_cycle(cfg: LoopConfig, registry: Registry, store, *, log=print) -> dict:
+    """One trigger check and, if it fires, one curate/train/gate/decide cycle; returns what happened."""
+    import importlib
+
+    from posttrain.config import load_config
+    from posttrain.feedback.export import export_feedback
+    from posttrain.models.adapters import load_for_inference
+    from posttrain.models.loading import load_tokenizer
+
+    ensure_initial(cfg, registry)
+    since = int(registry.state.get("last_feedback_id", 0))
+    new = store.count_feedback(since)
+    if new < cfg.min_feedback:
+        return {"event": "waiting", "new_feedback": new, "needed": cfg.min_feedback}
+    parent = registry.serving
+    cycle = registry.root / "cycles" / f"{registry.next_id()}"
+    cycle.mkdir(parents=True, exist_ok=True)
+    data = cycle / f"{cfg.method}.jsonl"
+    exported = export_feedback(store, cfg.method, data, since_id=since)
+    log(f"[loop] {new} new feedback items since #{since}: " + exported.summary().splitlines()[0])
+    if exported.kept == 0:
+        registry.state["last_feedback_id"] = exported.last_id
+        registry.save()
+        registry.log("skip", reason="no training rows in the new feedback", since=since, last=exported.last_id)
+        return {"event": "skip", "reason": "no training rows"}
+    if cfg.invert_feedback:
+        _invert(data, cfg.method)
+    hashes = {data.name: sha256_file(data)}
+
+    stage_overrides = [f"model={cfg.model}", f"data.train={data}", f"output_dir={cycle / 'candidate'}",
+                       f"adapter={registry.adapter_of(parent)}", "tensorboard=false", f"seed={cfg.seed}"]
+    stage_overrides += [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in cfg.train.items()]
+    log(f"[loop] training a candidate from {parent}: posttrain {cfg.method} " + " ".join(stage_overrides))
+    result = importlib.import_module(f"posttrain.stages.{cfg.method}").train(load_config(cfg.method, None, stage_overrides))
+    vid = registry.register(result.output_dir, parent=parent, data=hashes,
+                            note="inverted feedback (gate check)" if cfg.invert_feedback else "")
+
+    tokenizer = load_tokenizer(cfg.model)
+    cache: dict = {}
+    metrics = {}
+    for name, version in (("serving", parent), ("candidate", vid)):
+        model = load_for_inference(cfg.model, registry.adapter_of(version))
+        metrics[name] = evaluate_version(model, tokenizer, cfg.gates, cache)
+        del model
+    promote, reasons = check(metrics["serving"], metrics["candidate"], cfg.gates)
+    registry.decide(vid, promote, reasons, metrics)
+    registry.state["last_feedback_id"] = exported.last_id
+    registry.save()
+    for r in reasons:
+        log(f"[loop]   {r}")
+    switched = _notify(cfg, registry, vid) if promote else "not served"
+    log(f"[loop] {vid}: {'PROMOTED' if promote else 'REJECTED'} ({switched})")
+    return {"event": "promote" if promote else "reject", "version": vid, "parent": parent, "reasons": reasons,
+            "metrics": metrics, "data": hashes}
+
+
+def main_loop(argv: list[str]) -> int:
+    import argparse
+
+    from posttrain.config import help_table
+    from posttrain.feedback.store import FeedbackStore
+
+    p = argparse.ArgumentParser(prog="posttrain loop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="keys (key=value, dotted for sections):\n" + "\n".join(
+                                    f"  {k} = {d}: {h}" for k, d, h in help_table(LoopConfig)))
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value")
+    p.add_argument("--once", action="store_true", help="check the trigger once, run at most one cycle, and exit")
+    a = p.parse_args(argv)
+    path = a.args[0] if a.args and "=" not in a.args[0] else None
+    try:
+        cfg = load_loop_config(path, a.args[1:] if path else a.args)
+        registry = Registry(cfg.registry)
+        store = FeedbackStore(cfg.db)
+        while True:
+            outcome = run_cycle(cfg, registry, store)
+            if outcome["event"] == "waiting":
+                print(f"[loop] {outcome['new_feedback']} of {outcome['needed']} new feedback items; serving "
+                      f"{registry.serving}" + ("" if a.once else f"; next check in {cfg.poll_s:.0f} s"))
+            if a.once:
+                return 0
+            time.sleep(cfg.poll_s)
+    except PosttrainError as e:
+        print(f"posttrain loop: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nposttrain loop: stopped", file=sys.stderr)
+        return 130
+
+
+def main_rollback(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="posttrain rollback", description="Serve an earlier version again: the registry "
+                                "records it (audit.jsonl) and a running server switches without restart.")
+    p.add_argument("version", help="a version id from the registry (e.g. v1)")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value", help="the loop's config (registry, server_url, ...)")
+    p.add_argument("--reason", default="", help="why, for the audit log")
+    a = p.parse_args(argv)
+    path = a.args[0] if a.args and "=" not in a.args[0] else None
+    try:
+        import yaml
+
+        values: dict = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+        cfg = _build(LoopConfig, _merge(values, parse_overrides(a.args[1:] if path else a.args)))
+        registry = Registry(cfg.registry)
+        registry.rollback(a.version, a.reason)
+        print(f"rollback: {cfg.served_model} = {a.version} ({_notify(cfg, registry, a.version)})")
+    except PosttrainError as e:
+        print(f"posttrain rollback: error: {e}", file=sys.stderr)
+        return 2
+    return 0
