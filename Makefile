@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: install dev demo test test-fast lint clean
+.PHONY: install dev demo demo-loop test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ dev: $(DEVSTAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m posttrain.demo
+
+# The live feedback loop: serve, a scripted user rates answers over HTTP, the loop trains, gates and promotes.
+demo-loop: $(STAMP)
+	$(BIN)/python -m posttrain.demo.loop
 
 test: $(DEVSTAMP)
 	$(BIN)/python -m pytest -q

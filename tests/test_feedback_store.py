@@ -299,3 +299,19 @@ def test_cli_export(store, store_url, tmp_path, capsys):
     assert "next export: --since 11" in printed and len(_rows(out)) == 11
     assert main(["feedback", "export", "--db", store_url, "--format", "kto", "-o", str(out), "--min-rating", "2"]) == 2
     assert "--min-rating: expected 3, 4 or 5" in capsys.readouterr().err
+
+
+def test_feedback_on_a_disconnected_stream_is_skipped_with_its_reason(store, tmp_path):
+    """`posttrain serve` logs a stream cut by its client with finish_reason "disconnected": the user never saw the
+    whole reply, so their judgment of it teaches nothing about the full response."""
+    from posttrain.feedback.export import export_feedback
+
+    _log(store, "whole", "Name a primary colour.", "Red.")
+    store.log_completion(id="cut", model="m", version="v1", messages=[{"role": "user", "content": "Name a planet."}],
+                         response="The planet", sampling={"finish_reason": "disconnected"})
+    store.add_feedback(completion_id="whole", kind="thumbs", value="up")
+    store.add_feedback(completion_id="cut", kind="thumbs", value="down")
+    result = export_feedback(store, "kto", tmp_path / "kto.jsonl")
+    assert result.used == 1 and result.skipped == {"its completion was cut off by a client disconnect": 1}
+    rows = [json.loads(line) for line in (tmp_path / "kto.jsonl").read_text().splitlines()]
+    assert [r["completion"][0]["content"] for r in rows] == ["Red."]

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="feedback -> train -> gate -> promote rounds")
     p.add_argument("--steps", type=int, default=16, help="KTO optimizer steps per candidate")
     p.add_argument("--heldout", type=int, default=32, help="held-out questions the reward gate scores")
+    p.add_argument("--lr", type=float, default=2e-4, help="KTO learning rate of each candidate (LoRA)")
     p.add_argument("--no-bad-candidate", action="store_true", help="skip the inverted-feedback candidate")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         loop_args = [f"registry={out / 'registry'}", f"db={db}", "method=kto", f"min_feedback={args.chats}",
-                     f"train={{max_steps: {args.steps}, batch_size: 8, lr: 5.0e-5, beta: 0.1}}",
+                     f"train={{max_steps: {args.steps}, batch_size: 8, lr: {args.lr}, beta: 0.1}}",
                      f"gates.prompts={heldout}", "gates.rewards=[{function: 'posttrain.demo.concise_task:concise_reward'}]",
                      f"gates.general_data={general}", "gates.max_new_tokens=48"]
         cfg = load_loop_config(None, loop_args)

@@ -196,11 +196,23 @@ def _sft_rows(items: list[dict], min_rating: int, include_positive: bool, skippe
     return rows
 
 
+def _cut_off(item: dict) -> bool:
+    """The completion (or, for a preference, the other one) was logged after its stream's client disconnected."""
+    def cut(completion) -> bool:
+        return bool(completion) and (completion.get("sampling") or {}).get("finish_reason") == "disconnected"
+
+    return cut(item) or cut(item.get("other"))
+
+
 def feedback_rows(items: list[dict], fmt: str, *, min_rating: int = 4,
                   include_positive: bool = False) -> tuple[list[_Row], dict[int, str]]:
     """The rows ``items`` (oldest first) yield in ``fmt``, in feedback order, and why each item that yields none
     was skipped (feedback id -> reason)."""
     skipped: dict[int, str] = {}
+    cut = [item for item in items if _cut_off(item)]
+    for item in cut:  # the user judged a reply they never saw whole: not a lesson about the full response
+        skipped[item["id"]] = "its completion was cut off by a client disconnect"
+    items = [item for item in items if not _cut_off(item)]
     if fmt == "kto":
         rows = _kto_rows(items, min_rating, skipped)
     elif fmt == "dpo":

@@ -225,7 +225,7 @@ class FeedbackStore:
         version; a preference also carries ``other``, the completion it was preferred over (as get_completion)."""
         c, o = completions.alias("c"), completions.alias("o")
         query = (
-            select(feedback, c.c.model, c.c.version, c.c.messages, c.c.response,
+            select(feedback, c.c.model, c.c.version, c.c.messages, c.c.response, c.c.sampling,
                    *(col.label(f"other_{col.name}") for col in o.c))
             .select_from(feedback.join(c, c.c.id == feedback.c.completion_id)
                          .outerjoin(o, o.c.id == feedback.c.other_completion_id))
@@ -301,4 +301,4 @@ def _feedback_dict(row) -> dict:
     return {"id": row["id"], "completion_id": row["completion_id"], "kind": row["kind"],
             "value": json.loads(row["value"]), "comment": row["comment"], "created": row["created"],
             "model": row["model"], "version": row["version"], "messages": json.loads(row["messages"]),
-            "response": row["response"], "other": other}
+            "response": row["response"], "sampling": json.loads(row["sampling"] or "{}"), "other": other}
