@@ -10,7 +10,11 @@ its own subprocess so peak RSS is per part:
   (1M rows in under 10 minutes on 2 cores, peak RSS under 4 GB);
 - ``clean``: the whole ``posttrain data clean`` pipeline with default options but no tokenizer length filter.
 
-Reports rows/s, seconds, peak RSS and how many planted duplicates were found. Run it ALONE on the machine.
+Reports rows/s, seconds, peak RSS and how many planted duplicates were found: ``near_recall`` is the share of
+planted near copies (those whose changed word differs from the original) reported as near duplicates, and
+``near_unplanted`` counts rows reported as near duplicates that were not planted (false positives: the fresh rows
+are random, so any two share almost no 5-gram). The planted line numbers are written next to the generated file
+(``rows-N.planted.json``). Run it ALONE on the machine.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ WORDS = ("river stone light cloud market garden letter window engine harbor sign
 def generate(path: Path, rows: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     planted_exact = planted_near = 0
+    near_lines: list[int] = []  # 1-based lines of near copies whose text differs from the original's
     recent: list[dict] = []
     with path.open("w") as f:
         for i in range(rows):
@@ -45,13 +50,21 @@ def generate(path: Path, rows: int, seed: int = 0) -> dict:
                 words[rng.randrange(len(words))] = rng.choice(WORDS)
                 row = {"messages": [base["messages"][0], {"role": "assistant", "content": " ".join(words)}]}
                 planted_near += 1
+                if row != base:
+                    near_lines.append(i + 1)
             else:
                 answer = " ".join(rng.choice(WORDS) for _ in range(80))
                 row = {"messages": [{"role": "user", "content": f"Question {i}: describe item {rng.randrange(10**9)}."},
                                     {"role": "assistant", "content": answer}]}
                 recent = (recent + [row])[-1000:]
             f.write(json.dumps(row) + "\n")
-    return {"rows": rows, "planted_exact": planted_exact, "planted_near": planted_near}
+    _planted_path(path).write_text(json.dumps({"near_lines": near_lines}))
+    return {"rows": rows, "planted_exact": planted_exact, "planted_near": planted_near,
+            "planted_near_changed": len(near_lines)}
+
+
+def _planted_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".planted.json")
 
 
 def run_dedup(path: Path) -> dict:
@@ -64,9 +77,10 @@ def run_dedup(path: Path) -> dict:
     t0 = time.perf_counter()
     seen: set[bytes] = set()
     index = NearDuplicateIndex()
-    exact = near = n = 0
+    exact = n = 0
+    near_lines: list[int] = []
     for record in read_records(path):
-        n += 1
+        n += 1  # the file has no blank lines, so n is also the line number
         norm = normalize_for_dedup(parse_row(record.where, record.data).text)
         digest = hashlib.blake2b(norm.encode(), digest_size=16).digest()
         if digest in seen:
@@ -74,8 +88,12 @@ def run_dedup(path: Path) -> dict:
             continue
         seen.add(digest)
         if index.add(n, norm):
-            near += 1
-    return {"rows": n, "seconds": time.perf_counter() - t0, "exact_found": exact, "near_found": near}
+            near_lines.append(n)
+    seconds = time.perf_counter() - t0
+    planted = set(json.loads(_planted_path(path).read_text())["near_lines"])
+    found = len(planted.intersection(near_lines))
+    return {"rows": n, "seconds": seconds, "exact_found": exact, "near_found": len(near_lines),
+            "near_recall": found / max(len(planted), 1), "near_unplanted": len(near_lines) - found}
 
 
 def run_clean(path: Path, out: Path) -> dict:

@@ -188,5 +188,6 @@ def test_data_throughput_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert res["dedup"]["exact_found"] >= res["planted"]["planted_exact"]
     assert res["dedup"]["near_found"] >= 0.7 * res["planted"]["planted_near"]
+    assert res["dedup"]["near_recall"] >= 0.9 and res["dedup"]["near_unplanted"] == 0
     assert res["clean"]["kept"] + sum(res["clean"]["reasons"].values()) == 1500
     assert res["dedup"]["rows_per_s"] > 0 and res["dedup"]["peak_rss_mb"] > 0

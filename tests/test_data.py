@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
+import threading
 from pathlib import Path
 
 import datasets
@@ -445,6 +447,48 @@ def test_dataset_dict_uses_train_split(tmp_path):
     )
     splits.save_to_disk(str(tmp_path / "dd"))
     assert [r.data for r in read_records(tmp_path / "dd")] == [{"text": "train row"}]
+
+
+def test_jsonl_rows_are_yielded_before_the_rest_of_the_file_exists(tmp_path):
+    """read_records streams: through a named pipe whose writer sends the later lines (a blank one, a malformed one,
+    a good one) only after the reader has received the first record. A reader that loads the file first would
+    wait for the writer to finish, which here only happens after a 10 s timeout."""
+    fifo = tmp_path / "stream.jsonl"
+    os.mkfifo(fifo)
+    first_received = threading.Event()
+    writer_timed_out: list[bool] = []
+
+    def write() -> None:
+        with open(fifo, "w") as f:
+            f.write('{"text": "one"}\n')
+            f.flush()
+            writer_timed_out.append(not first_received.wait(timeout=10))
+            f.write('\n{"text": \n{"text": "four"}\n')
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    records = read_records(fifo)
+    first = next(records)
+    first_received.set()
+    rest = list(records)
+    writer.join(timeout=30)
+    assert writer_timed_out == [False]
+    assert (first.where, first.data, first.error) == (f"{fifo}:1", {"text": "one"}, None)
+    assert [(r.where, r.data) for r in rest] == [(f"{fifo}:3", None), (f"{fifo}:4", {"text": "four"})]
+    assert rest[0].error.startswith("malformed JSON")
+
+
+def test_file_level_errors_of_streamed_formats_still_raise_on_the_call(tmp_path):
+    # CSV: an invalid byte on line 3 is found before any row is yielded, and named by its line.
+    (tmp_path / "bad.csv").write_bytes(b'text\nfine\n"caf\xe9"\nlast\n')
+    with pytest.raises(DataError, match=r"bad\.csv:3: invalid UTF-8"):
+        read_records(tmp_path / "bad.csv")
+    # .json: a BOM and leading blank lines before '[' still make it an array, parsed (and failing) on the call.
+    (tmp_path / "arr.json").write_bytes(b'\xef\xbb\xbf\n\n  [{"text": "a"},\n{"text": }]')
+    with pytest.raises(DataError, match=r"arr\.json:4: malformed JSON"):
+        read_records(tmp_path / "arr.json")
+    (tmp_path / "ok.json").write_bytes(b'\xef\xbb\xbf\n [{"text": "a"}]')
+    assert [r.data for r in read_records(tmp_path / "ok.json")] == [{"text": "a"}]
 
 
 # ---------------------------------------------------------------- batching

@@ -30,25 +30,38 @@ the trainers use, so a row the audit calls valid is a row training accepts. Chec
 
 Writes ``report.md``, ``report.html`` (self-contained, the length histogram and cluster sizes embedded) and ``summary.json``.
 ``posttrain data clean`` applies the same checks as filters; ``posttrain data synth`` generates data through them.
+
+Memory: the rows are streamed (:func:`posttrain.data.io.read_records`) and every check runs in that one pass; no
+row's text is kept once the pass moves on. What is kept grows with the number of rows, in compact form: per valid
+row, a 16-byte digest with its ``where`` (exact duplicates), a MinHash signature and band links, about 1 KB
+(:class:`~posttrain.data.dedup.NearDuplicateIndex`), its token lengths, per response its style features and
+length ratio and its detected languages (the consistency tallies, with ``where``), and with embeddings on, an
+8-byte stream position if it is not a duplicate; per preference pair, a 16-byte digest and ``where`` (swapped
+pairs). Also kept: the distinct word 1- and 2-grams of the responses (distinct-n; these grow with the vocabulary
+in use), the count of each instruction opening, the ``where`` of each flagged row, and the eval set's n-gram index
+(``--against``). When more than ``--embed-max`` rows are eligible for embedding, a second pass reads back only the
+sampled rows' texts.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 import re
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.data.accuracy import AccuracyTally, accuracy_markdown
 from posttrain.data.consistency import LanguageTally, StyleTally, consistency_markdown, target_turns
-from posttrain.data.dedup import NearDuplicateIndex, exact_duplicates, normalize_for_dedup
+from posttrain.data.dedup import NearDuplicateIndex, normalize_for_dedup
 from posttrain.data.diversity import (
     PATTERN_FLAG_SHARE,
-    distinct_n,
+    DistinctNgrams,
     flagged_patterns,
     instruction_pattern,
     instruction_text,
@@ -59,6 +72,7 @@ from posttrain.data.formats import SFTExample, normalize_sft
 from posttrain.data.io import read_records
 from posttrain.data.pii import find_pii
 from posttrain.data.preference import normalize_pair, normalize_unpaired
+from posttrain.errors import DataError
 
 BOILERPLATE = re.compile(
     r"as an ai( language model)?|i'?m sorry,? but i (can(no|')t|am unable)|i cannot (help|assist|provide)"
@@ -253,22 +267,63 @@ class EvalIndex:
         return self.where[self.owner[best[1]]], best[0]
 
 
-def _semantic_and_diversity(result: AuditResult, rows: list[Row], duplicates: set[str], *, embed: bool, embed_max: int,
-                            threshold: float, clusters: int | None, embedder, progress: bool) -> None:
+@dataclass
+class _DiversityTally:
+    """What the diversity and semantic-duplicate checks need from the streaming pass, without the row texts."""
+
+    distinct_1: DistinctNgrams = field(default_factory=lambda: DistinctNgrams(1))
+    distinct_2: DistinctNgrams = field(default_factory=lambda: DistinctNgrams(2))
+    responses: int = 0
+    patterns: Counter = field(default_factory=Counter)  # instruction opening -> valid rows
+    eligible: array = field(default_factory=lambda: array("q"))  # stream positions of the rows to embed
+    held: list[tuple[str, str]] = field(default_factory=list)  # (where, text) of those, while <= embed_max
+
+    def add(self, row: Row) -> None:
+        for response in row.responses:
+            self.distinct_1.add(response)
+            self.distinct_2.add(response)
+        self.responses += len(row.responses)
+        self.patterns[instruction_pattern(instruction_text(row.examples[0]))] += 1
+
+    def add_eligible(self, position: int, row: Row, embed_max: int) -> None:
+        self.eligible.append(position)
+        if len(self.eligible) <= embed_max:
+            self.held.append((row.where, row.text))
+        else:
+            self.held = []  # more than embed_max: the sample is read back in a second pass
+
+
+def _read_sample(path: str | Path, positions: set[int], progress: bool) -> list[tuple[str, str]]:
+    """``(where, text)`` of the rows at these stream positions of ``path``, in input order."""
+    from tqdm.auto import tqdm
+
+    sample = []
+    for position, record in enumerate(tqdm(read_records(path), desc="reading the rows to embed", unit="row",
+                                           disable=not progress)):
+        if position in positions:
+            if record.data is None:
+                raise DataError(record.where, "the file changed while it was audited; audit it again")
+            sample.append((record.where, parse_row(record.where, record.data).text))
+    if len(sample) != len(positions):
+        raise DataError(str(path), "the file changed while it was audited; audit it again")
+    return sample
+
+
+def _semantic_and_diversity(result: AuditResult, tally: _DiversityTally, path: str | Path, *, embed: bool,
+                            embed_max: int, threshold: float, clusters: int | None, embedder, progress: bool) -> None:
     """Fill ``result.diversity``, and unless ``embed`` is False, ``result.semantic`` and the topic clusters.
 
-    Rows in ``duplicates`` (already exact or near duplicates) are not embedded; beyond ``embed_max`` rows a
-    uniform sample (seed 0, input order kept) is. The default threshold, 0.9, comes from this model's cosines
+    Rows already exact or near duplicates are not embedded; beyond ``embed_max`` rows a uniform sample (seed 0,
+    input order kept) is, read back from ``path``. The default threshold, 0.9, comes from this model's cosines
     on whole rows (instruction + answer; tests/test_data_diversity.py pins a subset): 12 pairs reworded with the
     same meaning scored 0.81-0.99 (half of them >= 0.9), 8 pairs on the same template or topic asking something else
     ("capital of France" / "of Germany", "5 miles" / "7 miles") 0.39-0.81, unrelated rows at most 0.35. So 0.9
     flags only pairs closer than every different-question pair we measured, and finds the closer half of
     paraphrases; a lower threshold finds more of them at the risk of flagging rows that differ.
     """
-    responses = [r for row in rows for r in row.responses]
-    top = top_patterns(instruction_pattern(instruction_text(row.examples[0])) for row in rows)
+    top = top_patterns(tally.patterns.elements())  # every valid row's opening; their order does not matter
     result.diversity = {
-        "responses": len(responses), "distinct_1": distinct_n(responses, 1), "distinct_2": distinct_n(responses, 2),
+        "responses": tally.responses, "distinct_1": tally.distinct_1.value(), "distinct_2": tally.distinct_2.value(),
         "instruction_patterns": [{"pattern": p, "rows": n, "share": share} for p, n, share in top],
         "flagged_patterns": flagged_patterns(top), "clusters": None,
     }
@@ -276,43 +331,53 @@ def _semantic_and_diversity(result: AuditResult, rows: list[Row], duplicates: se
     if not embed:
         result.embedding = {"skipped": "--no-embed"}
         return
-    if embed_max < 1:
-        raise ValueError(f"embed_max must be >= 1, got {embed_max}")
     import numpy as np
 
     from posttrain.data.embed import Embedder, SemanticDuplicateIndex
 
-    eligible = [row for row in rows if row.where not in duplicates]
-    sample = eligible
-    if len(eligible) > embed_max:
-        picks = np.sort(np.random.default_rng(0).choice(len(eligible), size=embed_max, replace=False))
-        sample = [eligible[i] for i in picks]
-    result.embedding = {"eligible": len(eligible), "embedded": len(sample), "sampled": len(sample) < len(eligible)}
+    eligible = len(tally.eligible)
+    sample = tally.held
+    if eligible > embed_max:
+        picks = np.sort(np.random.default_rng(0).choice(eligible, size=embed_max, replace=False))
+        sample = _read_sample(path, {tally.eligible[i] for i in picks}, progress)
+    result.embedding = {"eligible": eligible, "embedded": len(sample), "sampled": len(sample) < eligible}
     if not sample:
         return
-    texts = [row.text for row in sample]
+    texts = [text for _, text in sample]
     vectors = (embedder or Embedder(progress=progress)).encode(texts, desc="embedding rows")  # (n, 384)
     index = SemanticDuplicateIndex(threshold)
     block = 1024
     for start in range(0, len(sample), block):
         chunk = sample[start : start + block]
-        for row, match in zip(chunk, index.add([r.where for r in chunk], vectors[start : start + block])):
+        for (where, _), match in zip(chunk, index.add([w for w, _ in chunk], vectors[start : start + block])):
             if match is not None:
-                result.semantic.append((row.where, match[0], match[1]))
+                result.semantic.append((where, match[0], match[1]))
     result.diversity["clusters"] = topic_clusters(vectors, texts, clusters)
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 def audit(path: str | Path, *, tokenizer=None, max_length: int | None = None, against: str | Path | None = None,
           near_threshold: float = 0.8, embed: bool = True, embed_max: int = EMBED_MAX,
           semantic_threshold: float = SEMANTIC_THRESHOLD, clusters: int | None = None, embedder=None,
           progress: bool = True) -> AuditResult:
+    """Audit ``path`` in one streaming pass (the module docstring says what is kept per row)."""
     from tqdm.auto import tqdm
 
     from posttrain.data.tokenize import ChatTemplateError, tokenize_sft
 
+    if embed and embed_max < 1:
+        raise ValueError(f"embed_max must be >= 1, got {embed_max}")
     result = AuditResult(source=str(path), against=None if against is None else str(against), max_length=max_length)
-    rows: list[Row] = []
-    for record in tqdm(read_records(path), desc=f"auditing {path}", unit="row", disable=not progress):
+    eval_index = EvalIndex(against) if against is not None else None
+    first_seen: dict[bytes, str] = {}  # digest of the normalised text -> where it first occurs
+    near = NearDuplicateIndex(threshold=near_threshold)
+    pairs_seen: dict[bytes, str] = {}  # digest of (prompt, chosen, rejected) -> where it first occurs
+    tally = _DiversityTally()
+    for position, record in enumerate(tqdm(read_records(path), desc=f"auditing {path}", unit="row",
+                                           disable=not progress)):
         result.rows_read += 1
         if record.error is not None:
             result.invalid.append((record.where, record.error))
@@ -323,7 +388,6 @@ def audit(path: str | Path, *, tokenizer=None, max_length: int | None = None, ag
         except (ValueError, ChatTemplateError) as e:
             result.invalid.append((record.where, str(e)))
             continue
-        rows.append(row)
         turns = target_turns(row, record.data)
         for prompt, response in turns:
             result.style.add(row.where, prompt, response)
@@ -333,42 +397,37 @@ def audit(path: str | Path, *, tokenizer=None, max_length: int | None = None, ag
         result.lengths.extend(lengths)
         if max_length is not None and any(n > max_length for n in lengths):
             result.truncated += 1
+        tally.add(row)
 
-    pairs = exact_duplicates(r.text for r in rows)
-    result.exact = [(rows[dup].where, rows[first].where) for dup, first in pairs]
-    exact_dups = {rows[d].where for d, _ in pairs}
-    index = NearDuplicateIndex(threshold=near_threshold)
-    for i, row in enumerate(rows):
-        if row.where in exact_dups:
-            continue  # already reported as exact
-        matches = index.add(i, normalize_for_dedup(row.text))
-        if matches:
-            result.near.append((row.where, rows[matches[0]].where))
-    _semantic_and_diversity(result, rows, exact_dups | {dup for dup, _ in result.near}, embed=embed,
-                            embed_max=embed_max, threshold=semantic_threshold, clusters=clusters,
-                            embedder=embedder, progress=progress)
+        # Duplicates: an exact duplicate is not checked again as a near one, and no duplicate is embedded.
+        norm = normalize_for_dedup(row.text)
+        first = first_seen.setdefault(_digest(norm), row.where)
+        if first != row.where:
+            result.exact.append((row.where, first))
+        else:
+            matches = near.add(row.where, norm)
+            if matches:
+                result.near.append((row.where, matches[0]))
+            elif embed:
+                tally.add_eligible(position, row, embed_max)
 
-    for row in rows:
         for kind in sorted({m.kind for m in find_pii(row.text)}):
             result.pii.setdefault(kind, []).append(row.where)
         if any(BOILERPLATE.search(r) for r in row.responses):
             result.boilerplate.append(row.where)
+        if row.kind == "pair":
+            result.pairs += 1
+            prompt, c, r = row.key
+            result.chosen_longer += len(c) > len(r)
+            swapped = pairs_seen.get(_digest(repr((prompt, r, c))))
+            if swapped is not None:
+                result.swapped.append((row.where, swapped))
+            pairs_seen.setdefault(_digest(repr(row.key)), row.where)
+        if eval_index is not None and eval_index.match(row.text):
+            result.contaminated.append(row.where)
 
-    seen: dict[tuple, str] = {}
-    for row in rows:
-        if row.kind != "pair":
-            continue
-        result.pairs += 1
-        c, r = row.responses
-        result.chosen_longer += len(c) > len(r)
-        prompt = row.key[0]
-        if (prompt, r, c) in seen:
-            result.swapped.append((row.where, seen[(prompt, r, c)]))
-        seen.setdefault(row.key, row.where)
-
-    if against is not None:
-        index = EvalIndex(against)
-        result.contaminated = [row.where for row in rows if index.match(row.text)]
+    _semantic_and_diversity(result, tally, path, embed=embed, embed_max=embed_max, threshold=semantic_threshold,
+                            clusters=clusters, embedder=embedder, progress=progress)
     return result
 
 

@@ -25,6 +25,11 @@ Applies, in this order, the filters selected in the config (defaults below), eac
 Writes OUT (the kept rows, as JSONL, in input order) and ``OUT.rejects.jsonl``: one line per dropped row with its
 location, the reason and the row itself. Nothing is silently lost: kept + rejected = rows read, checked before the
 command reports success.
+
+Memory: rows are streamed (:func:`posttrain.data.io.read_records`) and written as they are decided, so no row is
+held after its turn. What grows with the input is the dedup state: a 16-byte digest per distinct row and about
+1 KB per row kept by the near-duplicate index (:class:`~posttrain.data.dedup.NearDuplicateIndex`), whatever the
+rows' length; with ``semantic_dedup``, a 1.5 KB embedding per kept row; with ``--against``, the eval set's n-grams.
 """
 
 from __future__ import annotations
@@ -177,7 +182,7 @@ def clean(path: str | Path, out: str | Path, cfg: CleanConfig, *, against: str |
                 reject(record.where, "exact duplicate", record.data)
                 continue
             seen.add(digest)
-            if near is not None and near.add(record.where, norm):
+            if near is not None and near.add(read, norm):  # the row number: a smaller key to keep than `where`
                 reject(record.where, "near duplicate", record.data)
                 continue
             if semantic is not None and semantic.add([record.where], embedding[None])[0] is not None:

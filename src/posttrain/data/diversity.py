@@ -40,17 +40,32 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.casefold())
 
 
+class DistinctNgrams:
+    """:func:`distinct_n` over texts added one at a time, for a streaming pass: holds each distinct n-gram
+    once, never the texts."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._seen: set[tuple[str, ...]] = set()
+        self._total = 0
+
+    def add(self, text: str) -> None:
+        w = words(text)
+        grams = [tuple(w[i : i + self.n]) for i in range(len(w) - self.n + 1)]
+        self._total += len(grams)
+        self._seen.update(grams)
+
+    def value(self) -> float | None:
+        return len(self._seen) / self._total if self._total else None
+
+
 def distinct_n(texts: Iterable[str], n: int) -> float | None:
     """Distinct word ``n``-grams / all word ``n``-grams over ``texts`` (n-grams do not cross texts); None if
     there are none."""
-    seen: set[tuple[str, ...]] = set()
-    total = 0
+    tally = DistinctNgrams(n)
     for text in texts:
-        w = words(text)
-        grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
-        total += len(grams)
-        seen.update(grams)
-    return len(seen) / total if total else None
+        tally.add(text)
+    return tally.value()
 
 
 def instruction_text(example: SFTExample) -> str:

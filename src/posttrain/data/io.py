@@ -5,12 +5,20 @@ Rows come back as plain dicts, not yet validated: deciding whether a row is a us
 JSON value that is not an object) is still yielded, as a Record with ``error`` set, so the caller can
 report every bad row at once instead of stopping at the first. Problems with the file as a whole
 (missing, unknown format, unreadable Parquet) raise :class:`~posttrain.errors.DataError` at once.
+
+Memory does not grow with the file, except for JSON arrays:
+
+- JSONL (and a ``.json`` file holding JSONL) is read one line at a time;
+- CSV is checked for invalid UTF-8 in one line-by-line pass when :func:`read_records` is called (so that error is
+  still raised at once), then parsed one row at a time;
+- Parquet and saved datasets are read ``_BATCH_ROWS`` rows at a time (a saved dataset is memory-mapped Arrow);
+- a ``.json`` file holding one JSON array is parsed whole, so its rows are all in memory: a JSON array cannot be
+  split into rows without parsing it. Convert large arrays to JSONL.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -49,32 +57,34 @@ def read_records(path: str | Path) -> Iterator[Record]:
         return _read_saved_dataset(p, shown)
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(p.read_bytes(), shown)
+        return _read_jsonl(p, shown)
     if suffix == ".json":
-        return _read_json(p.read_bytes(), shown)
+        return _read_json(p, shown)
     if suffix == ".parquet":
         return _read_parquet(p, shown)
     if suffix == ".csv":
-        return _read_csv(p.read_bytes(), shown)
+        return _read_csv(p, shown)
     raise DataError(
         shown, f"unsupported data format {suffix or '(no extension)'!r}; expected {SUPPORTED_FORMATS}"
     )
 
 
-def _read_jsonl(raw: bytes, shown: str) -> Iterator[Record]:
-    # Decode line by line so one bad byte costs one row, not the whole file.
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if lineno == 1:
-            line = line.removeprefix(_UTF8_BOM)  # editors on Windows write one; it is not data
-        if not line.strip():
-            continue
-        where = f"{shown}:{lineno}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield Record(where, None, f"invalid UTF-8 at byte {e.start + 1} of the line ({e.reason})")
-            continue
-        yield _parse_json_object(text, where)
+def _read_jsonl(p: Path, shown: str) -> Iterator[Record]:
+    # Read and decode line by line: memory stays one line whatever the file size, and one bad byte costs one
+    # row, not the whole file. Binary mode splits on b"\n" only, as a text editor numbers lines.
+    with p.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if lineno == 1:
+                line = line.removeprefix(_UTF8_BOM)  # editors on Windows write one; it is not data
+            if not line.strip():
+                continue
+            where = f"{shown}:{lineno}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Record(where, None, f"invalid UTF-8 at byte {e.start + 1} of the line ({e.reason})")
+                continue
+            yield _parse_json_object(text, where)
 
 
 def _parse_json_object(text: str, where: str) -> Record:
@@ -87,12 +97,12 @@ def _parse_json_object(text: str, where: str) -> Record:
     return Record(where, value, None)
 
 
-def _read_json(raw: bytes, shown: str) -> Iterator[Record]:
+def _read_json(p: Path, shown: str) -> Iterator[Record]:
     # A .json file holding one object per line is common (it is what many exporters write), so the
-    # first character decides: '[' is an array of rows, anything else is read as JSONL.
-    body = raw.removeprefix(_UTF8_BOM)
-    if not body.lstrip().startswith(b"["):
-        return _read_jsonl(raw, shown)
+    # first character decides: '[' is an array of rows, parsed whole; anything else is streamed as JSONL.
+    if not _starts_with_array(p):
+        return _read_jsonl(p, shown)
+    body = p.read_bytes().removeprefix(_UTF8_BOM)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -104,6 +114,19 @@ def _read_json(raw: bytes, shown: str) -> Iterator[Record]:
         raise DataError(f"{shown}:{e.lineno}", f"malformed JSON: {e}") from None
     assert isinstance(rows, list)  # it starts with '[' and parsed, so it is an array
     return (_array_row(row, f"{shown} row {i}") for i, row in enumerate(rows, start=1))
+
+
+def _starts_with_array(p: Path) -> bool:
+    """Whether the first character after a BOM and whitespace is '[', reading only as far as that character."""
+    with p.open("rb") as f:
+        head = f.read(len(_UTF8_BOM)).removeprefix(_UTF8_BOM)
+        while True:
+            head = head.lstrip()
+            if head:
+                return head.startswith(b"[")
+            head = f.read(1 << 16)
+            if not head:
+                return False
 
 
 def _array_row(row: object, where: str) -> Record:
@@ -132,41 +155,46 @@ def _numbered_rows(batches: Iterator, shown: str) -> Iterator[Record]:
             yield Record(f"{shown} row {row}", data, None)
 
 
-def _read_csv(raw: bytes, shown: str) -> Iterator[Record]:
+def _read_csv(p: Path, shown: str) -> Iterator[Record]:
+    # Invalid UTF-8 is a file-level error, raised on the call like the others: one line-by-line pass finds
+    # it without holding the file. A multi-byte UTF-8 sequence never contains b"\n", so decoding line by
+    # line accepts exactly what decoding the whole file would.
+    with p.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                (line.removeprefix(_UTF8_BOM) if lineno == 1 else line).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{shown}:{lineno}", f"invalid UTF-8 ({e.reason})") from None
+    return _csv_rows(p, shown)
+
+
+def _csv_rows(p: Path, shown: str) -> Iterator[Record]:
     # csv.reader rather than DictReader: DictReader skips blank lines and reports the line a row
     # *ends* on, but a quoted field may span lines and users look for where the row starts.
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{shown}:{line}", f"invalid UTF-8 ({e.reason})") from None
-    return _csv_rows(text, shown)
-
-
-def _csv_rows(text: str, shown: str) -> Iterator[Record]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] | None = None
-    last_line = 0
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:  # e.g. a NUL byte; the csv module cannot resync after it
-            raise DataError(f"{shown}:{reader.line_num}", f"malformed CSV: {e}") from None
-        start, last_line = last_line + 1, reader.line_num
-        if not cells:
-            continue
-        if header is None:
-            header = cells
-            continue
-        where = f"{shown}:{start}"
-        if len(cells) != len(header):
-            yield Record(
-                where, None, f"expected {len(header)} CSV columns (as in the header), got {len(cells)}"
-            )
-        else:
-            yield Record(where, dict(zip(header, cells)), None)
+    with p.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header: list[str] | None = None
+        last_line = 0
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # e.g. a NUL byte; the csv module cannot resync after it
+                raise DataError(f"{shown}:{reader.line_num}", f"malformed CSV: {e}") from None
+            start, last_line = last_line + 1, reader.line_num
+            if not cells:
+                continue
+            if header is None:
+                header = cells
+                continue
+            where = f"{shown}:{start}"
+            if len(cells) != len(header):
+                yield Record(
+                    where, None, f"expected {len(header)} CSV columns (as in the header), got {len(cells)}"
+                )
+            else:
+                yield Record(where, dict(zip(header, cells)), None)
 
 
 def _read_saved_dataset(p: Path, shown: str) -> Iterator[Record]:
