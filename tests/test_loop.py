@@ -191,3 +191,14 @@ def test_loop_config_errors_are_clear(tmp_path):
         load_loop_config(None, [])
     with pytest.raises(ConfigError, match="gates.prompts: .*no such file"):
         load_loop_config(None, ["gates.prompts=missing.jsonl", "gates.rewards=[{function: numeric_match}]"])
+
+
+def test_kto_balance_weights_make_the_classes_weigh_the_same(tmp_path):
+    from posttrain.loop.run import kto_balance
+
+    path = tmp_path / "k.jsonl"
+    path.write_text("".join(json.dumps({"label": i < 14}) + "\n" for i in range(64)))  # 14 up, 50 down
+    d, u = kto_balance(path)
+    assert (d, u) == (50 / 14, 1.0) and d * 14 / (u * 50) == pytest.approx(1.0)
+    path.write_text("".join(json.dumps({"label": True}) + "\n" for _ in range(3)))
+    assert kto_balance(path) is None

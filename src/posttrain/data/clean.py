@@ -122,7 +122,7 @@ def _with_embeddings(records: Iterable, enabled: bool, batch: int = 64) -> Itera
 
 
 def clean(path: str | Path, out: str | Path, cfg: CleanConfig, *, against: str | Path | None = None,
-          tokenizer=None) -> dict:
+          tokenizer=None, progress: bool = True) -> dict:
     """Filter ``path`` into ``out`` and ``out.rejects.jsonl``; returns counts by reason (see module docstring)."""
     from posttrain.data.accuracy import check_row
     from posttrain.data.audit import BOILERPLATE, CONTAMINATION_N, EvalIndex, parse_row
@@ -157,7 +157,10 @@ def clean(path: str | Path, out: str | Path, cfg: CleanConfig, *, against: str |
             counts[reason] = counts.get(reason, 0) + 1
             rej_f.write(json.dumps({"where": where, "reason": reason, **detail, "row": row}, ensure_ascii=False) + "\n")
 
-        for record, embedding in _with_embeddings(read_records(path), semantic is not None):
+        from tqdm.auto import tqdm
+
+        records = tqdm(read_records(path), desc=f"cleaning {path}", unit="row", disable=not progress, mininterval=1.0)
+        for record, embedding in _with_embeddings(records, semantic is not None):
             read += 1
             if record.error is not None:
                 reject(record.where, f"invalid: {record.error}", None)

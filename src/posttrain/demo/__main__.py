@@ -84,7 +84,7 @@ def curate(train: Path, against: Path, tokenizer) -> Path:
           f"{s['exact_duplicates']} exact / {s['near_duplicates']} near / {s['semantic_duplicates']['pairs']} semantic duplicates (reported only), "
           f"{sum(s['pii'].values())} with PII, {s['contamination']['rows']} contaminated; report {_shown(report)}")
     cleaned = train.with_name(train.stem + ".clean.jsonl")
-    res = clean(train, cleaned, CleanConfig(), against=against)
+    res = clean(train, cleaned, CleanConfig(), against=against, progress=False)
     reasons = ", ".join(f"{n} {k}" for k, n in res["reasons"].items()) or "none"
     print(f"[data] posttrain data clean {_shown(train)} -o {_shown(cleaned)}: kept {res['kept']} of {res['read']} "
           f"(dropped or changed: {reasons}); rejects in {_shown(Path(res['rejects']))}")

@@ -260,7 +260,7 @@ def clean_rows(rows: list[_Row], out: Path, cfg: CleanConfig, result: ExportResu
             lines = [i + 1 for i, row in enumerate(rows) if row.group == group]  # 1-based lines of raw
             part = Path(tmp) / f"{group}.jsonl"
             _write_jsonl(part, ({**rows[i - 1].data, "feedback_id": rows[i - 1].item["id"]} for i in lines))
-            counts = clean(part, Path(tmp) / f"{group}.kept.jsonl", _group_config(group, cfg), tokenizer=tokenizer)
+            counts = clean(part, Path(tmp) / f"{group}.kept.jsonl", _group_config(group, cfg), tokenizer=tokenizer, progress=False)
             dropped_lines = set()
             with open(counts["rejects"], encoding="utf-8") as f:
                 for line in f:

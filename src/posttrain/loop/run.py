@@ -7,7 +7,8 @@ One cycle:
 2. **curate**: export the new feedback as KTO (thumbs, ratings, corrections) or DPO (preferences, corrections)
    rows through the data filters (:mod:`posttrain.feedback.export`), hashed into the registry;
 3. **train** a candidate adapter starting from the serving version (``posttrain kto|dpo`` with
-   ``adapter=<serving>``, plus the ``train:`` overrides);
+   ``adapter=<serving>``, plus the ``train:`` overrides; KTO's class weights are set from the label counts so
+   desirable and undesirable weigh the same, as the KTO paper recommends, unless ``train`` sets them);
 4. **gates** (:mod:`posttrain.loop.gates`): the candidate must beat the serving version on held-out reward or
    preference accuracy, must not forget (general perplexity, fixed-task accuracy) and must pass the
    reward-hacking guards (answer length change, duplicate answers);
@@ -207,6 +208,17 @@ def _invert(path: Path, method: str) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def kto_balance(path: Path) -> tuple[float, float] | None:
+    """KTO loss weights for the label counts in ``path``: the KTO paper (Ethayarajh et al. 2024, section 4) wants
+    lambda_D n_D / (lambda_U n_U) in [1, 4/3]; live thumbs are rarely balanced. Returns (lambda_D, lambda_U) giving
+    a ratio of 1, with the larger class at weight 1, or None when one label is missing."""
+    labels = [json.loads(line)["label"] for line in path.read_text().splitlines() if line.strip()]
+    n_d, n_u = sum(labels), len(labels) - sum(labels)
+    if not n_d or not n_u:
+        return None
+    return (n_u / n_d, 1.0) if n_u >= n_d else (1.0, n_d / n_u)
+
+
 def run_cycle(cfg: LoopConfig, registry: Registry, store, *, log=print) -> dict:
     """One trigger check and, if it fires, one curate/train/gate/decide cycle; returns what happened."""
     import importlib
@@ -239,6 +251,9 @@ def run_cycle(cfg: LoopConfig, registry: Registry, store, *, log=print) -> dict:
     stage_overrides = [f"model={cfg.model}", f"data.train={data}", f"output_dir={cycle / 'candidate'}",
                        f"adapter={registry.adapter_of(parent)}", "tensorboard=false", f"seed={cfg.seed}"]
     stage_overrides += [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in cfg.train.items()]
+    weights = kto_balance(data) if cfg.method == "kto" and not {"desirable_weight", "undesirable_weight"} & set(cfg.train) else None
+    if weights:
+        stage_overrides += [f"desirable_weight={weights[0]:.3f}", f"undesirable_weight={weights[1]:.3f}"]
     log(f"[loop] training a candidate from {parent}: posttrain {cfg.method} " + " ".join(stage_overrides))
     result = importlib.import_module(f"posttrain.stages.{cfg.method}").train(load_config(cfg.method, None, stage_overrides))
     vid = registry.register(result.output_dir, parent=parent, data=hashes,
