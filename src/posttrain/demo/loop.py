@@ -4,13 +4,15 @@
    `assistant`, version v0: a fresh LoRA, which answers exactly like the base model.
 2. A scripted user asks short factual questions (capitals and sums, the concise-answers task) through the HTTP
    API, sampling at temperature 0.7, and gives each answer a thumbs up when it states the right fact in at most
-   12 words, else a thumbs down (`POST /v1/feedback`). Their satisfaction is the share of thumbs up.
-3. `posttrain loop` (one cycle per round): exports the new feedback as KTO data, trains a candidate from the
+   12 words; otherwise they send the answer they wanted as a correction (`POST /v1/feedback`). Their
+   satisfaction is the share of answers they liked.
+3. `posttrain loop` (one cycle per round): exports the new corrections as DPO pairs (the correction chosen over
+   the model's answer), trains a candidate from the
    serving version, gates it against the serving version (held-out reward = the same rule on 32 unseen
    questions; general perplexity must not rise by more than 5%; answer-length and duplicate guards) and
    promotes it: the server switches versions without restart.
-4. After the rounds, a deliberately bad candidate is trained on the same kind of feedback with its labels
-   inverted; the gates reject it and it never serves.
+4. After the rounds, a deliberately bad candidate is trained on the same kind of feedback inverted (each
+   model answer chosen over the user's correction); the gates reject it and it never serves.
 
 Everything (feedback database, registry, audit log, data of each cycle) lands in --out.
 """
@@ -81,7 +83,9 @@ def chat_round(url: str, key: str, questions: list[dict], *, users: int = 8) -> 
             body = r.json()
             answer = body["choices"][0]["message"]["content"]
             good = check(answer, row)
-            f = client.post("/v1/feedback", json={"completion_id": body["id"], "thumbs": "up" if good else "down"})
+            # A thumbs up for a good answer; a bad one gets the answer the user wanted instead (a correction).
+            feedback = {"thumbs": "up"} if good else {"correction": row["chosen"][0]["content"]}
+            f = client.post("/v1/feedback", json={"completion_id": body["id"], **feedback})
             f.raise_for_status()
             return good, body.get("system_fingerprint"), question_of(row), answer
 
@@ -101,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo-loop", help="working folder (emptied first)")
     p.add_argument("--chats", type=int, default=64, help="questions the scripted user asks per round")
     p.add_argument("--rounds", type=int, default=2, help="feedback -> train -> gate -> promote rounds")
-    p.add_argument("--steps", type=int, default=16, help="KTO optimizer steps per candidate")
+    p.add_argument("--steps", type=int, default=16, help="DPO optimizer steps per candidate")
     p.add_argument("--heldout", type=int, default=32, help="held-out questions the reward gate scores")
-    p.add_argument("--lr", type=float, default=2e-4, help="KTO learning rate of each candidate (LoRA)")
+    p.add_argument("--lr", type=float, default=2e-4, help="DPO learning rate of each candidate (LoRA)")
     p.add_argument("--no-bad-candidate", action="store_true", help="skip the inverted-feedback candidate")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     db = f"sqlite:///{out / 'feedback.db'}"
 
     try:
-        loop_args = [f"registry={out / 'registry'}", f"db={db}", "method=kto", f"min_feedback={args.chats}",
+        loop_args = [f"registry={out / 'registry'}", f"db={db}", "method=dpo", f"min_feedback={args.chats}",
                      f"train={{max_steps: {args.steps}, batch_size: 8, lr: {args.lr}, beta: 0.1}}",
                      f"gates.prompts={heldout}", "gates.rewards=[{function: 'posttrain.demo.concise_task:concise_reward'}]",
                      f"gates.general_data={general}", "gates.max_new_tokens=48"]
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n[user] after {args.rounds} rounds: {r['n']} new questions to {', '.join(r['versions'])}: "
                   f"satisfaction {r['satisfaction']:.1%}")
             if not args.no_bad_candidate:
-                print("\n[loop] a deliberately bad candidate: the same kind of feedback with inverted labels")
+                print("\n[loop] a deliberately bad candidate: the same kind of feedback, inverted (answers chosen over corrections)")
                 bad = load_loop_config(None, loop_args + ["invert_feedback=true"])
                 bad.server_url = server.url
                 serving_before = registry.serving
