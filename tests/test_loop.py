@@ -202,3 +202,16 @@ def test_kto_balance_weights_make_the_classes_weigh_the_same(tmp_path):
     assert (d, u) == (50 / 14, 1.0) and d * 14 / (u * 50) == pytest.approx(1.0)
     path.write_text("".join(json.dumps({"label": True}) + "\n" for _ in range(3)))
     assert kto_balance(path) is None
+
+
+def test_schedule_trigger_starts_a_cycle_with_few_items_once_its_time_has_come(tmp_path, tiny_model_dir):
+    from posttrain.loop.run import run_cycle
+
+    cfg = _loop_config(tmp_path, tiny_model_dir, every_s=3600, min_feedback=1000, **{"gates.max_perplexity_increase": -1.0})
+    reg = Registry(cfg.registry)
+    store = _store_with_feedback(tmp_path, 8)
+    t0 = reg.versions.get("v0", {}).get("created") or 0
+    out = run_cycle(cfg, reg, store, log=lambda *_: None, now=lambda: t0 + 10)  # registers v0 first
+    assert out["event"] == "waiting"
+    out = run_cycle(cfg, reg, store, log=lambda *_: None, now=lambda: reg.versions["v0"]["created"] + 3601)
+    assert out["event"] == "reject" and out["version"] == "v1"  # 8 items < 1000, but the hour has passed

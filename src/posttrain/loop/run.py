@@ -2,8 +2,9 @@
 
 One cycle:
 
-1. **trigger**: at least ``min_feedback`` new feedback items in the store since the last cycle (checked every
-   ``poll_s`` seconds; ``--once`` runs one check and exits);
+1. **trigger**: at least ``min_feedback`` new feedback items in the store since the last cycle, or, with
+   ``every_s``, that many seconds since the last cycle and any new feedback (checked every ``poll_s`` seconds;
+   ``--once`` runs one check and exits);
 2. **curate**: export the new feedback as KTO (thumbs, ratings, corrections) or DPO (preferences, corrections)
    rows through the data filters (:mod:`posttrain.feedback.export`), hashed into the registry;
 3. **train** a candidate adapter starting from the serving version (``posttrain kto|dpo`` with
@@ -48,7 +49,8 @@ class LoopConfig:
     server_url: str | None = opt(None, "The running `posttrain serve` (e.g. http://127.0.0.1:8000) to switch on promotion/rollback (null: registry only).")
     api_key_env: str = opt("POSTTRAIN_API_KEY", "Environment variable with the server's API key.")
     method: Literal["kto", "dpo"] = opt("kto", "Candidate training: kto (thumbs, ratings, corrections) or dpo (preferences, corrections).")
-    min_feedback: int = opt(50, "New feedback items needed to start a cycle.")
+    min_feedback: int = opt(50, "New feedback items that start a cycle.")
+    every_s: float = opt(0.0, "Schedule: also start a cycle when this many seconds have passed since the last one and there is any new feedback (0: count trigger only).")
     poll_s: float = opt(30.0, "Seconds between trigger checks when running continuously.")
     invert_feedback: bool = opt(False, "Train on inverted feedback (flipped labels / swapped pairs): a deliberately bad candidate, to check the gates.")
     train: dict = opt({}, "Overrides for the training stage (e.g. {max_steps: 20, lr: 5e-5, beta: 0.1}).")
@@ -219,7 +221,7 @@ def kto_balance(path: Path) -> tuple[float, float] | None:
     return (n_u / n_d, 1.0) if n_u >= n_d else (1.0, n_d / n_u)
 
 
-def run_cycle(cfg: LoopConfig, registry: Registry, store, *, log=print) -> dict:
+def run_cycle(cfg: LoopConfig, registry: Registry, store, *, log=print, now=time.time) -> dict:
     """One trigger check and, if it fires, one curate/train/gate/decide cycle; returns what happened."""
     import importlib
 
@@ -231,8 +233,11 @@ def run_cycle(cfg: LoopConfig, registry: Registry, store, *, log=print) -> dict:
     ensure_initial(cfg, registry)
     since = int(registry.state.get("last_feedback_id", 0))
     new = store.count_feedback(since)
-    if new < cfg.min_feedback:
+    last = float(registry.state.get("last_cycle_time", registry.versions[registry.serving]["created"]))
+    scheduled = cfg.every_s > 0 and new > 0 and now() - last >= cfg.every_s
+    if new < cfg.min_feedback and not scheduled:
         return {"event": "waiting", "new_feedback": new, "needed": cfg.min_feedback}
+    registry.state["last_cycle_time"] = now()
     parent = registry.serving
     cycle = registry.root / "cycles" / f"{registry.next_id()}"
     cycle.mkdir(parents=True, exist_ok=True)
