@@ -537,6 +537,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def build_config(cls: type, path: str | Path | None, overrides: list[str] | None = None, what: str = "options") -> Any:
+    """``cls`` from an optional YAML file of ``what`` plus dotted overrides, unvalidated (for commands whose
+    configs are not stages: data clean/synth, loop, rollback)."""
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of {what}")
+    return _build(cls, _merge(values, parse_overrides(overrides or [])))
+
+
 def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Build and validate the typed config of ``stage`` from a YAML file and dotted overrides."""
     cls = STAGE_CONFIGS[stage]

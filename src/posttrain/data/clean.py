@@ -63,19 +63,9 @@ class CleanConfig:
 
 
 def load_clean_config(path: str | None) -> CleanConfig:
-    from posttrain.config import _build
+    from posttrain.config import build_config
 
-    if path is None:
-        return CleanConfig()
-    import yaml
-
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: {e}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of clean options")
-    return _build(CleanConfig, values)
+    return build_config(CleanConfig, path, None, "clean options")
 
 
 def _redact_value(value, kinds=None):

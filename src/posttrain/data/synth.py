@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from posttrain.config import _build, _merge, opt, parse_overrides, section
+from posttrain.config import build_config, opt, section
 from posttrain.data.clean import CleanConfig
 from posttrain.errors import ConfigError, DataError
 
@@ -116,17 +116,7 @@ class SynthConfig:
 
 
 def load_synth_config(path: str | None, overrides: list[str], mode: str) -> SynthConfig:
-    import yaml
-
-    values: dict = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of synth options")
-    cfg = _build(SynthConfig, _merge(values, parse_overrides(overrides)))
+    cfg = build_config(SynthConfig, path, overrides, "synth options")
     cfg.validate(mode)
     return cfg
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from posttrain.config import _build, _merge, opt, parse_overrides, section
+from posttrain.config import _build, build_config, opt, section
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.loop.gates import GatesSection, check
 from posttrain.loop.registry import Registry, sha256_file
@@ -70,17 +70,7 @@ class LoopConfig:
 
 
 def load_loop_config(path: str | None, overrides: list[str]) -> LoopConfig:
-    import yaml
-
-    values: dict = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of loop options")
-    cfg = _build(LoopConfig, _merge(values, parse_overrides(overrides)))
+    cfg = build_config(LoopConfig, path, overrides, "loop options")
     cfg.validate()
     return cfg
 
@@ -327,10 +317,7 @@ def main_rollback(argv: list[str]) -> int:
     a = p.parse_args(argv)
     path = a.args[0] if a.args and "=" not in a.args[0] else None
     try:
-        import yaml
-
-        values: dict = yaml.safe_load(Path(path).read_text()) or {} if path else {}
-        cfg = _build(LoopConfig, _merge(values, parse_overrides(a.args[1:] if path else a.args)))
+        cfg = build_config(LoopConfig, path, a.args[1:] if path else a.args, "loop options")
         registry = Registry(cfg.registry)
         registry.rollback(a.version, a.reason)
         print(f"rollback: {cfg.served_model} = {a.version} ({_notify(cfg, registry, a.version)})")
