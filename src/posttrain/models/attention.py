@@ -63,7 +63,38 @@ def _without_cudnn(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def _tiles(segments, length: int) -> bool:
+    """Every row's spans are plain (no shared prefix) and cover [0, length) in order."""
+    for spans in segments:
+        end = 0
+        for span in spans:
+            if span[0] != end or (len(span) == 4 and span[3] > span[2]):
+                return False
+            end = span[1]
+        if end != length:
+            return False
+    return True
+
+
+def _split_segments(query, key, value, segments, dropout, scaling):
+    """Spans that tile each row: split the tensors instead of slicing them span by span. Autograd then
+    concatenates the spans' gradients once per tensor; a slice's backward would write each span's gradient
+    into a zero-filled tensor of the whole batch's size and sum them (on the 2-core CPU, ~1.4 s of memset and
+    adds in a LoRA step of 8 x 512 tokens)."""
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for spans, q_row, k_row, v_row in zip(segments, query.unbind(0), key.unbind(0), value.unbind(0)):
+        lengths = [span[1] - span[0] for span in spans]
+        parts = [F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True,
+                                                scale=scaling, enable_gqa=gqa)
+                 for q, k, v in zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
 def _segments(query, key, value, segments, dropout, scaling):
+    if _tiles(segments, query.shape[2]):
+        return _split_segments(query, key, value, segments, dropout, scaling)
     gqa = query.shape[1] != key.shape[1]
     rows = []
     for r, spans in enumerate(segments):

@@ -1,7 +1,8 @@
 """One forward path for every stage: a batch in, the log-probabilities of its target tokens out.
 
 Memory-lean: the output projection and the log-softmax run only at target positions, in chunks of
-``chunk_size`` positions, each chunk recomputed in backward (activation checkpointing), so neither the
+``chunk_size`` positions, each chunk's gradient formed in the forward (a frozen head) or the chunk recomputed in
+backward (activation checkpointing, a trained head), so neither the
 (B, T, V) logits nor their fp32 log-softmax ever exist. With a 49k vocabulary and 8 x 512 tokens that is
 ~800 MB of fp32 logits (plus as much again for their gradient) that are never allocated; at 150k+ vocabularies
 it is most of the step's activation memory.
@@ -109,16 +110,59 @@ def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return -F.cross_entropy(logits, targets, reduction="none")  # (n,) log p(target)
 
 
+class _FrozenHeadLogps(torch.autograd.Function):
+    """log p(target) of a chunk through a frozen linear head, its gradient formed in the forward pass.
+
+    log p_i = z_i[t_i] - logsumexp(z_i) with z_i = (W h_i + b) / T depends on row i's hidden state only, so
+    its gradient is a vector per row: d log p_i / d h_i = (W[t_i] - p_i W) / T, p_i = softmax(z_i). Computing
+    it while the chunk's logits exist costs one (n x V) x (V x H) matmul and keeps (n x H) numbers; the
+    checkpointed path instead recomputes the logits in backward and then runs the log-softmax backward and that
+    same matmul, so this saves a third of the head's matmuls and a pass over the logits. Used only when no
+    head parameter is trained (adapter methods); a trained head needs the logits' gradient for its weight.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float):
+        logits = F.linear(hidden, weight, bias).float()  # (n, V)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        del logits
+        logps = logprobs.gather(1, targets[:, None]).squeeze(1)
+        if ctx.needs_input_grad[0]:
+            delta = logprobs.exp_()  # softmax p, in place
+            delta[torch.arange(delta.shape[0], device=delta.device), targets] -= 1.0  # p - onehot(t), in fp32
+            jac = (delta.to(weight.dtype) @ weight).neg_()  # (n, H); W[t] - p W without cancellation in bf16
+            if temperature != 1.0:
+                jac.div_(temperature)
+            ctx.save_for_backward(jac.to(hidden.dtype))
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        (jac,) = ctx.saved_tensors
+        return grad_logps.to(jac.dtype)[:, None] * jac, None, None, None, None
+
+
+def _frozen_linear(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
 def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
                temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) for (N, H) hidden rows, chunked and checkpointed; logits divided by ``temperature`` (RL
-    evaluates the distribution it sampled from). Returns (N,) fp32."""
+    """log p(target) for (N, H) hidden rows, chunk by chunk; logits divided by ``temperature`` (RL evaluates the
+    distribution it sampled from). Returns (N,) fp32. With gradients: a frozen linear head forms each chunk's
+    gradient in the forward (:class:`_FrozenHeadLogps`); any other head is checkpointed per chunk."""
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    frozen = grad and _frozen_linear(head)
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if frozen:
+            parts.append(_FrozenHeadLogps.apply(h, head.weight, head.bias, t, temperature))
+        elif grad:
             parts.append(checkpoint(_chunk_logps, head, h, t, temperature, use_reentrant=False))
         else:
             parts.append(_chunk_logps(head, h, t, temperature))

@@ -1,0 +1,157 @@
+"""The step's fast paths give the same numbers as the plain computation they replace.
+
+- merged-weight LoRA linears (models/fused_lora.py) vs PEFT's own forward: outputs and every gradient;
+- a frozen head's log-probs with the gradient formed in the forward (models/forward.py) vs the checkpointed
+  head and vs cross-entropy on the full logits;
+- both together inside a LoRA model's SFT loss vs the full-logits loss of the same model without them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from posttrain.data.collate import collate_sft
+from posttrain.data.tokenize import TokenizedExample
+from posttrain.losses import causal_lm_loss, sft_loss
+from posttrain.models import forward as fw
+from posttrain.models import fused_lora
+from posttrain.models.forward import head_logps, target_logps
+
+
+def _lora_mlp(dropout: float = 0.0, bias: str = "none", dora: bool = False):
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.GELU(), torch.nn.Linear(80, 48, bias=False))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, bias=bias, use_dora=dora,
+                                            target_modules=["0", "2"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; a trained adapter has not
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def _run(model, x, grad_out):
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.backward(grad_out)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only"])
+def test_merged_lora_equals_peft_forward_and_gradients(bias, monkeypatch):
+    plain = _lora_mlp(bias=bias)
+    fused = copy.deepcopy(plain)
+    assert fused_lora.enable(fused) == 2
+    calls = []
+    original = fused_lora._MergedLoRALinear.apply
+    monkeypatch.setattr(fused_lora._MergedLoRALinear, "apply", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(3, 50, 48)  # 150 tokens >= 32 x r
+    g = torch.randn(3, 50, 48)
+    y0, dx0, grads0 = _run(plain, x, g)
+    y1, dx1, grads1 = _run(fused, x, g)
+    assert len(calls) == 2, "the merged path did not run"
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-5)
+    assert grads0.keys() == grads1.keys() and len(grads0) == (4 if bias == "none" else 5)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["short", "bf16", "dropout", "dora", "disabled"])
+def test_merged_lora_steps_aside_where_it_would_not_be_exact_or_cheaper(case, monkeypatch):
+    model = _lora_mlp(dropout=0.1 if case == "dropout" else 0.0, dora=case == "dora")
+    reference = copy.deepcopy(model)
+    fused_lora.enable(model)
+    monkeypatch.setattr(fused_lora._MergedLoRALinear, "apply",
+                        lambda *a: pytest.fail("the merged path ran where PEFT's forward must"))
+    x = torch.randn(2, 4 if case == "short" else 100, 48)
+    if case == "bf16":  # merging into a bf16 weight would round a small update away
+        model, reference, x = model.to(torch.bfloat16), reference.to(torch.bfloat16), x.to(torch.bfloat16)
+    model.eval(), reference.eval()  # dropout off for the comparison; the dropout module still is not Identity
+    if case == "disabled":
+        with model.disable_adapter(), reference.disable_adapter():
+            torch.testing.assert_close(model(x), reference(x))
+    else:
+        torch.testing.assert_close(model(x), reference(x))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+def test_frozen_head_logps_and_gradients_equal_the_checkpointed_head(temperature, chunk, monkeypatch):
+    torch.manual_seed(1)
+    head = torch.nn.Linear(32, 300).requires_grad_(False)
+    hidden = torch.randn(23, 32, requires_grad=True)
+    targets = torch.randint(0, 300, (23,))
+    weights = torch.randn(23)
+    results = []
+    for frozen in (False, True):
+        monkeypatch.setattr(fw, "_frozen_linear", lambda h, f=frozen: f)
+        logps = head_logps(head, hidden, targets, chunk, temperature)
+        (grad,) = torch.autograd.grad((logps * weights).sum(), hidden)
+        results.append((logps.detach(), grad))
+    expected = torch.log_softmax(head(hidden).float() / temperature, -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(results[1][0], expected.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_head_gradient_in_bf16_is_as_accurate_as_the_checkpointed_one(monkeypatch):
+    """A confident prediction: the gradient W[t] - p W is a small difference of large vectors. Forming
+    (p - onehot) in fp32 before the bf16 matmul keeps the error at the level of the usual backward's."""
+    torch.manual_seed(2)
+    weight = torch.randn(200, 16)
+    hidden = (weight[7] * 4).expand(6, 16).clone() + 0.1 * torch.randn(6, 16)  # strongly predicts token 7
+    targets = torch.full((6,), 7)
+
+    def grad(dtype, frozen):
+        monkeypatch.setattr(fw, "_frozen_linear", lambda h: frozen)
+        head = torch.nn.Linear(16, 200, bias=False).to(dtype).requires_grad_(False)
+        head.weight.data.copy_(weight)
+        h = hidden.to(dtype).requires_grad_()
+        return torch.autograd.grad(head_logps(head, h, targets).sum(), h)[0].float()
+
+    truth = grad(torch.float32, False)
+    err = {frozen: ((grad(torch.bfloat16, frozen) - truth).norm() / truth.norm()).item() for frozen in (False, True)}
+    assert err[True] <= 1.5 * err[False] + 1e-3, err
+
+
+def _examples(n: int, seed: int) -> list[TokenizedExample]:
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(20, 60, (1,), generator=rng))
+        ids = torch.randint(5, 1000, (length,), generator=rng).tolist()
+        split = length // 3
+        out.append(TokenizedExample(input_ids=ids, loss_mask=[0] * split + [1] * (length - split)))
+    return out
+
+
+def test_lora_sft_loss_and_gradients_with_both_fast_paths_equal_full_logits(tiny_model_dir, monkeypatch):
+    """The whole lean path of a LoRA model (merged linears + frozen-head gradient) vs PEFT's forward with the
+    full (B, T, V) logits and plain cross-entropy."""
+    monkeypatch.setattr(fused_lora, "MIN_TOKENS_PER_RANK", 1)
+    batch = collate_sft(_examples(5, seed=3), pad_id=0)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in plain.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    lean = copy.deepcopy(plain)
+    assert fused_lora.enable(lean) > 0
+    loss0, _ = causal_lm_loss(plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["labels"])
+    loss1, _ = sft_loss(target_logps(lean, batch, chunk_size=16)[0])
+    loss0.backward()
+    loss1.backward()
+    torch.testing.assert_close(loss1.detach(), loss0.detach(), rtol=1e-5, atol=1e-5)
+    grads0 = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    grads1 = {n: p.grad for n, p in lean.named_parameters() if p.requires_grad}
+    assert grads0.keys() == grads1.keys() and len(grads0) > 0
+    for name, g in grads0.items():
+        rel = (grads1[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
