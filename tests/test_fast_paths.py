@@ -155,3 +155,37 @@ def test_lora_sft_loss_and_gradients_with_both_fast_paths_equal_full_logits(tiny
     for name, g in grads0.items():
         rel = (grads1[name] - g).norm() / g.norm().clamp_min(1e-12)
         assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_merged_qlora_equals_peft_4bit_forward_and_gradients(monkeypatch):
+    """QLoRA: the 4-bit weight is dequantized for the merge; outputs and adapter gradients match PEFT's
+    bitsandbytes path (fp32 compute, as on CPU)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig  # noqa: F401  (bitsandbytes is usable from transformers)
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    quantized = torch.nn.Sequential(
+        bnb.nn.Linear4bit(64, 128, compute_dtype=torch.float32, quant_type="nf4"), torch.nn.GELU(),
+        bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4"))
+    for q, dense in ((quantized[0], base[0]), (quantized[2], base[2])):
+        q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        q.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    quantized = quantized.to("cpu")  # quantizes the weights
+    plain = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    for name, p in plain.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    fused = copy.deepcopy(plain)
+    assert fused_lora.enable(fused) == 2
+    calls = []
+    original = fused_lora._MergedLoRALinear.apply
+    monkeypatch.setattr(fused_lora._MergedLoRALinear, "apply", lambda *a: calls.append(1) or original(*a))
+    x, g = torch.randn(2, 80, 64), torch.randn(2, 80, 64)
+    y0, dx0, grads0 = _run(plain, x, g)
+    y1, dx1, grads1 = _run(fused, x, g)
+    assert len(calls) == 2, "the merged path did not run"
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-5)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-4)

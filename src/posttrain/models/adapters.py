@@ -196,7 +196,7 @@ def build_model(
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # trainable weights (and so AdamW state) are fp32 whatever the base dtype
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         from posttrain.models import fused_lora
 
         fused_lora.enable(model)  # merged-weight LoRA linears where that is exact and cheaper (fp32, long inputs)

@@ -13,8 +13,10 @@ memory is added), and the adapter gradients use (tokens x r) intermediates only:
 
     dA = s (dY B)^T X        dB = s dY^T (X A^T)        dX = dY (W + s B A)
 
-The merged weight is formed in the base weight's dtype, so it is used only when the base weight, the adapter
-weights and the input are all float32: adding a small ``s B A`` to a bf16 weight would round the update away.
+QLoRA's 4-bit base weight is dequantized for the merge, in forward and again in backward, which is what
+bitsandbytes' own matmul does for it; PEFT's QLoRA forward also clones the base output, a pass this skips.
+The merged weight is formed in float32 only: the (dequantized) base weight, the adapter weights and the input
+must all be float32, because adding a small ``s B A`` to a bf16 weight would round the update away.
 It is also skipped for short inputs (generation, where merging would cost more than the matmul), with dropout
 on the adapter input, for DoRA and other variants, several active adapters, a trainable base weight, and when
 the adapter is disabled or merged; those calls run PEFT's own forward unchanged. The adapter's parameters are
@@ -32,24 +34,36 @@ import torch.nn.functional as F
 MIN_TOKENS_PER_RANK = 32
 
 
+def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) base weight in ``dtype``; a bitsandbytes 4-bit weight is dequantized (as its own matmul
+    does in every forward and backward)."""
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return weight
+    import bitsandbytes.functional as bnbF
+
+    return bnbF.dequantize_4bit(weight.data, state).to(dtype)
+
+
 class _MergedLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
-        merged = torch.addmm(weight, lora_b, lora_a, alpha=scaling)  # (out, in) = W + s B A
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        merged = torch.addmm(_dense(weight, x.dtype), lora_b, lora_a, alpha=scaling)  # (out, in) = W + s B A
+        ctx.save_for_backward(x, lora_a, lora_b)
+        ctx.weight = weight  # a frozen parameter (possibly 4-bit): kept by reference, never copied
         ctx.scaling = scaling
         ctx.bias_grad = bias is not None and bias.requires_grad
         return F.linear(x, merged, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_a, lora_b = ctx.saved_tensors
+        x, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         dx = da = db = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = (dy @ torch.addmm(weight, lora_b, lora_a, alpha=s)).view(x.shape)
+            dx = (dy @ torch.addmm(_dense(ctx.weight, x.dtype), lora_b, lora_a, alpha=s)).view(x.shape)
         if ctx.needs_input_grad[3]:
             da = (dy @ lora_b).mul_(s).t() @ x2  # (r, in)
         if ctx.needs_input_grad[4]:
@@ -70,10 +84,19 @@ def _fusable(layer, x: torch.Tensor, args, kwargs):
     if name in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[name], torch.nn.Identity):
         return None
     base = layer.base_layer
-    if type(base) is not torch.nn.Linear or base.weight.requires_grad:
+    if base.weight.requires_grad:
+        return None
+    if type(base) is torch.nn.Linear:
+        dtype = base.weight.dtype
+    elif _is_4bit(base):
+        state = base.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
+            return None
+        dtype = base.compute_dtype or x.dtype
+    else:
         return None
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if not (x.dtype == base.weight.dtype == a.dtype == b.dtype == torch.float32):
+    if not (x.dtype == dtype == a.dtype == b.dtype == torch.float32):
         return None
     if x.numel() // x.shape[-1] < MIN_TOKENS_PER_RANK * a.shape[0]:
         return None
@@ -89,14 +112,34 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                                    float(self.scaling[name]))
 
 
-def enable(model: torch.nn.Module) -> int:
-    """Route every PEFT LoRA ``Linear`` of ``model`` through the merged-weight path where it applies; returns
-    how many layers were routed. Idempotent."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
+def _is_4bit(base) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(base, bnb.nn.Linear4bit) and getattr(base.weight, "quant_state", None) is not None
 
+
+def _lora_linear_types() -> tuple[type, ...]:
+    from peft.tuners.lora.layer import Linear
+
+    types_ = [Linear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        types_.append(Linear4bit)
+    except ImportError:  # bitsandbytes absent
+        pass
+    return tuple(types_)
+
+
+def enable(model: torch.nn.Module) -> int:
+    """Route every PEFT LoRA ``Linear`` (and 4-bit ``Linear4bit``) of ``model`` through the merged-weight path
+    where it applies; returns how many layers were routed. Idempotent."""
+    kinds = _lora_linear_types()
     count = 0
     for module in model.modules():
-        if type(module) is LoraLinear:
+        if type(module) in kinds:
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count
