@@ -81,10 +81,12 @@ def test_weights_logits_and_peak_by_hand():
     assert plan.autocast_copy_bytes(TINY, "full", "fp32", 1272) == 0
     assert plan.weight_bytes(TINY, "lora", "bf16") == 1272 * 2
     assert plan.weight_bytes(TINY, "qlora", "bf16") == 1152 * 0.5 + 120 * 4  # NF4 linears, fp32 rest
-    # 2 x 4 positions (< chunk) x vocab 10 x 3 fp32 copies; full FT adds the head's fp32 gradient
-    assert plan.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="fp32", loss_chunk_size=1024) == 960
+    # 2 x 4 positions (< chunk) x vocab 10: a frozen head (LoRA) 2 fp32 copies; full FT's trained head 3 fp32
+    # copies in its recomputed backward, plus the head's fp32 gradient; bf16 adds the bf16 logits for full FT
+    assert plan.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="fp32", loss_chunk_size=1024) == 640
     assert plan.logits_bytes(TINY, "full", batch_size=2, seq_len=4, precision="fp32", loss_chunk_size=1024) == 960 + 320
-    assert plan.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="bf16", loss_chunk_size=3) == 3 * 10 * 14
+    assert plan.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="bf16", loss_chunk_size=3) == 3 * 10 * 8
+    assert plan.logits_bytes(TINY, "full", batch_size=2, seq_len=4, precision="bf16", loss_chunk_size=3) == 3 * 10 * 14 + 320
 
     est = estimate(TINY, "full", device="cpu", precision="fp32", batch_size=1, seq_len=4, packing=False, **ADAPTERS)
     assert est.activations == 4 * (2 * 552 + 96)  # final norm: input, normalised x, head rows, 8*4 each
@@ -99,9 +101,10 @@ def test_flops_by_hand():
     # head 2 x 80 x 4 per pass, 4 passes (forward, chunk recompute, input grad, weight grad)
     full = estimate(TINY, "full", device="cpu", precision="fp32", batch_size=1, seq_len=4, **ADAPTERS)
     assert full.flops_per_step == 6 * 1152 * 4 + 3 * 1024 + 4 * 640
-    # LoRA: 4N (no weight gradients), 3 head passes, + 6 FLOPs per LoRA parameter per token
+    # LoRA: 4N (no weight gradients), 2 head passes (logits, input gradient formed in the forward),
+    # + 6 FLOPs per LoRA parameter per token
     lora = estimate(TINY, "lora", device="cpu", precision="fp32", batch_size=1, seq_len=4, **ADAPTERS)
-    assert lora.flops_per_step == 4 * 1152 * 4 + 3 * 1024 + 3 * 640 + 6 * 512 * 4
+    assert lora.flops_per_step == 4 * 1152 * 4 + 3 * 1024 + 2 * 640 + 6 * 512 * 4
 
 
 def test_bad_settings_name_the_key():

@@ -30,9 +30,10 @@ The model is analytical and follows how posttrain trains (``engine/trainer.py``,
 4. Gradients and activations do not peak together. Backward frees a layer's activations as it produces that
    layer's gradients, so their sum is linear between the two ends of backward and peaks at one of them.
 5. Logits. The loss runs the head and the cross-entropy on at most ``loss_chunk_size`` target positions at
-   a time, recomputed in backward: about three fp32 (chunk, V) tensors (logits, log-softmax, gradient)
-   exist at once, never the (B, T, V) logits. For full fine-tuning, the head's weight gradient is the first
-   gradient backward produces, so it exists at the same time.
+   a time, never on the (B, T, V) logits. A trained head (full fine-tuning) is recomputed per chunk in
+   backward: about three fp32 (chunk, V) tensors (logits, log-softmax, gradient) exist at once, and the
+   head's weight gradient, the first gradient backward produces, exists at the same time. A frozen head
+   (adapter methods) has its per-row gradient formed in the forward: two fp32 (chunk, V) tensors.
 6. Runtime. On CPU this is the resident size of Python + torch + transformers + peft + the tokenizer and the
    data, measured (:data:`CPU_RUNTIME_BYTES`). On CUDA it is the context plus the cuBLAS workspace
    (:data:`CUDA_RUNTIME_BYTES`).
@@ -40,8 +41,11 @@ The model is analytical and follows how posttrain trains (``engine/trainer.py``,
 FLOPs per step. With N the matmul parameters, full fine-tuning costs 6N per token: forward 2N, input
 gradients 2N, weight gradients 2N. Frozen-base methods cost 4N per token, since no weight gradients are
 computed. Attention adds 12·L·a·d·T per token (PaLM, Chowdhery et al. 2022, appendix B: forward 4·L·a·d·T,
-backward twice that, with no discount for the causal mask). The chunked loss recomputes the head in
-backward, adding 2·V·h per target token. Gradient checkpointing adds a second forward of the layers.
+backward twice that, with no discount for the causal mask). The head costs 2·V·h per target token for its
+logits and as much for the input gradient; a trained head adds its weight gradient and the recompute of its
+chunks in backward (2·V·h each). LoRA is counted as PEFT's unmerged branch, 6 FLOPs per adapter parameter per
+token (the merged fp32 path of models/fused_lora.py does 4 plus a merge per step; the difference is under 1%
+of a step). Gradient checkpointing adds a second forward of the layers.
 docs/plan.md gives the derivation, the sources and the calibration against measured peaks.
 """
 
@@ -76,6 +80,9 @@ DOUBLE_QUANT_BYTES_PER_PARAM = (8 / 64 + 32 / (64 * 256)) / 8
 QLORA_UNQUANTIZED_BYTES = 4
 # Live (chunk, V) fp32 tensors in the backward of one loss chunk: log-softmax, its gradient, the logits' gradient.
 LOSS_CHUNK_COPIES = 3
+# Live (chunk, V) fp32 tensors when a frozen head's gradient is formed in the forward (models/forward.py):
+# the logits and their log-softmax, which then becomes the softmax in place.
+FROZEN_HEAD_CHUNK_COPIES = 2
 # Methods whose examples are packed into rows (models/adapters.PACKING_METHODS; a test keeps them equal).
 PACKING_METHODS = ("full", "lora", "qlora")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -340,7 +347,10 @@ def logits_bytes(shape: ModelShape, method: str, *, batch_size: int, seq_len: in
                  loss_chunk_size: int) -> int:
     """Transients of the chunked loss: (chunk, V) fp32 tensors, plus what the head adds at that moment."""
     chunk = min(batch_size * seq_len, loss_chunk_size)
-    per_position = shape.vocab_size * (4 * LOSS_CHUNK_COPIES + (2 if precision == "bf16" else 0))  # + bf16 logits
+    if method == "full":  # a trained head: checkpointed chunks, whose backward holds three fp32 copies
+        per_position = shape.vocab_size * (4 * LOSS_CHUNK_COPIES + (2 if precision == "bf16" else 0))  # + bf16 logits
+    else:  # a frozen head: the gradient is formed in the forward, from the fp32 logits and their log-softmax
+        per_position = shape.vocab_size * 4 * FROZEN_HEAD_CHUNK_COPIES
     extra = 0
     if method == "full":
         extra = shape.head_params * 4  # the head's fp32 weight gradient
@@ -376,9 +386,10 @@ def flops_per_step(shape: ModelShape, method: str, *, batch_size: int, seq_len: 
     layers = 2 * shape.linear_params * tokens  # one pass of the decoder linears
     attention = 4 * shape.num_layers * shape.num_heads * shape.head_dim * kv_len * tokens  # QK^T and AV, forward
     head = 2 * shape.head_params * targets
-    flops = (layers + attention + head) + (layers + 2 * attention + 2 * head)  # forward; input grads + head recompute
+    flops = (layers + attention + head) + (layers + 2 * attention + head)  # forward; input gradients
     if method == "full":
         flops += layers + head  # weight gradients
+        flops += head  # the trained head's chunks are recomputed in backward
     if method in ("lora", "qlora"):
         flops += 6 * trainable * tokens
     if gradient_checkpointing:
