@@ -191,3 +191,19 @@ def test_data_throughput_smoke(tmp_path):
     assert res["dedup"]["near_recall"] >= 0.9 and res["dedup"]["near_unplanted"] == 0
     assert res["clean"]["kept"] + sum(res["clean"]["reasons"].values()) == 1500
     assert res["dedup"]["rows_per_s"] > 0 and res["dedup"]["peak_rss_mb"] > 0
+
+
+def test_step_breakdown_accounts_for_every_matmul_flop(tiny_model_dir, tmp_path):
+    """benchmarks/step_breakdown.py on the tiny model: categories sum to the profiled time, and the matmul FLOPs
+    it reads from the recorded shapes include the body's 4N per token (forward + input gradients)."""
+    spec = importlib.util.spec_from_file_location("step_breakdown", ROOT / "benchmarks" / "step_breakdown.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "breakdown.json"
+    result = module.main(["--model", str(tiny_model_dir), "--rows", "120", "--peak-size", "256", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    cats = {c["category"]: c for c in result["categories"]}
+    assert abs(sum(c["seconds"] for c in cats.values()) - result["profiled_self_s"]) < 0.05
+    body = cats["body matmuls (q, k, v, o, gate, up, down)"]
+    assert body["tflop"] > 0 and cats["head matmuls"]["tflop"] > 0
+    assert result["targets"] > 0 and result["loss"] > 0
