@@ -88,8 +88,7 @@ def _fusable(layer, x: torch.Tensor, args, kwargs):
         return None
     if type(base) is torch.nn.Linear:
         dtype = base.weight.dtype
-    elif _is_4bit(base):
-        state = base.weight.quant_state
+    elif (state := getattr(base.weight, "quant_state", None)) is not None:  # bitsandbytes Linear4bit
         if getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
             return None
         dtype = base.compute_dtype or x.dtype
@@ -110,14 +109,6 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.base_layer
     return _MergedLoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                                    float(self.scaling[name]))
-
-
-def _is_4bit(base) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(base, bnb.nn.Linear4bit) and getattr(base.weight, "quant_state", None) is not None
 
 
 def _lora_linear_types() -> tuple[type, ...]:
