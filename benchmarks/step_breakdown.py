@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=15, help="which batch of 8 packed rows to profile")
     p.add_argument("--peak-size", type=int, default=2048, help="matmul size of the peak measurement")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--top", type=int, default=0, help="also list the N slowest ops outside the matmuls")
     args = p.parse_args(argv)
 
     import torch
@@ -105,6 +106,14 @@ def main(argv: list[str] | None = None) -> dict:
         entry[0] += event.self_cpu_time_total / 1e6
         entry[1] += flops * event.count
     profiled = sum(v[0] for v in totals.values())
+    others: dict[str, list[float]] = {}
+    for event in prof.key_averages():
+        if event.key not in ("aten::mm", "aten::addmm"):
+            entry = others.setdefault(event.key, [0.0, 0])
+            entry[0] += event.self_cpu_time_total / 1e6
+            entry[1] += event.count
+    top = [{"op": k, "seconds": round(s, 3), "calls": int(n)}
+           for k, (s, n) in sorted(others.items(), key=lambda kv: -kv[1][0])[: args.top]]
     peak = bench.matmul_peak("fp32", "cpu", args.peak_size)
     rows_out = [{"category": cat, "seconds": round(s, 2), "share": round(s / profiled, 3),
                  "tflop": round(f / 1e12, 3), "gflop_per_s": round(f / s / 1e9, 1) if f else None}
@@ -114,13 +123,17 @@ def main(argv: list[str] | None = None) -> dict:
               "profiled_self_s": round(profiled, 2), "fp32_peak_gflop_per_s": round(peak / 1e9, 1),
               "matmul_tflop": round(matmul_flops / 1e12, 3),
               "matmul_floor_s": round(matmul_flops / peak, 2), "categories": rows_out,
-              "torch": torch.__version__}
+              "torch": torch.__version__, **({"top_other_ops": top} if top else {})}
     print(f"{args.method}: {targets} target tokens, loss {loss:.5f}; profiled {profiled:.2f} s of op time "
           f"(wall {wall:.2f} s with the profiler on); fp32 peak {peak / 1e9:.1f} GFLOP/s")
     print("| category | seconds | share | TFLOP | GFLOP/s |\n|---|---:|---:|---:|---:|")
     for r in rows_out:
         print(f"| {r['category']} | {r['seconds']:.2f} | {r['share']:.0%} | {r['tflop']:.3f} | {r['gflop_per_s'] or ''} |")
     print(f"matmuls: {matmul_flops / 1e12:.3f} TFLOP = {matmul_flops / peak:.1f} s at the measured peak")
+    if top:
+        print("| op (outside the matmuls) | seconds | calls |\n|---|---:|---:|")
+        for r in top:
+            print(f"| {r['op']} | {r['seconds']:.3f} | {r['calls']} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

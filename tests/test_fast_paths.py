@@ -3,7 +3,9 @@
 - merged-weight LoRA linears (models/fused_lora.py) vs PEFT's own forward: outputs and every gradient;
 - a frozen head's log-probs with the gradient formed in the forward (models/forward.py) vs the checkpointed
   head and vs cross-entropy on the full logits;
-- both together inside a LoRA model's SFT loss vs the full-logits loss of the same model without them.
+- fused RMSNorm (models/fused_norm.py) vs transformers' Llama RMSNorm: output, input and weight gradients;
+- all of them together inside a LoRA model's SFT loss vs the full-logits loss of the same model without them,
+  and inside a fully fine-tuned model (norm weights trained).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from posttrain.data.collate import collate_sft
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.losses import causal_lm_loss, sft_loss
 from posttrain.models import forward as fw
-from posttrain.models import fused_lora
+from posttrain.models import fused_lora, fused_norm
 from posttrain.models.forward import head_logps, target_logps
 
 
@@ -143,6 +145,7 @@ def test_lora_sft_loss_and_gradients_with_both_fast_paths_equal_full_logits(tiny
             torch.nn.init.normal_(p, std=0.05)
     lean = copy.deepcopy(plain)
     assert fused_lora.enable(lean) > 0
+    assert fused_norm.enable(lean) == 5  # 2 per layer and the final norm
     loss0, _ = causal_lm_loss(plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                               batch["labels"])
     loss1, _ = sft_loss(target_logps(lean, batch, chunk_size=16)[0])
@@ -189,3 +192,67 @@ def test_merged_qlora_equals_peft_4bit_forward_and_gradients(monkeypatch):
     torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-5)
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-4)
+
+
+def _llama_norm(size: int = 40):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(1)
+    norm = LlamaRMSNorm(size, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)  # a trained norm's weight is not all ones
+    return norm
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_fused_rms_norm_equals_llama_rms_norm(weight_trains):
+    plain = _llama_norm()
+    plain.weight.requires_grad_(weight_trains)
+    fused = copy.deepcopy(plain)
+    assert fused_norm.enable(fused) == 1
+    x = torch.randn(3, 7, 40) * 3 + 1  # a residual stream is neither centred nor unit-scaled
+    x[0, 0] = 1e-3  # a near-zero row: r is dominated by eps
+    g = torch.randn(3, 7, 40)
+    y0, dx0, grads0 = _run(plain, x, g)
+    y1, dx1, grads1 = _run(fused, x, g)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-4, atol=1e-5)
+    assert grads0.keys() == grads1.keys() == ({"weight"} if weight_trains else set())
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_rms_norm_gradient_matches_finite_differences():
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: fused_norm._RMSNorm.apply(x, w, 1e-5), (x, w))
+
+
+def test_fused_rms_norm_steps_aside_for_bf16_and_other_norm_forms():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    assert fused_norm.enable(GemmaRMSNorm(8)) == 0  # (1 + weight): a different function
+    plain = _llama_norm().to(torch.bfloat16)
+    fused = copy.deepcopy(plain)
+    fused_norm.enable(fused)
+    x = torch.randn(4, 40, dtype=torch.bfloat16)
+    assert torch.equal(fused(x), plain(x))  # bf16 runs the module's own forward, bit for bit
+
+
+def test_full_finetune_gradients_with_fused_norms_equal_plain(tiny_model_dir):
+    """Full fine-tuning trains the norm weights: every parameter's gradient through the fused norms equals the
+    eager model's."""
+    batch = collate_sft(_examples(3, seed=5), pad_id=0)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    fused = copy.deepcopy(plain)
+    assert fused_norm.enable(fused) == 5
+    for model in (plain, fused):
+        loss, _ = sft_loss(target_logps(model, batch, chunk_size=16)[0])
+        loss.backward()
+    for (name, p0), (_, p1) in zip(plain.named_parameters(), fused.named_parameters()):
+        rel = (p1.grad - p0.grad).norm() / p0.grad.norm().clamp_min(1e-12)
+        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"

@@ -196,6 +196,9 @@ def build_model(
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # trainable weights (and so AdamW state) are fp32 whatever the base dtype
+    from posttrain.models import fused_norm
+
+    fused_norm.enable(model)  # RMSNorm as one autograd node in fp32 (fewer passes, no normalised copy kept)
     if cfg.method in ("lora", "qlora"):
         from posttrain.models import fused_lora
 

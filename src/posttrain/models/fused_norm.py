@@ -1,0 +1,80 @@
+"""RMSNorm in two passes forward and three backward, with nothing but its input kept for backward.
+
+transformers' Llama-family RMSNorm is written as autograd ops: ``x.pow(2)``, ``mean``, ``rsqrt``, ``x * r``,
+``weight * xhat``. Autograd keeps ``x``, ``r`` and the normalised ``xhat`` (a third (tokens x hidden) tensor per
+norm, two norms a layer) and its backward runs about eight passes over (tokens x hidden) tensors. This module
+computes the same function as one autograd node:
+
+    forward    r = (|x|^2 / H + eps)^-1/2        (one reduction pass; ``vector_norm``)
+               y = (x * r) * w                    (one pass writing y, one in place)
+    backward   gw = dy * w
+               dx = r gw - x r^3 (gw . x) / H     (a reduction, one in-place scale, one in-place addcmul)
+               dw = sum_t dy x r                  (only when the weight trains: full fine-tuning)
+
+It keeps ``x`` (the residual stream, alive anyway) and the per-token ``r``. On the project's 2-core CPU the
+forward+backward of one (8 x 512 x 576) norm took 6-12 ms against 22-27 ms for the eager module
+(microbenchmark, same inputs), and a LoRA step keeps 61 fewer (tokens x hidden) tensors.
+
+Only float32 inputs and weights take this path: in bf16 the eager modules round at points (cast before or
+after the weight product) that differ between model families, and the path is exact only where there is no
+rounding to reproduce. Only norms whose eager formula is ``weight * x / rms(x)`` are routed (Gemma's
+``(1 + weight)`` form is not in the list).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+# RMSNorm classes computing weight * x * rsqrt(mean(x^2) + variance_epsilon) (identical in float32).
+_LLAMA_FORM = frozenset({
+    "LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen2MoeRMSNorm",
+    "Qwen3MoeRMSNorm", "Phi3RMSNorm", "GraniteRMSNorm", "Olmo2RMSNorm", "SmolLM3RMSNorm",
+})
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        size = x.shape[-1]
+        rms_inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(size).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rms_inv)
+        return (x * rms_inv).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rms_inv = ctx.saved_tensors
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_out * x).mul_(rms_inv).sum(dim=tuple(range(x.dim() - 1)))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out * weight
+            coef = torch.linalg.vecdot(grad_x, x, dim=-1).unsqueeze(-1)
+            coef.mul_(rms_inv.pow(3)).div_(-x.shape[-1])
+            grad_x.mul_(rms_inv).addcmul_(x, coef)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension, as one autograd node (float32)."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32:
+        return type(self).forward(self, hidden_states)
+    return _RMSNorm.apply(hidden_states, self.weight, float(self.variance_epsilon))
+
+
+def enable(model: torch.nn.Module) -> int:
+    """Route every Llama-form RMSNorm of ``model`` through the fused function (float32 inputs; others run the
+    module's own forward); returns how many were routed. Idempotent."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in _LLAMA_FORM and hasattr(module, "variance_epsilon") \
+                and getattr(module, "weight", None) is not None and module.weight.dim() == 1:
+            module.forward = types.MethodType(_forward, module)
+            count += 1
+    return count
