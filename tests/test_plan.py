@@ -49,18 +49,18 @@ def test_layer_activation_bytes_by_hand():
         return plan.layer_activation_bytes(TINY, method, precision=precision, q_len=q_len, kv_len=kv_len,
                                            masked=masked, lora_r=2, lora_targets="all-linear")
 
-    # full, fp32, no mask: norm inputs 2*8*4 + normalised x 2*8*4 + linear inputs (qkv 8 + gate/up 8 + down 16)*4
-    # + SwiGLU 3*16*4 + q and output 2*8*4 + k, v 2*4*4 + logsumexp 2*4
-    assert per_layer("full", "fp32", False) == 64 + 64 + 128 + 192 + 64 + 32 + 8
+    # full, fp32, no mask: norm inputs 2*8*4 (the fused norm keeps no normalised x) + linear inputs
+    # (qkv 8 + gate/up 8 + down 16)*4 + SwiGLU 3*16*4 + q and output 2*8*4 + k, v 2*4*4 + logsumexp 2*4
+    assert per_layer("full", "fp32", False) == 64 + 128 + 192 + 64 + 32 + 8
     # LoRA, fp32, masked: no normalised x; k, v repeated to 2 heads 2*8*4; mask 4 keys*4; lora_A outputs 7*2*4
     assert per_layer("lora", "fp32", True) == 64 + 128 + 192 + 64 + 64 + 8 + 16 + 56
     # prompt (frozen): no linear inputs at all
     assert per_layer("prompt", "fp32", False) == 64 + 192 + 64 + 32 + 8
     # prefix: k, v over 4 real + 3 virtual keys, repeated (masked), and a 7-key mask row
     assert per_layer("prefix", "fp32", True, kv_len=7) == 64 + 192 + 64 + 2 * 8 * 4 * 7 / 4 + 8 + 7 * 4
-    # full, bf16: fp32 norm inputs and normalised x; q, k, v, gate, up each keep a bf16 copy of their fp32
+    # full, bf16: fp32 norm inputs; q, k, v, gate, up each keep a bf16 copy of their fp32
     # input (5*8*2), down's input is shared (16*2); the rest at 2 bytes
-    assert per_layer("full", "bf16", False) == 64 + 64 + 112 + 96 + 32 + 16 + 8
+    assert per_layer("full", "bf16", False) == 64 + 112 + 96 + 32 + 16 + 8
     # LoRA, bf16: every adapted linear keeps its own copy: (3*8 + 8 + 2*8 + 16)*2; lora_A outputs 7*2*2
     assert per_layer("lora", "bf16", False) == 64 + 128 + 96 + 32 + 16 + 8 + 28
 
@@ -89,7 +89,7 @@ def test_weights_logits_and_peak_by_hand():
     assert plan.logits_bytes(TINY, "full", batch_size=2, seq_len=4, precision="bf16", loss_chunk_size=3) == 3 * 10 * 14 + 320
 
     est = estimate(TINY, "full", device="cpu", precision="fp32", batch_size=1, seq_len=4, packing=False, **ADAPTERS)
-    assert est.activations == 4 * (2 * 552 + 96)  # final norm: input, normalised x, head rows, 8*4 each
+    assert est.activations == 4 * (2 * 488 + 64)  # final norm: input and head rows, 8*4 each
     assert est.logits == 4 * 10 * 12 + 320
     assert est.optimizer_step == 2 * 128 * 4  # CPU AdamW: two temporaries of the largest tensor (gate: 8x16)
     static = est.weights + est.optimizer_state + plan.CPU_RUNTIME_BYTES

@@ -23,7 +23,9 @@ The model is analytical and follows how posttrain trains (``engine/trainer.py``,
    Activation Recomputation in Large Transformer Models", section 4.1: sbh(34 + 5as/h) bytes per layer at
    16 bits), adapted to Llama: SwiGLU and RMSNorm, no dropout, grouped KV heads, and SDPA, whose flash
    kernels keep q, k, v, the output and a logsumexp but no a*s*s score matrix. Frozen weights change what
-   is kept: a frozen linear keeps no copy of its input, and a frozen norm keeps no normalised copy. With
+   is kept: a frozen linear keeps no copy of its input. No norm keeps a normalised copy (a frozen eager norm
+   needs none; a trained norm has fp32 input and weight, so it runs models/fused_norm.py, which keeps only
+   its input). With
    gradient checkpointing, each layer keeps only its input, plus one layer's activations while that layer
    is recomputed. Under bf16 autocast some linear inputs are kept once per reader
    (:func:`linear_input_bytes`).
@@ -281,8 +283,8 @@ def layer_activation_bytes(shape: ModelShape, method: str, *, precision: str, q_
 
     Korthikanti et al.'s per-layer count (34 h per token at 2 bytes, plus 5as for the scores), redone for the
     Llama block with e = bytes per activation element:
-      RMSNorm x2        input, upcast to fp32: 2 * h * 4; plus 2 * h * residual bytes for the normalised x when
-                        the norm weights train (full FT)
+      RMSNorm x2        input, upcast to fp32: 2 * h * 4 (a trained norm runs the fused fp32 function, which keeps
+                        no normalised x either)
       linear inputs     see :func:`linear_input_bytes`: kept only for linears that train or carry LoRA (a frozen
                         linear needs only its weight in backward)
       SwiGLU            3 * f * e: the gate output, silu(gate) and the up output
@@ -296,8 +298,6 @@ def layer_activation_bytes(shape: ModelShape, method: str, *, precision: str, q_
     trained = trained_linears(method, lora_targets)
     kv_heads = shape.num_heads if masked else shape.num_kv_heads
     per_token = 2 * h * 4
-    if method == "full":
-        per_token += 2 * h * residual_bytes(method, precision)
     per_token += linear_input_bytes(shape, method, precision, trained)
     per_token += 3 * f * e
     per_token += 2 * shape.num_heads * d * e
@@ -336,8 +336,8 @@ def activation_bytes(shape: ModelShape, method: str, *, batch_size: int, seq_len
     per_layer = layer_activation_bytes(shape, method, precision=precision, q_len=q_len, kv_len=kv_len,
                                        masked=masked, lora_r=lora_r, lora_targets=lora_targets)
     r, h = residual_bytes(method, precision), shape.hidden_size
-    # Final norm: its fp32 input, the hidden rows kept for the chunked head, and the normalised x if it trains.
-    final = h * 4 + h * r + (h * r if method == "full" else 0)
+    # Final norm: its fp32 input and the hidden rows kept for the chunked head.
+    final = h * 4 + h * r
     if gradient_checkpointing:  # each layer keeps its input; one layer is live again while it is recomputed
         return int(batch_size * q_len * (shape.num_layers * h * r + per_layer + final))
     return int(batch_size * q_len * (shape.num_layers * per_layer + final))
