@@ -18,6 +18,7 @@
 #            that shape (benchmarks/random_model.py) instead of MODEL, for machines that cannot receive weights
 #   PEAK_SIZE  side of the square bf16 matmul that measures the MFU reference peak (8192)
 #   PROFILE  1: also profile one posttrain LoRA run (its timings are then not comparable)
+#   VARLEN_AB  1 (default): also run posttrain LoRA with per-span SDPA instead of the varlen kernel (per-span/)
 #   DEVICE   cuda (default); cpu only to try this script's steps on a machine without a GPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -139,6 +140,16 @@ elapsed "benchmark: methods $METHODS, tools $TOOLS, $STEPS timed steps per packe
     --steps "$STEPS" --warmup 2 --eval-rows 64 --run-timeout 150 --peak-size "${PEAK_SIZE:-8192}" --out "$OUT"
 STATUS=$?
 
+if [ "${VARLEN_AB:-1}" = "1" ] && [[ ",$METHODS," == *",lora,"* ]] && [[ ",$TOOLS," == *",posttrain,"* ]]; then
+    # posttrain's packed attention on CUDA is one varlen kernel call per layer; the same LoRA run with the
+    # per-span SDPA path it replaced (POSTTRAIN_VARLEN=0) gives the A/B on this machine.
+    elapsed "varlen A/B: posttrain LoRA with per-span SDPA (POSTTRAIN_VARLEN=0)"
+    POSTTRAIN_VARLEN=0 "$PY" benchmarks/sft_throughput.py --device "$DEVICE" --model "$MODEL" --methods lora \
+        --tools posttrain --steps "$STEPS" --warmup 2 --eval-rows 64 --run-timeout 150 --peak-size "${PEAK_SIZE:-8192}" \
+        --out "$OUT/per-span" || echo "per-span run failed"
+    if [ -d "$OUT/per-span/runs" ]; then tar -czf "$OUT/per-span/runs.tar.gz" -C "$OUT/per-span" runs && rm -rf "$OUT/per-span/runs"; fi
+    grep -rh "varlen attention failed" "$OUT/runs" 2>/dev/null | head -3 || true
+fi
 if [ "${PROFILE:-0}" = "1" ]; then
     elapsed "profile: one posttrain LoRA run"
     "$PY" benchmarks/sft_throughput.py --device "$DEVICE" --model "$MODEL" --methods lora --tools posttrain \

@@ -151,3 +151,84 @@ def test_segments_on_cuda_never_use_cudnn_attention():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, scale=None):
+    """What flash-attention's varlen kernel computes, per sequence of the flattened (N, H, D) tensors (the
+    signature of torch 2.9-2.11's ``varlen_attn``; the CUDA kernel itself cannot run on this machine)."""
+    assert cu_seq_q is cu_seq_k and cu_seq_q.dtype == torch.int32 and is_causal
+    offsets = cu_seq_q.tolist()
+    assert offsets[0] == 0 and offsets[-1] == query.shape[0]
+    assert max_q == max_k == max(b - a for a, b in zip(offsets, offsets[1:]))
+    assert query.shape[1] == key.shape[1], "this signature has no enable_gqa: K/V must arrive repeated"
+    parts = [torch.nn.functional.scaled_dot_product_attention(
+        query[a:b].transpose(0, 1), key[a:b].transpose(0, 1), value[a:b].transpose(0, 1), is_causal=True,
+        scale=scale).transpose(0, 1) for a, b in zip(offsets, offsets[1:])]
+    return torch.cat(parts)
+
+
+def _reference_varlen_window(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                             window_size=(-1, -1), enable_gqa=False):
+    """torch 2.13's signature: causal is window (-1, 0), grouped K/V heads stay grouped."""
+    assert window_size == (-1, 0) and enable_gqa == (query.shape[1] != key.shape[1])
+    groups = query.shape[1] // key.shape[1]
+    return _reference_varlen(query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), cu_seq_q,
+                             cu_seq_k, max_q, max_k, is_causal=True, scale=scale)
+
+
+@pytest.mark.parametrize("kernel", [_reference_varlen, _reference_varlen_window])
+def test_varlen_batch_equals_per_span_attention(tiny_model_dir, kernel, monkeypatch):
+    """On CUDA the packed batch runs as one varlen call: the flattening, the cumulative offsets, the GQA
+    handling and the reshaping back must give the per-span path's loss and gradients (tiny GQA Llama: 4 query
+    heads, 2 K/V heads)."""
+    from posttrain.models import attention
+
+    attention.register()
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
+    calls = []
+    original = attention._varlen_segments
+    monkeypatch.setattr(attention, "_varlen_segments", lambda *a: calls.append(1) or original(*a))
+    batch = collate_packed(pack_examples(random_examples(12, seed=7), 64), pad_id=0)
+    results = []
+    for varlen in (False, True):
+        monkeypatch.setattr(attention, "_varlen_applicable", lambda q, d, s, on=varlen: on and attention._tiles(s, q.shape[2]))
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention.NAME)
+        loss, _ = sft_loss(target_logps(model, batch)[0])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(calls) == 2, "one varlen call per layer"
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-5)
+    for name, g in results[0][1].items():
+        rel = (results[1][1][name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < 1e-5, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_varlen_offsets_and_when_it_applies(monkeypatch):
+    from posttrain.models import attention
+
+    segments = [[(0, 3), (3, 8)], [(0, 8)], [(0, 5), (5, 6), (6, 8)]]
+    assert attention.cumulative_offsets(segments, 8) == ([0, 3, 8, 16, 21, 22, 24], 8)
+    q = torch.zeros(3, 2, 8, 4)
+    assert not attention._varlen_applicable(q, 0.0, segments)  # CPU (and fp32): per-span SDPA
+    assert not attention._varlen_applicable(q.to("meta", torch.bfloat16), 0.0, segments)  # not CUDA
+
+
+def test_varlen_failure_falls_back_to_per_span_once(monkeypatch):
+    """A kernel error (an old GPU, an unsupported head size) warns once and switches to the per-span path."""
+    from posttrain.models import attention
+
+    def broken(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, scale=None):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: broken)
+    monkeypatch.setattr(attention, "_varlen_failed", None)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    segments = [[(0, 2), (2, 6)], [(0, 6)]]
+    with pytest.warns(RuntimeWarning, match="Ampere"):
+        assert attention._varlen_segments(q, k, v, segments, None) is None
+    assert "Ampere" in attention._varlen_failed
+    assert not attention._varlen_applicable(q.to("meta", torch.bfloat16), 0.0, segments)
+    out, _ = attention.sdpa_segments_forward(None, q, k, v, None, segments=segments)
+    expected, _ = attention._split_segments(q, k, v, segments, 0.0, None)
+    torch.testing.assert_close(out, expected)

@@ -99,7 +99,7 @@ class TrainConfig:
     max_length: int = opt(1024, "Maximum tokens per sequence; longer rows follow data.overflow.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "Mixed precision: auto = bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    attn_implementation: Literal["auto", "sdpa", "sdpa_segments", "eager", "flash_attention_2"] = opt("auto", "Attention kernel: auto = flash_attention_2 on CUDA when the flash-attn package is installed (packed rows then run varlen), else sdpa_segments (causal SDPA per packed sequence, no T x T mask) for plain causal models, else sdpa (a block-diagonal mask).")
+    attn_implementation: Literal["auto", "sdpa", "sdpa_segments", "eager", "flash_attention_2"] = opt("auto", "Attention kernel: auto = flash_attention_2 on CUDA when the flash-attn package is installed (packed rows then run varlen), else sdpa_segments (causal attention per packed sequence, no T x T mask: one torch varlen flash call per layer on CUDA in bf16/fp16, causal SDPA per span otherwise) for plain causal models, else sdpa (a block-diagonal mask).")
     packing: bool = opt(True, "Pack several examples into each row of max_length tokens (best-fit decreasing), each attending only to itself; batch_size then counts rows. Not used by prompt/prefix tuning.")
     loss_chunk_size: int = opt(1024, "Target positions per chunk of the output projection + cross-entropy; the full logits tensor is never built.")
     log_every: int = opt(1, "Log metrics every N steps.")

@@ -12,6 +12,13 @@ A span may also name a shared prefix ``(start, end, prefix_start, prefix_end)``:
 full and themselves causally. RL uses it to run a prompt once for all completions of its group
 (:mod:`posttrain.data.groups`).
 
+On CUDA, in bf16/fp16, when the spans tile the rows (no shared prefix) and PyTorch has
+``torch.nn.attention.varlen.varlen_attn`` (flash-attention's varlen kernel, built into PyTorch), the whole batch
+runs as ONE varlen call per layer instead of one SDPA call per span: the rows are flattened to (B*T, H, D) and
+the spans become cumulative sequence offsets. A small model on a GPU is launch-bound, and per-span calls were
+most of a step (docs/benchmarks.md, H200). If the kernel raises, a warning is printed once and the per-span
+path is used from then on; ``POSTTRAIN_VARLEN=0`` turns it off.
+
 It is registered with transformers' ``AttentionInterface`` as ``sdpa_segments`` and used when
 ``attn_implementation`` resolves to it (``auto`` without flash-attn). Without a ``segments`` argument (unpacked
 batches, generation, eval) it is exactly transformers' ``sdpa``. Spans come from the position ids, which restart
@@ -22,6 +29,9 @@ that span, where causality keeps real tokens from ever attending to it (its labe
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +57,81 @@ def sdpa_segments_forward(module, query, key, value, attention_mask, dropout: fl
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if _varlen_applicable(query, dropout, segments):
+        out = _varlen_segments(query, key, value, segments, scaling)
+        if out is not None:
+            return out
     with _without_cudnn(query.device):
         return _segments(query, key, value, segments, dropout, scaling)
+
+
+_varlen_failed: str | None = None  # the first error the varlen kernel raised; the per-span path is used after it
+
+
+def _varlen_applicable(query: torch.Tensor, dropout: float, segments) -> bool:
+    """One varlen call serves the batch: CUDA, half precision (flash kernels), no dropout (the kernel has none),
+    spans that tile every row, not switched off, no earlier failure."""
+    return (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+            and _varlen_failed is None and os.environ.get("POSTTRAIN_VARLEN", "1") != "0"
+            and _tiles(segments, query.shape[2]))
+
+
+def _varlen_kernel():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9
+        return None
+    return varlen_attn
+
+
+def cumulative_offsets(segments, length: int) -> tuple[list[int], int]:
+    """Spans tiling B rows of ``length`` -> the flattened (B * length) sequence's start offsets plus its end, and
+    the longest span."""
+    offsets = [row * length + span[0] for row, spans in enumerate(segments) for span in spans]
+    longest = max(span[1] - span[0] for spans in segments for span in spans)
+    return offsets + [len(segments) * length], longest
+
+
+def _varlen_segments(query, key, value, segments, scaling):
+    """query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None) through one varlen kernel call, or
+    None when the kernel is missing or failed."""
+    global _varlen_failed
+    kernel = _varlen_kernel()
+    if kernel is None:
+        return None
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)  # transformers' (B, T, H, D) storage: a view
+    k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+    offsets, longest = cumulative_offsets(segments, length)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=query.device)
+    params = inspect.signature(kernel).parameters
+    kwargs = {}
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    elif "window_size" in params:  # torch 2.13: causal is the window (-1, 0)
+        kwargs["window_size"] = (-1, 0)
+    else:
+        return None
+    if scaling is not None:
+        if "scale" not in params:
+            return None
+        kwargs["scale"] = scaling
+    if heads != kv_heads:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # each K/V head serves heads // kv_heads consecutive query heads
+            k = k.repeat_interleave(heads // kv_heads, dim=1)
+            v = v.repeat_interleave(heads // kv_heads, dim=1)
+    try:
+        out = kernel(q, k, v, cu, cu, longest, longest, **kwargs)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+        _varlen_failed = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"varlen attention failed ({_varlen_failed}); using per-sequence SDPA from now on",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return out.view(batch, length, heads, dim), None
 
 
 def _without_cudnn(device: torch.device):
