@@ -2,6 +2,7 @@
 
     python benchmarks/sft_throughput.py                  # CPU default: LoRA, posttrain vs TRL's best, ~15 min
     python benchmarks/sft_throughput.py --methods lora,qlora,full --tools posttrain,trl --out DIR
+    python benchmarks/sft_throughput.py --repeat 3       # 3 interleaved rounds: median tokens/s and ratios
     bash benchmarks/gpu.sh                               # the same on one CUDA GPU, in its own venv
 
 Every run trains the same model on the same generated chat data (``messages`` rows, loss on the assistant
@@ -26,6 +27,14 @@ Each run is its own subprocess, so peak RSS (and peak CUDA memory) are per run. 
 timed: the first ``--warmup`` optimizer steps are dropped. "Tokens" are trained tokens (targets of the loss),
 counted the same way for both tools. MFU counts useful FLOPs (see :func:`flops_per_trained_token`) against a
 2048x2048 matmul of the run's compute dtype timed in the same process just before training.
+
+``--repeat N`` runs every (method, tool) run N times, interleaved so that slow drift in the machine's speed
+spreads over every tool: each round runs each tool once for a method, in the given order on odd rounds and
+reversed on even ones (see :func:`run_order`). Every round's result is kept (``runs[].repeats`` in
+results.json); the tables and targets report the median tokens/s, MFU and losses over the rounds, the max
+peak memory, and posttrain's speed-up as the median of the per-round ratios (posttrain / that tool in the
+same round), with their min and max (see :func:`combine_repeats`). ``--repeat 1`` (the default) is one plain
+run of each.
 """
 
 from __future__ import annotations
@@ -530,11 +539,111 @@ def summarize(result: dict, warmup: int, flops_per_token: float) -> dict:
     }
 
 
+# ============================================================================================== rounds (--repeat)
+def round_order(setups: list[str], round_no: int) -> list[str]:
+    """The setups in the order round ``round_no`` (from 1) runs them: as given on odd rounds, reversed on even
+    ones, so that no setup always goes first."""
+    return list(setups) if round_no % 2 else list(reversed(setups))
+
+
+def run_order(methods: list[str], setups: list[str], repeat: int) -> list[tuple[str, int, str]]:
+    """(method, round, setup) of every run, in the order they run: a method's rounds back to back, each round
+    running every setup once (see :func:`round_order`). ``repeat`` 1 is the plain methods x setups order."""
+    return [(method, round_no, setup) for method in methods for round_no in range(1, repeat + 1)
+            for setup in round_order(setups, round_no)]
+
+
+def speedup_over_rounds(ours: dict[int, float], theirs: dict[int, float]) -> dict | None:
+    """posttrain's speed-up over another setup from each one's tokens/s per round (round -> tokens/s).
+
+    The ratio is taken within each round both finished (the two ran minutes apart, under the same drift), then
+    summarised by the median, min and max of those ratios; None when no round has both.
+    """
+    per_round = [{"round": k, "ratio": ours[k] / theirs[k]} for k in sorted(ours.keys() & theirs.keys())
+                 if theirs[k] > 0 and math.isfinite(ours[k] / theirs[k])]
+    if not per_round:
+        return None
+    ratios = [p["ratio"] for p in per_round]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios),
+            "per_round": per_round}
+
+
+# Summary fields that are rates or losses (medians over rounds); the others are counts, the same every round.
+_MEDIAN_SUMMARY_KEYS = ("timed_seconds", "trained_tokens_per_s", "achieved_tflops", "mfu", "last_train_loss")
+
+
+def combine_rounds(records: list[dict]) -> dict:
+    """One (method, setup)'s per-round records (each with its ``round``) as one record for the table and targets.
+
+    Over the rounds that finished: tokens/s, achieved FLOP/s, MFU, the matmul peak and the losses are medians,
+    peak memory is the max; dtype, settings, weights and token counts come from the first finished round (they
+    do not change between rounds). Every round's own record is kept under ``repeats``, failed ones included.
+    """
+    ok = [r for r in records if "summary" in r]
+    combined = {"setup": records[0]["setup"], "method": records[0]["method"], "rounds": len(records),
+                "failed_rounds": [r["round"] for r in records if "summary" not in r]}
+    if not ok:
+        return {**combined, "error": records[0].get("error", "?"), "repeats": records}
+    first, summaries = ok[0], [r["summary"] for r in ok]
+    combined.update({k: v for k, v in first.items() if k not in ("round", "step_records", "wall_seconds")})
+    combined.update(
+        matmul_peak_flops=statistics.median(r["matmul_peak_flops"] for r in ok),
+        eval_loss=statistics.median(r["eval_loss"] for r in ok),
+        eval_loss_range=[min(r["eval_loss"] for r in ok), max(r["eval_loss"] for r in ok)],
+        peak_rss_mb=max(r["peak_rss_mb"] for r in ok),
+        peak_cuda_mb=None if first["peak_cuda_mb"] is None else max(r["peak_cuda_mb"] for r in ok),
+        summary={**summaries[0], **{k: statistics.median(s[k] for s in summaries) for k in _MEDIAN_SUMMARY_KEYS},
+                 "trained_tokens_per_s_rounds": [s["trained_tokens_per_s"] for s in summaries]},
+        repeats=records,
+    )
+    return combined
+
+
+def combine_repeats(records: list[dict]) -> list[dict]:
+    """Per-round records (in run order, each with its ``round``) -> one combined record per (method, setup), in
+    the first round's order, each other setup's carrying posttrain's ``posttrain_speedup`` over it."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["method"], record["setup"]), []).append(record)
+    runs = [combine_rounds(group) for group in groups.values()]
+
+    def tok_s_by_round(run: dict) -> dict[int, float]:
+        return {r["round"]: r["summary"]["trained_tokens_per_s"] for r in run["repeats"] if "summary" in r}
+
+    ours = {run["method"]: tok_s_by_round(run) for run in runs if run["setup"] == "posttrain"}
+    for run in runs:
+        if run["setup"] != "posttrain" and run["method"] in ours:
+            run["posttrain_speedup"] = speedup_over_rounds(ours[run["method"]], tok_s_by_round(run))
+    return runs
+
+
+def _speedup_cell(run: dict, baseline: dict[str, float]) -> str:
+    """posttrain's speed-up over ``run``: the median of per-round ratios with their min-max (--repeat), else the
+    ratio of the two single runs."""
+    if run["setup"] == "posttrain":
+        return ""
+    if "posttrain_speedup" in run:
+        sp = run["posttrain_speedup"]
+        return f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})" if sp else "no round with both"
+    return f"{baseline.get(run['method'], float('nan')) / run['summary']['trained_tokens_per_s']:.2f}x"
+
+
+def _eval_loss_cell(run: dict) -> str:
+    low, high = run.get("eval_loss_range", (run["eval_loss"], run["eval_loss"]))
+    spread = f" ({low:.4f}-{high:.4f})" if f"{low:.4f}" != f"{high:.4f}" else ""
+    return f"{run['eval_loss']:.4f}{spread}"
+
+
 def markdown_table(results: list[dict], device: str) -> str:
-    head = ["method", "setup", "dtype", "timed steps", "trained tok/s", "posttrain speed-up", "peak RSS MB"]
+    """One row per (method, setup); with --repeat, medians over the rounds (the headers say which)."""
+    rounds = max((r.get("rounds", 1) for r in results), default=1)
+    median, most = (f" (median of {rounds})", " (max)") if rounds > 1 else ("", "")
+    ratio = f" (median of {rounds} per-round ratios, min-max)" if rounds > 1 else ""
+    head = ["method", "setup", "dtype", "timed steps", f"trained tok/s{median}", f"posttrain speed-up{ratio}",
+            f"peak RSS MB{most}"]
     if device == "cuda":
-        head.append("peak CUDA MB")
-    head += ["frozen weights MB", "MFU", "tokens seen", "eval loss", "last train loss"]
+        head.append(f"peak CUDA MB{most}")
+    head += ["frozen weights MB", f"MFU{median}", "tokens seen", f"eval loss{median}", f"last train loss{median}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     baseline = {r["method"]: r["summary"]["trained_tokens_per_s"] for r in results
                 if r["setup"] == "posttrain" and "summary" in r}
@@ -543,46 +652,91 @@ def markdown_table(results: list[dict], device: str) -> str:
             lines.append(f"| {r['method']} | {r['setup']} | failed: {r.get('error', '?')[:120]} |")
             continue
         s = r["summary"]
-        ratio = baseline.get(r["method"], float("nan")) / s["trained_tokens_per_s"]
-        cells = [r["method"], r["setup"], r["compute_dtype"], str(s["steps_timed"]),
-                 f"{s['trained_tokens_per_s']:.1f}", "" if r["setup"] == "posttrain" else f"{ratio:.2f}x",
-                 f"{r['peak_rss_mb']:.0f}"]
+        failed = r.get("failed_rounds")
+        finished = f" ({r['rounds'] - len(failed)} of {r['rounds']} rounds finished)" if failed else ""
+        cells = [r["method"], r["setup"] + finished, r["compute_dtype"], str(s["steps_timed"]),
+                 f"{s['trained_tokens_per_s']:.1f}", _speedup_cell(r, baseline), f"{r['peak_rss_mb']:.0f}"]
         if device == "cuda":
             cells.append(f"{r['peak_cuda_mb']:.0f}")
         cells += [f"{r['frozen_weight_mb']:.0f}", f"{100 * s['mfu']:.1f}%", f"{s['tokens_seen']:,}",
-                  f"{r['eval_loss']:.4f}", f"{s['last_train_loss']:.4f}"]
+                  _eval_loss_cell(r), f"{s['last_train_loss']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def markdown_rounds(results: list[dict]) -> str:
+    """With --repeat: each round's run order, trained tokens/s per setup and posttrain's ratio in that round."""
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method]
+        setups = [r["setup"] for r in runs]
+        others = [r for r in runs if r.get("posttrain_speedup")]
+        tok_s = {(r["setup"], rep["round"]): rep["summary"]["trained_tokens_per_s"]
+                 for r in runs for rep in r["repeats"] if "summary" in rep}
+        ratios = {(r["setup"], p["round"]): p["ratio"] for r in others for p in r["posttrain_speedup"]["per_round"]}
+        head = ["method", "round", "run order", *(f"{s} tok/s" for s in setups),
+                *(f"posttrain / {r['setup']}" for r in others)]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for k in range(1, max(r["rounds"] for r in runs) + 1):
+            cells = [method, str(k), ", ".join(round_order(setups, k))]
+            cells += [f"{tok_s[s, k]:.1f}" if (s, k) in tok_s else "failed" for s in setups]
+            cells += [f"{ratios[r['setup'], k]:.2f}x" if (r["setup"], k) in ratios else "" for r in others]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _speedup_target(ours: dict, best: dict) -> dict:
+    """LoRA's speed target; with --repeat, judged on the median of the per-round ratios (not a ratio of medians)."""
+    target = "LoRA: >= 4x TRL's best trained tokens/s"
+    if "posttrain_speedup" not in best:
+        speedup = ours["summary"]["trained_tokens_per_s"] / best["summary"]["trained_tokens_per_s"]
+        return {"target": target, "value": f"{speedup:.2f}x", "met": speedup >= 4}
+    sp = best["posttrain_speedup"]
+    if sp is None:
+        return {"target": target, "value": "no round in which both finished", "met": False}
+    return {"target": target, "value": f"{sp['median']:.2f}x, the median of {sp['rounds']} interleaved rounds' "
+                                       f"ratios (min {sp['min']:.2f}x, max {sp['max']:.2f}x)",
+            "met": sp["median"] >= 4}
+
+
 def check_targets(results: list[dict], peaks: dict[str, float]) -> list[dict]:
-    """The issue's targets, each with the numbers it was judged on (only those this run's results allow)."""
+    """The issue's targets, each with the numbers it was judged on (only those this run's results allow).
+
+    With --repeat the results are :func:`combine_repeats`' records: speed, MFU and loss are judged on medians over
+    the rounds, memory on the max, and each value says so.
+    """
     done = {(r["method"], r["setup"]): r for r in results if "summary" in r}
     memory = "peak_cuda_mb" if any(r.get("peak_cuda_mb") for r in done.values()) else "peak_rss_mb"
     targets = []
     ours, best = done.get(("lora", "posttrain")), done.get(("lora", "trl-best"))
     if ours and best:
-        speedup = ours["summary"]["trained_tokens_per_s"] / best["summary"]["trained_tokens_per_s"]
+        rounds = ours.get("rounds", 1)
+        medians, maxima = (f"; medians of {rounds} rounds", f" (max over {rounds} rounds)") if rounds > 1 else ("", "")
         loss_gap = ours["eval_loss"] / best["eval_loss"] - 1
         targets += [
-            {"target": "LoRA: >= 4x TRL's best trained tokens/s", "value": f"{speedup:.2f}x", "met": speedup >= 4},
+            _speedup_target(ours, best),
             {"target": "LoRA: eval loss within 2% of TRL's best after the same tokens",
              "value": f"{100 * loss_gap:+.2f}% ({ours['eval_loss']:.4f} vs {best['eval_loss']:.4f}; "
-                      f"{ours['summary']['tokens_seen']:,} vs {best['summary']['tokens_seen']:,} tokens)",
+                      f"{ours['summary']['tokens_seen']:,} vs {best['summary']['tokens_seen']:,} tokens{medians})",
              "met": abs(loss_gap) <= 0.02},
             {"target": f"LoRA: no more peak memory than TRL's best ({memory})",
-             "value": f"{ours[memory]:.0f} vs {best[memory]:.0f} MB", "met": ours[memory] <= best[memory]},
+             "value": f"{ours[memory]:.0f} vs {best[memory]:.0f} MB{maxima}", "met": ours[memory] <= best[memory]},
         ]
     for method in METHODS:
         run = done.get((method, "posttrain"))
         if run:
             # Judged against the peak of the dtype the run computes in, timed in its own process (on a CPU
-            # without native bf16 that is fp32, the faster one); the bf16 share is given for reference.
+            # without native bf16 that is fp32, the faster one); the bf16 share is given for reference. With
+            # --repeat: the median achieved FLOP/s and the median of the per-round MFUs (each against its own peak).
             achieved, mfu = run["summary"]["achieved_tflops"] * 1e12, run["summary"]["mfu"]
+            rounds, peak = run.get("rounds", 1), f"{run['matmul_peak_flops'] / 1e9:,.1f}"
+            prefix = f"median of {rounds} rounds: " if rounds > 1 else ""
+            measured = f"measured in each run (median {peak})" if rounds > 1 else f"measured in the run ({peak})"
             targets.append({
                 "target": f"{method}: >= 50% of the measured matmul peak (bf16 where the run computes in bf16)",
-                "value": f"{achieved / 1e9:,.1f} GFLOP/s = {100 * mfu:.0f}% of the {run['compute_dtype']} peak "
-                         f"measured in the run ({run['matmul_peak_flops'] / 1e9:,.1f}); "
+                "value": f"{prefix}{achieved / 1e9:,.1f} GFLOP/s = {100 * mfu:.0f}% of the {run['compute_dtype']} "
+                         f"peak {measured}; "
                          f"{100 * achieved / peaks['bf16']:.0f}% of the bf16 peak ({peaks['bf16'] / 1e9:,.1f})",
                 "met": mfu >= 0.5})
     lora, qlora = done.get(("lora", "posttrain")), done.get(("qlora", "posttrain"))
@@ -599,6 +753,17 @@ def check_targets(results: list[dict], peaks: dict[str, float]) -> list[dict]:
     return targets
 
 
+def repeat_note(repeat: int) -> str:
+    """What the numbers of a --repeat run are, for the top of results.md."""
+    return (f"**Medians of {repeat} interleaved rounds.** Each method's setups ran {repeat} times, one run of "
+            "each per round, in the order listed on odd rounds and reversed on even ones (so that no setup always "
+            "goes first and slow drift in the machine's speed spreads over all of them). Trained tok/s, MFU and "
+            "losses are medians over the rounds; posttrain's speed-up is the median of the per-round ratios "
+            "(posttrain / that setup in the same round), with the min-max of those ratios; peak memory is the "
+            "max over the rounds. Each round's numbers are under Rounds below, and every run's full record in "
+            "results.json (`runs[].repeats`).")
+
+
 def markdown_report(report: dict, peak_size: int) -> str:
     peaks, stats = report["matmul_peak_flops"], report["data"]
     lines = [
@@ -610,12 +775,17 @@ def markdown_report(report: dict, peak_size: int) -> str:
         f"Matmul peak ({peak_size}x{peak_size}, F.linear): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
         f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s. MFU is against the peak of the run's dtype, re-measured in "
         "the run's own process.", "",
-        markdown_table(report["runs"], report["device"]),
     ]
+    repeat = report["config"].get("repeat", 1)
+    if repeat > 1:
+        lines += [repeat_note(repeat), ""]
+    lines.append(markdown_table(report["runs"], report["device"]))
     for check in report["token_set_check"]:
         lines.append(f"Same trained tokens ({check['method']}): TRL's prepared data has "
                      f"{check['trl_prepared_trained_tokens']:,}, posttrain's {check['posttrain_trained_tokens']:,}: "
                      f"{'identical' if check['same'] else 'DIFFERENT'}.\n")
+    if repeat > 1:
+        lines += ["## Rounds", "", markdown_rounds(report["runs"])]
     lines += [
         "## Targets", "",
         "| target | measured | met |", "|---|---|---|",
@@ -682,6 +852,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="profile the first timed step of the posttrain runs with torch.profiler (written to "
                         "runs/<name>/profile.txt); profiling slows them, so do not compare their timings")
     p.add_argument("--quick", action="store_true", help="1 timed step per run and 2 eval rows")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds per method: every setup runs once per round, in the --tools order on odd rounds "
+                        "and reversed on even ones; tokens/s, MFU and losses are reported as medians over the "
+                        "rounds, posttrain's speed-up as the median (min-max) of the per-round ratios, peak "
+                        "memory as the max; results.json keeps every round (default 1: one run each)")
     p.add_argument("--run-timeout", type=int, default=3600, help="seconds before a run is stopped")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>-<date>)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -726,9 +901,11 @@ def prepare_data(args: argparse.Namespace, model_dir: str, eval_rows: int, scrat
     return Prepared(train_file, eval_file, len(eval_examples), stats, shape)
 
 
-def run_one(spec: RunSpec, results_dir: Path, timeout: int, flops_per_token: float) -> dict:
-    """One run in its own subprocess; its log, spec and result land in ``results_dir``."""
-    name = f"{spec.method}-{spec.setup}"
+def run_one(spec: RunSpec, results_dir: Path, timeout: int, flops_per_token: float,
+            label: str | None = None) -> dict:
+    """One run in its own subprocess; its log, spec and result land in ``results_dir``. ``label`` names it in the
+    progress lines (default ``<method>-<setup>``)."""
+    name = label or f"{spec.method}-{spec.setup}"
     results_dir.mkdir(parents=True, exist_ok=True)
     spec_path = results_dir / "spec.json"
     spec_path.write_text(json.dumps(asdict(spec), indent=2))
@@ -768,6 +945,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     methods = [m.strip() for m in (args.methods or ("lora" if cpu else ",".join(METHODS))).split(",")]
     if unknown := set(methods) - set(METHODS):
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if args.repeat < 1:
+        raise SystemExit("--repeat: at least 1")
     setups = expand_tools(args.tools or ("posttrain,trl-best" if cpu else "posttrain,trl"))
     if any(s.startswith("trl") for s in setups) and importlib.util.find_spec("trl") is None:
         print("TRL is not installed (pip install -e '.[bench]'): running posttrain only", flush=True)
@@ -793,27 +972,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{args.max_length}), {stats.trained_tokens / stats.processed_tokens:.1%} of tokens trained", flush=True)
         print(f"matmul peak ({args.peak_size}^2, {device}): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
               f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; TRL bf16 {'on' if trl_bf16 else 'off'}", flush=True)
-        results = []
-        for method in methods:
-            for setup in setups:
-                spec = RunSpec(
-                    setup=setup, method=method, model_dir=model_dir, device=device,
-                    train_file=str(data.train_file), eval_file=str(data.eval_file),
-                    workdir=str(out / "runs" / f"{method}-{setup}"), scratch=str(scratch / f"{method}-{setup}"),
-                    steps=total_unpacked if setup == "trl-default" else total_packed, warmup=args.warmup,
-                    batch_size=args.batch_size, max_length=args.max_length, bf16=trl_bf16, seed=args.seed,
-                    peak_size=args.peak_size, profile=args.profile)
-                results.append(run_one(spec, Path(spec.workdir), args.run_timeout,
-                                       flops_per_trained_token(data.shape, stats, method)))
+        records = []
+        for method, round_no, setup in run_order(methods, setups, args.repeat):
+            name = f"{method}-{setup}"
+            # with --repeat, each round in its own folder: runs/<method>-<setup>/round-<k>
+            where = Path(name) if args.repeat == 1 else Path(name) / f"round-{round_no}"
+            spec = RunSpec(
+                setup=setup, method=method, model_dir=model_dir, device=device,
+                train_file=str(data.train_file), eval_file=str(data.eval_file),
+                workdir=str(out / "runs" / where), scratch=str(scratch / "-".join(where.parts)),
+                steps=total_unpacked if setup == "trl-default" else total_packed, warmup=args.warmup,
+                batch_size=args.batch_size, max_length=args.max_length, bf16=trl_bf16, seed=args.seed,
+                peak_size=args.peak_size, profile=args.profile)
+            label = None if args.repeat == 1 else f"{name} round {round_no}/{args.repeat}"
+            record = run_one(spec, Path(spec.workdir), args.run_timeout,
+                             flops_per_trained_token(data.shape, stats, method), label=label)
+            shutil.rmtree(spec.scratch, ignore_errors=True)  # the run's saved model: unused, and rounds add up
+            if args.repeat > 1:
+                record["round"] = round_no
+            records.append(record)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    results = records if args.repeat == 1 else combine_repeats(records)
 
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "date": datetime.datetime.now().isoformat(),
         "device": device, "machine": machine(), "versions": library_versions(),
         "config": {"batch_size": args.batch_size, "max_length": args.max_length, "lora": LORA, "lr": LEARNING_RATE,
                    "warmup_steps": args.warmup, "timed_steps_packed": steps, "steps_unpacked": total_unpacked,
-                   "eval_rows": data.eval_rows, "trl_bf16": trl_bf16, "tokens": "trained (assistant) tokens"},
+                   "eval_rows": data.eval_rows, "trl_bf16": trl_bf16, "tokens": "trained (assistant) tokens",
+                   **({"repeat": args.repeat, "run_order": run_order(methods, setups, args.repeat)}
+                      if args.repeat > 1 else {})},
         "data": asdict(stats), "model_shape": asdict(data.shape), "matmul_peak_flops": peaks, "runs": results,
     }
     report["targets"] = check_targets(results, peaks)
