@@ -215,6 +215,9 @@ def _fake_runs(bench, monkeypatch, tok_s: dict[str, list[float]]) -> list[tuple]
         return _record(bench, spec.setup, tok_s[spec.setup][round_no - 1])
 
     monkeypatch.setattr(bench, "run_one", fake_run_one)
+    # the TRL runs are faked too: the driver must not drop them where TRL (the bench extra) is not installed
+    find_spec = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name, *a: object() if name == "trl" else find_spec(name, *a))
     return calls
 
 
