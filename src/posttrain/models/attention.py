@@ -29,6 +29,7 @@ that span, where causality keeps real tokens from ever attending to it (its labe
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import warnings
@@ -92,6 +93,27 @@ def cumulative_offsets(segments, length: int) -> tuple[list[int], int]:
     return offsets + [len(segments) * length], longest
 
 
+@functools.lru_cache(maxsize=4)
+def _parameters(kernel) -> frozenset[str]:
+    """The kernel's keyword names, read once (not in every layer of every forward)."""
+    return frozenset(inspect.signature(kernel).parameters)
+
+
+_offsets_cache: tuple | None = None  # (segments, length, device, offsets tensor, longest) of the last batch
+
+
+def _device_offsets(segments, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The batch's int32 offsets on ``device``: one host-to-device copy per batch, shared by all its layers (every
+    layer of a forward gets the same ``segments`` list)."""
+    global _offsets_cache
+    cached = _offsets_cache
+    if cached is None or cached[0] is not segments or cached[1] != length or cached[2] != device:
+        offsets, longest = cumulative_offsets(segments, length)
+        cached = (segments, length, device, torch.tensor(offsets, dtype=torch.int32, device=device), longest)
+        _offsets_cache = cached
+    return cached[3], cached[4]
+
+
 def _varlen_segments(query, key, value, segments, scaling):
     """query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None) through one varlen kernel call, or
     None when the kernel is missing or failed."""
@@ -104,9 +126,8 @@ def _varlen_segments(query, key, value, segments, scaling):
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)  # transformers' (B, T, H, D) storage: a view
     k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
-    offsets, longest = cumulative_offsets(segments, length)
-    cu = torch.tensor(offsets, dtype=torch.int32, device=query.device)
-    params = inspect.signature(kernel).parameters
+    cu, longest = _device_offsets(segments, length, query.device)
+    params = _parameters(kernel)
     kwargs = {}
     if "is_causal" in params:
         kwargs["is_causal"] = True

@@ -1,11 +1,11 @@
-"""RMSNorm in two passes forward and three backward, with nothing but its input kept for backward.
+"""RMSNorm as one autograd node: three passes forward and three backward, nothing but its input kept for backward.
 
 transformers' Llama-family RMSNorm is written as autograd ops: ``x.pow(2)``, ``mean``, ``rsqrt``, ``x * r``,
 ``weight * xhat``. Autograd keeps ``x``, ``r`` and the normalised ``xhat`` (a third (tokens x hidden) tensor per
 norm, two norms a layer) and its backward runs about eight passes over (tokens x hidden) tensors. This module
 computes the same function as one autograd node:
 
-    forward    r = (mean(x^2) + eps)^-1/2         (the eager module's ops: bit-identical output)
+    forward    r = (mean(x^2) + eps)^-1/2         (the eager module's ops, one pass: bit-identical output)
                y = (x * r) * w                    (one pass writing y, one in place)
     backward   gw = dy * w
                dx = r gw - x r^3 (gw . x) / H     (a reduction, one in-place scale, one in-place addcmul)
@@ -68,7 +68,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32:
         return type(self).forward(self, hidden_states)
-    return _RMSNorm.apply(hidden_states, self.weight, float(self.variance_epsilon))
+    return rms_norm(hidden_states, self.weight, float(self.variance_epsilon))
 
 
 def enable(model: torch.nn.Module) -> int:
