@@ -130,6 +130,25 @@ if torch.cuda.is_available():
     print("cuda", torch.version.cuda, "| device", torch.cuda.get_device_name(0), "| bf16", torch.cuda.is_bf16_supported())
 print("flash_attn importable:", importlib.util.find_spec("flash_attn") is not None)
 EOF
+if [ "$DEVICE" = "cuda" ]; then
+    # the packed-attention kernel posttrain uses on CUDA, checked against per-span SDPA before any timing
+    "$PY" - <<'PYEOF' || echo "varlen self-check failed (posttrain falls back to per-span SDPA)"
+import torch
+from posttrain.models import attention
+kernel = attention._varlen_kernel()
+print("varlen_attn:", None if kernel is None else attention._signature(kernel))
+torch.manual_seed(0)
+q = torch.randn(2, 9, 512, 64, device="cuda", dtype=torch.bfloat16)  # SmolLM2-135M: 9 heads, 3 K/V heads
+k, v = (torch.randn(2, 3, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+segments = [[(0, 100), (100, 333), (333, 512)], [(0, 512)]]
+out = attention._varlen_segments(q, k, v, segments, 64**-0.5)
+ref, _ = attention._split_segments(q.float(), k.float(), v.float(), segments, 0.0, 64**-0.5)
+if out is None:
+    print("varlen self-check: not used:", attention._varlen_failed)
+else:
+    print(f"varlen self-check: max |varlen bf16 - per-span fp32| = {(out[0].float() - ref).abs().max().item():.2e}")
+PYEOF
+fi
 if ! "$PY" -c "import trl" 2>/dev/null; then
     echo "TRL is not importable: only posttrain will run"
 fi
@@ -148,7 +167,7 @@ if [ "${VARLEN_AB:-1}" = "1" ] && [[ ",$METHODS," == *",lora,"* ]] && [[ ",$TOOL
         --tools posttrain --steps "$STEPS" --warmup 2 --eval-rows 64 --run-timeout 150 --peak-size "${PEAK_SIZE:-8192}" \
         --out "$OUT/per-span" || echo "per-span run failed"
     if [ -d "$OUT/per-span/runs" ]; then tar -czf "$OUT/per-span/runs.tar.gz" -C "$OUT/per-span" runs && rm -rf "$OUT/per-span/runs"; fi
-    grep -rh "varlen attention failed" "$OUT/runs" 2>/dev/null | head -3 || true
+    grep -rh "varlen attention" "$OUT/runs" 2>/dev/null | head -3 || true
 fi
 if [ "${PROFILE:-0}" = "1" ]; then
     elapsed "profile: one posttrain LoRA run"

@@ -232,3 +232,25 @@ def test_varlen_failure_falls_back_to_per_span_once(monkeypatch):
     out, _ = attention.sdpa_segments_forward(None, q, k, v, None, segments=segments)
     expected, _ = attention._split_segments(q, k, v, segments, 0.0, None)
     torch.testing.assert_close(out, expected)
+
+
+def test_varlen_without_scale_serves_the_default_scaling_only(monkeypatch):
+    """torch 2.9's varlen_attn has no ``scale`` (always 1/sqrt(head_dim)) and may return (out, lse): the default
+    scaling transformers passes for Llama must still take the one-call path, another scaling the per-span one."""
+    from posttrain.models import attention
+
+    def early(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
+        out = _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=is_causal)
+        return out, torch.zeros(())
+
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: early)
+    monkeypatch.setattr(attention, "_varlen_failed", None)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    segments = [[(0, 2), (2, 6)], [(0, 6)]]
+    expected, _ = attention._split_segments(q, k, v, segments, 0.0, 8**-0.5)
+    out, _ = attention._varlen_segments(q, k, v, segments, 8**-0.5)
+    torch.testing.assert_close(out, expected)
+    assert attention._varlen_failed is None
+    with pytest.warns(RuntimeWarning, match="no scale"):
+        assert attention._varlen_segments(q, k, v, segments, 0.5) is None
+    assert "no scale" in attention._varlen_failed

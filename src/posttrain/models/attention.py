@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 import warnings
 
@@ -134,11 +135,14 @@ def _varlen_segments(query, key, value, segments, scaling):
     elif "window_size" in params:  # torch 2.13: causal is the window (-1, 0)
         kwargs["window_size"] = (-1, 0)
     else:
-        return None
-    if scaling is not None:
-        if "scale" not in params:
-            return None
-        kwargs["scale"] = scaling
+        return _unusable(f"varlen_attn{_signature(kernel)} takes neither is_causal nor window_size")
+    if "scale" in params:
+        if scaling is not None:
+            kwargs["scale"] = scaling
+    elif scaling is not None and not math.isclose(scaling, dim**-0.5, rel_tol=1e-6):
+        # early varlen_attn (torch 2.9-2.10) has no scale: it always uses 1/sqrt(head_dim), which is the
+        # scaling transformers passes for Llama-form models, so only another scaling needs the per-span path
+        return _unusable(f"varlen_attn{_signature(kernel)} has no scale and the model uses {scaling}")
     if heads != kv_heads:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
@@ -152,7 +156,21 @@ def _varlen_segments(query, key, value, segments, scaling):
         warnings.warn(f"varlen attention failed ({_varlen_failed}); using per-sequence SDPA from now on",
                       RuntimeWarning, stacklevel=2)
         return None
+    if isinstance(out, tuple):  # (output, logsumexp) from versions that return the auxiliary outputs
+        out = out[0]
     return out.view(batch, length, heads, dim), None
+
+
+def _unusable(reason: str):
+    """This torch's kernel cannot serve the model: say so once, use the per-span path from now on."""
+    global _varlen_failed
+    _varlen_failed = reason
+    warnings.warn(f"varlen attention not used ({reason}); using per-sequence SDPA", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _signature(kernel) -> str:
+    return str(inspect.signature(kernel))
 
 
 def _without_cudnn(device: torch.device):
