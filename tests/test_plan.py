@@ -3,6 +3,7 @@ saves, its fit table against published figures, and (slow) its peaks against mea
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -91,9 +92,10 @@ def test_weights_logits_and_peak_by_hand():
     est = estimate(TINY, "full", device="cpu", precision="fp32", batch_size=1, seq_len=4, packing=False, **ADAPTERS)
     assert est.activations == 4 * (2 * 488 + 64)  # final norm: input and head rows, 8*4 each
     assert est.logits == 4 * 10 * 12 + 320
-    assert est.optimizer_step == 2 * 128 * 4  # CPU AdamW: two temporaries of the largest tensor (gate: 8x16)
+    assert est.grad_accumulation == 2 * 10 * 8 * 4  # tied, trained embedding: its second gradient and the sum
+    assert estimate(TINY, "lora", device="cpu", precision="fp32", batch_size=1, seq_len=4, **ADAPTERS).grad_accumulation == 0
     static = est.weights + est.optimizer_state + plan.CPU_RUNTIME_BYTES
-    assert est.total == static + max(est.activations + est.logits, est.gradients + est.optimizer_step)
+    assert est.total == static + max(est.activations + est.logits, est.gradients + est.grad_accumulation)  # fused AdamW: no step buffers
 
 
 def test_flops_by_hand():
@@ -294,3 +296,28 @@ def test_predicted_peak_is_within_15_percent_of_measured_rss(measured_peaks, met
     predicted = estimate(KNOWN_SHAPES["smollm2-135m"], method, device="cpu", precision="fp32",
                          batch_size=MEASURE_BATCH, seq_len=MEASURE_SEQ_LEN).total
     assert abs(predicted - measured) / measured < 0.15, f"{method}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
+
+
+def test_engine_optimizer_is_fused_adamw_and_steps_like_foreach():
+    """The planner counts no optimizer-step buffers because the engine's AdamW is the fused one (in place); its
+    update must be AdamW's: same as torch's foreach AdamW, decay on matrices only."""
+    from posttrain.config import TrainConfig
+    from posttrain.engine.trainer import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
+    reference = copy.deepcopy(model)
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, cfg)
+    assert fused.defaults["fused"] is True
+    foreach = torch.optim.AdamW([{"params": [reference[0].weight], "weight_decay": 0.1},
+                                 {"params": [reference[0].bias, *reference[1].parameters()], "weight_decay": 0.0}],
+                                lr=1e-2, foreach=True)
+    x = torch.randn(4, 6)
+    for _ in range(3):
+        for m, opt in ((model, fused), (reference, foreach)):
+            opt.zero_grad()
+            m(x).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)  # a wrong decay group is off by ~3e-4

@@ -164,7 +164,14 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError(f"method {cfg.method}: the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    try:
+        # fused: one kernel per dtype/device group, updating in place. On the 2-core CPU it stepped 135M fp32
+        # params in 0.04-0.05 s against foreach's 0.29-0.31 s and allocated no temporaries (foreach: two of the
+        # largest tensor, 216 MB for SmolLM2's embedding); on CUDA foreach also allocates a sqrt(v) buffer of
+        # all trainable params, fused does not. Results equal foreach's to float rounding (2e-8 after 3 steps).
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
