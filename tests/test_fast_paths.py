@@ -256,3 +256,39 @@ def test_full_finetune_gradients_with_fused_norms_equal_plain(tiny_model_dir):
     for (name, p0), (_, p1) in zip(plain.named_parameters(), fused.named_parameters()):
         rel = (p1.grad - p0.grad).norm() / p0.grad.norm().clamp_min(1e-12)
         assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_qlora_under_bf16_keeps_unquantized_weights_in_bf16_and_the_same_loss(tiny_model_dir, monkeypatch):
+    """QLoRA with bf16 compute (a GPU's default): embedding, norms and head stay bf16 like a LoRA base, not in
+    peft's fp32 upcast; the 4-bit linears stay 4-bit, the adapters fp32, and the loss and adapter gradients
+    match the fp32-upcast model's to bf16 precision."""
+    from posttrain.config import SFTConfig
+    from posttrain.models import adapters
+
+    batch = collate_sft(_examples(4, seed=3), pad_id=0)
+    results = []
+    for store in (True, False):
+        if not store:
+            monkeypatch.setattr(adapters, "store_unquantized_in", lambda model, dtype: None)
+        cfg = SFTConfig(model=str(tiny_model_dir), method="qlora", attn_implementation="sdpa")
+        cfg.qlora.compute_dtype = "bfloat16"
+        torch.manual_seed(0)
+        model, _ = adapters.build_model(cfg, mixed_precision="bf16")
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        if store:
+            assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.bfloat16
+            assert all(d == torch.bfloat16 for n, d in dtypes.items() if "norm" in n)
+            assert all(d == torch.uint8 for n, d in dtypes.items() if "base_layer" in n)  # NF4, packed
+            assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+        else:
+            assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = sft_loss(target_logps(model, batch)[0])
+        loss.backward()
+        results.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_bf16, grads_bf16), (loss_fp32, grads_fp32) = results
+    torch.testing.assert_close(loss_bf16, loss_fp32, rtol=1e-2, atol=1e-2)
+    assert grads_bf16.keys() == grads_fp32.keys() and grads_bf16
+    for name, g in grads_fp32.items():
+        rel = (grads_bf16[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < 0.05, f"{name}: relative gradient difference {rel:.3f}"

@@ -52,7 +52,8 @@ def reload(method: str, out: Path):
 def test_method_trains_saves_and_reloads(method, tmp_path, tokenizer):
     out = tmp_path / method
     cfg = load_config("sft", None, [f"data.train={DATA}", f"output_dir={out}", f"method={method}", "max_steps=2",
-                                    "batch_size=2", "max_length=128", f"lr={LR[method]}", "tensorboard=false"])
+                                    "batch_size=2", "max_length=128", f"lr={LR[method]}", "tensorboard=false",
+                                    "precision=fp32"])  # reloaded in fp32: a CPU with native bf16 would pick bf16
     result = sft.train(cfg)
     losses = [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)

@@ -81,7 +81,8 @@ def test_weights_logits_and_peak_by_hand():
     assert plan.autocast_copy_bytes(TINY, "lora", "bf16", 512) == 512 * 2
     assert plan.autocast_copy_bytes(TINY, "full", "fp32", 1272) == 0
     assert plan.weight_bytes(TINY, "lora", "bf16") == 1272 * 2
-    assert plan.weight_bytes(TINY, "qlora", "bf16") == 1152 * 0.5 + 120 * 4  # NF4 linears, fp32 rest
+    assert plan.weight_bytes(TINY, "qlora", "bf16") == 1152 * 0.5 + 120 * 2  # NF4 linears, the rest in bf16
+    assert plan.weight_bytes(TINY, "qlora", "fp32") == 1152 * 0.5 + 120 * 4  # NF4 linears, the rest in fp32
     # 2 x 4 positions (< chunk) x vocab 10: a frozen head (LoRA) 2 fp32 copies; full FT's trained head 3 fp32
     # copies in its recomputed backward, plus the head's fp32 gradient; bf16 adds the bf16 logits for full FT
     assert plan.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="fp32", loss_chunk_size=1024) == 640
@@ -177,7 +178,8 @@ def _saved_activation_bytes(model, batch, bf16: bool) -> int:
     "method, precision, packed",
     [("full", "fp32", True), ("lora", "fp32", True), ("qlora", "fp32", True), ("full", "fp32", False),
      ("lora", "fp32", False), ("prompt", "fp32", False), ("prefix", "fp32", False),
-     ("full", "bf16", True), ("lora", "bf16", True), ("prompt", "bf16", False), ("prefix", "bf16", False)],
+     ("full", "bf16", True), ("lora", "bf16", True), ("qlora", "bf16", True), ("prompt", "bf16", False),
+     ("prefix", "bf16", False)],
 )
 def test_activation_count_matches_what_autograd_saves(tiny_model_dir, method, precision, packed):
     """The per-layer count is the tensors the HF Llama block keeps for backward, on the tiny random Llama."""
@@ -187,6 +189,8 @@ def test_activation_count_matches_what_autograd_saves(tiny_model_dir, method, pr
     # The planner models transformers' sdpa with a block-diagonal mask for packed rows, an upper bound for the
     # default sdpa_segments kernel (no mask, no repeated k/v).
     cfg = SFTConfig(model=str(tiny_model_dir), method=method, attn_implementation="sdpa")
+    if method == "qlora" and precision == "bf16":  # what compute_dtype=auto gives on a GPU
+        cfg.qlora.compute_dtype = "bfloat16"
     model, report = build_model(cfg, mixed_precision="bf16" if precision == "bf16" else "no")
     model.train()
     shape = plan.load_shape(str(tiny_model_dir))

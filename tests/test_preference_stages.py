@@ -215,5 +215,8 @@ def test_dpo_with_other_methods(tiny_model_dir, tmp_path, method, extra):
                  "prompt.num_virtual_tokens=4", "prefix.num_virtual_tokens=4", *extra)
     loss = metrics(result.output_dir, "train/loss")
     if extra or method == "qlora":  # reference == initial policy (precomputed, or LoRA's B = 0 at the start)
-        assert loss[1] == pytest.approx(math.log(2), abs=1e-5)
+        # QLoRA: 4.3e-5 from ln 2 on an AVX512-BF16 CPU (exact on the AVX2 machine before; not from the merged
+        # LoRA path, which off still misses 1e-5): the grad-enabled policy forward and the no-grad reference
+        # forward round the same fp32 products differently there
+        assert loss[1] == pytest.approx(math.log(2), abs=1e-4 if method == "qlora" else 1e-5)
     assert all(math.isfinite(v) for v in loss.values())

@@ -12,9 +12,10 @@ The model is analytical and follows how posttrain trains (``engine/trainer.py``,
    forward dtype (bf16 2 B, fp32 4 B). QLoRA stores the decoder linears in NF4, 0.5 B/param, plus
    0.127 bit/param of double-quantized block constants
    (8-bit absmax per 64 weights plus an fp32 absmax per 256 blocks; Dettmers et al. 2023, section 3).
-   Embeddings, norms and the head stay unquantized, and ``peft.prepare_model_for_kbit_training`` upcasts them
-   to fp32 (:data:`QLORA_UNQUANTIZED_BYTES`). On CPU from an fp32 checkpoint, those fp32 tensors are views of
-   the mmapped file, so the linears' fp32 pages read while quantizing stay resident.
+   Embeddings, norms and the head stay unquantized, in the forward dtype as a LoRA base
+   (``models.adapters.store_unquantized_in`` undoes ``peft.prepare_model_for_kbit_training``'s fp32 upcast
+   under bf16). On CPU in fp32 from an fp32 checkpoint, those fp32 tensors are views of the mmapped file, so
+   the linears' fp32 pages read while quantizing stay resident.
 2. Trainable parameters are fp32. AdamW keeps two fp32 moments (8 B/param) and the gradients are fp32
    (4 B/param). The engine's AdamW is the fused one, which updates in place: ``optimizer.step`` allocates
    nothing (the foreach one would allocate a sqrt(v) buffer of all trainable parameters on CUDA, and two
@@ -79,8 +80,6 @@ CUDA_RUNTIME_BYTES = 512 * MiB
 NF4_BYTES_PER_PARAM = 0.5
 # bitsandbytes double quantization: an 8-bit absmax per 64-weight block, plus an fp32 absmax per 256 blocks.
 DOUBLE_QUANT_BYTES_PER_PARAM = (8 / 64 + 32 / (64 * 256)) / 8
-# peft.prepare_model_for_kbit_training casts every non-4-bit parameter (embeddings, norms, head) to fp32.
-QLORA_UNQUANTIZED_BYTES = 4
 # Live (chunk, V) fp32 tensors in the backward of one loss chunk: log-softmax, its gradient, the logits' gradient.
 LOSS_CHUNK_COPIES = 3
 # Live (chunk, V) fp32 tensors when a frozen head's gradient is formed in the forward (models/forward.py):
@@ -251,8 +250,9 @@ def grad_accumulation_bytes(shape: ModelShape, method: str) -> int:
 
 
 def residual_bytes(method: str, precision: str) -> int:
-    """Bytes per element of the residual stream: fp32 when the embeddings are fp32 (full FT, QLoRA)."""
-    return 4 if precision == "fp32" or method in ("full", "qlora") else 2
+    """Bytes per element of the residual stream: fp32 when the embeddings are fp32 (fp32, or full FT's fp32
+    masters under bf16 autocast)."""
+    return 4 if precision == "fp32" or method == "full" else 2
 
 
 def linear_input_bytes(shape: ModelShape, method: str, precision: str, trained: frozenset[str]) -> int:
@@ -262,7 +262,7 @@ def linear_input_bytes(shape: ModelShape, method: str, precision: str, trained: 
     (gate/up) and the down input. o_proj's input is the attention output's own storage, already counted.
     Under bf16 autocast, some readers keep their own bf16 copy:
     - an input that arrives in fp32 is cast once per linear that reads it. The norm outputs are fp32 when the
-      residual stream is (full FT, QLoRA), so q, k, v, gate and up each keep one;
+      residual stream is (full FT), so q, k, v, gate and up each keep one;
     - PEFT's LoRA layer casts its input to the fp32 adapter dtype, and autocast casts it back for lora_A, so with
       a bf16 base every adapted linear keeps its own copy (``peft.helpers.disable_input_dtype_casting`` avoids it).
     """
@@ -272,7 +272,7 @@ def linear_input_bytes(shape: ModelShape, method: str, precision: str, trained: 
     if precision == "fp32":
         return e * (h * bool(trained & {"q_proj", "k_proj", "v_proj"}) + h * bool(trained & {"gate_proj", "up_proj"})
                     + inputs["down_proj"] * ("down_proj" in trained))
-    if method == "lora":
+    if method in ("lora", "qlora"):
         own_copy = trained
     else:
         own_copy = trained & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
@@ -357,8 +357,6 @@ def logits_bytes(shape: ModelShape, method: str, *, batch_size: int, seq_len: in
     extra = 0
     if method == "full":
         extra = shape.head_params * 4  # the head's fp32 weight gradient
-    elif method == "qlora" and precision == "bf16":
-        extra = shape.head_params * 2  # the bf16 cast of the fp32 head, rebuilt for each chunk
     return chunk * per_position + extra
 
 
@@ -366,7 +364,8 @@ def weight_bytes(shape: ModelShape, method: str, precision: str) -> int:
     if method == "full":  # fp32 masters
         return shape.num_params * 4
     if method == "qlora":
-        return int(shape.linear_params * NF4_BYTES_PER_PARAM + (shape.num_params - shape.linear_params) * QLORA_UNQUANTIZED_BYTES)
+        unquantized = shape.num_params - shape.linear_params  # embeddings, norms, head: in the forward dtype
+        return int(shape.linear_params * NF4_BYTES_PER_PARAM + unquantized * (2 if precision == "bf16" else 4))
     return shape.num_params * (2 if precision == "bf16" else 4)
 
 
