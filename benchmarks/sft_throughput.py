@@ -347,8 +347,6 @@ def _step_records(trained: list[int], seconds: list[float], losses: list[float])
 
 
 def run_posttrain(spec: RunSpec) -> dict:
-    import torch
-
     from posttrain.config import load_config
     from posttrain.stages import sft
 
@@ -361,7 +359,10 @@ def run_posttrain(spec: RunSpec) -> dict:
         "lora.target_modules=all-linear", "packing=true", "precision=auto", "gradient_checkpointing=false",
     ]
     cfg = load_config("sft", None, overrides)
-    dtype = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    from posttrain.engine.trainer import resolve_mixed_precision
+
+    # what precision=auto trains in: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
+    dtype = "bf16" if resolve_mixed_precision("auto") == "bf16" else "fp32"
     peak = matmul_peak(dtype, spec.device, spec.peak_size)
     if spec.profile:
         result = _profiled(lambda: sft.train(cfg), spec)
@@ -625,7 +626,9 @@ def _speedup_cell(run: dict, baseline: dict[str, float]) -> str:
     if "posttrain_speedup" in run:
         sp = run["posttrain_speedup"]
         return f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})" if sp else "no round with both"
-    return f"{baseline.get(run['method'], float('nan')) / run['summary']['trained_tokens_per_s']:.2f}x"
+    if run["method"] not in baseline:  # posttrain did not run for this method
+        return ""
+    return f"{baseline[run['method']] / run['summary']['trained_tokens_per_s']:.2f}x"
 
 
 def _eval_loss_cell(run: dict) -> str:
