@@ -351,14 +351,17 @@ def test_data_throughput_smoke(tmp_path):
     assert res["dedup"]["rows_per_s"] > 0 and res["dedup"]["peak_rss_mb"] > 0
 
 
-def test_step_breakdown_accounts_for_every_matmul_flop(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_step_breakdown_accounts_for_every_matmul_flop(tiny_model_dir, tmp_path, precision):
     """benchmarks/step_breakdown.py on the tiny model: categories sum to the profiled time, and the matmul FLOPs
     it reads from the recorded shapes include the body's 4N per token (forward + input gradients)."""
     spec = importlib.util.spec_from_file_location("step_breakdown", ROOT / "benchmarks" / "step_breakdown.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "breakdown.json"
-    result = module.main(["--model", str(tiny_model_dir), "--rows", "120", "--peak-size", "256", "--out", str(out)])
+    result = module.main(["--model", str(tiny_model_dir), "--rows", "120", "--peak-size", "256", "--out", str(out),
+                          "--precision", precision])
+    assert result["precision"] == precision and result[f"{precision}_peak_gflop_per_s"] > 0
     assert json.loads(out.read_text()) == result
     cats = {c["category"]: c for c in result["categories"]}
     assert abs(sum(c["seconds"] for c in cats.values()) - result["profiled_self_s"]) < 0.05

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -292,3 +293,77 @@ def test_qlora_under_bf16_keeps_unquantized_weights_in_bf16_and_the_same_loss(ti
     for name, g in grads_fp32.items():
         rel = (grads_bf16[name] - g).norm() / g.norm().clamp_min(1e-12)
         assert rel < 0.05, f"{name}: relative gradient difference {rel:.3f}"
+
+
+def test_lora_input_casts_off_under_autocast_changes_no_value(tiny_model_dir, monkeypatch):
+    """bf16 base, fp32 LoRA, CPU autocast, PEFT's own forward (where the low-rank-add path does not apply, e.g.
+    with adapter dropout): skipping PEFT's fp32 cast of each adapted linear's input (autocast casts it straight
+    back) gives the same loss and gradients, bit for bit, with fewer saved tensors; outside autocast the casts
+    stay (an fp32 adapter cannot take a bf16 input)."""
+    from posttrain.config import SFTConfig
+    from posttrain.models import adapters
+
+    monkeypatch.setattr(fused_lora, "enable", lambda model: 0)
+    cfg = SFTConfig(model=str(tiny_model_dir), method="lora", attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model, _ = adapters.build_model(cfg, mixed_precision="bf16")
+    for name, p in model.named_parameters():  # B = 0 at init would hide the adapter's input gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = collate_sft(_examples(4, seed=5), pad_id=0)
+    results = []
+    for casts_off in (True, False):
+        saved = {}  # distinct storages autograd keeps
+        original = fw.lora_input_casts_off
+        ctx = original if casts_off else (lambda m: contextlib.nullcontext())
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fw, "lora_input_casts_off", ctx)
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+                    lambda t, saved=saved: saved.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t,
+                    lambda t: t):
+                loss, _ = sft_loss(target_logps(model, batch)[0])
+            loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        sum(saved.values())))
+    (loss_off, grads_off, saved_off), (loss_on, grads_on, saved_on) = results
+    assert torch.equal(loss_off, loss_on)
+    assert grads_off.keys() == grads_on.keys() and grads_off
+    for name, g in grads_on.items():
+        assert torch.equal(grads_off[name], g), name
+    assert saved_off < saved_on
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in model.modules())  # restored afterwards
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_low_rank_add_under_autocast_matches_peft(tiny_model_dir, method, monkeypatch):
+    """bf16 under autocast: the LoRA branch added inside one addmm (scaling on the (out x r) weight) gives PEFT's
+    loss and gradients to bf16 precision; outside autocast PEFT's own forward runs."""
+    from posttrain.config import SFTConfig
+    from posttrain.models import adapters
+
+    batch = collate_sft(_examples(4, seed=9), pad_id=0)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(fused_lora, "enable", lambda model: 0)
+        cfg = SFTConfig(model=str(tiny_model_dir), method=method, attn_implementation="sdpa")
+        cfg.qlora.compute_dtype = "bfloat16"
+        torch.manual_seed(0)
+        model, _ = adapters.build_model(cfg, mixed_precision="bf16")
+        for name, p in model.named_parameters():  # B = 0 at init would hide the branch
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        calls = []
+        monkeypatch.setattr(fused_lora, "_low_rank_add", lambda *a, f=fused_lora._low_rank_add, calls=calls: calls.append(1) or f(*a))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = sft_loss(target_logps(model, batch)[0])
+        loss.backward()
+        assert (len(calls) == 2 * 7) == fast  # 2 layers x 7 adapted linears
+        results.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_fast, grads_fast), (loss_peft, grads_peft) = results
+    torch.testing.assert_close(loss_fast, loss_peft, rtol=2e-3, atol=2e-3)
+    assert grads_fast.keys() == grads_peft.keys()
+    for name, g in grads_peft.items():
+        rel = (grads_fast[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < 2e-2, f"{name}: relative gradient difference {rel:.4f}"

@@ -263,19 +263,17 @@ def linear_input_bytes(shape: ModelShape, method: str, precision: str, trained: 
     Under bf16 autocast, some readers keep their own bf16 copy:
     - an input that arrives in fp32 is cast once per linear that reads it. The norm outputs are fp32 when the
       residual stream is (full FT), so q, k, v, gate and up each keep one;
-    - PEFT's LoRA layer casts its input to the fp32 adapter dtype, and autocast casts it back for lora_A, so with
-      a bf16 base every adapted linear keeps its own copy (``peft.helpers.disable_input_dtype_casting`` avoids it).
+    - PEFT's LoRA layer would cast its input to the fp32 adapter dtype for autocast to cast it back for lora_A,
+      a copy per adapted linear; posttrain's forward turns that cast off under autocast
+      (``models.forward.lora_input_casts_off``), so LoRA and QLoRA share their inputs as in fp32.
     """
     e = 2 if precision == "bf16" else 4
     h = shape.hidden_size
     inputs = {name: fan_in for name, (fan_in, _) in shape.linear_shapes().items()}
-    if precision == "fp32":
+    if precision == "fp32" or method in ("lora", "qlora"):
         return e * (h * bool(trained & {"q_proj", "k_proj", "v_proj"}) + h * bool(trained & {"gate_proj", "up_proj"})
                     + inputs["down_proj"] * ("down_proj" in trained))
-    if method in ("lora", "qlora"):
-        own_copy = trained
-    else:
-        own_copy = trained & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    own_copy = trained & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
     shared = (trained & {"down_proj"}) - own_copy
     return e * sum(inputs[name] for name in own_copy | shared)
 

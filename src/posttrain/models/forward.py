@@ -55,6 +55,35 @@ def head_bypassed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         setattr(lm, name, head)
 
 
+@contextlib.contextmanager
+def lora_input_casts_off(model: torch.nn.Module) -> Iterator[None]:
+    """Under autocast, plain LoRA layers skip PEFT's cast of their input to the adapter's fp32 dtype.
+
+    With a bf16 base and fp32 adapters, PEFT casts each adapted linear's bf16 input to fp32 and autocast then
+    casts it straight back to bf16 for ``lora_A``'s matmul: two full passes over the input per adapted linear
+    (seven per layer) and a bf16 copy per linear kept for backward. The values are bf16 either way, so the
+    product is the same; only the copies go. Outside autocast (an fp32 model, or generation without it) nothing
+    changes, so an fp32 adapter never meets a bf16 input it cannot multiply. DoRA layers keep the cast."""
+    device = _device_type(model)
+    if device is None or not torch.is_autocast_enabled(device):
+        yield
+        return
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and not getattr(m, "lora_variant", None)
+              and getattr(m, "cast_input_dtype_enabled", True)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
+
+
+def _device_type(model: torch.nn.Module) -> str | None:
+    param = next(model.parameters(), None)
+    return None if param is None else param.device.type
+
+
 def uses_varlen_attention(model: torch.nn.Module) -> bool:
     """Flash-attention kernels take packed sequences as one flattened row plus restarting position ids."""
     return getattr(_causal_lm(model).config, "_attn_implementation", "") in ("flash_attention_2", "flash_attention_3")
@@ -190,7 +219,7 @@ def target_logps_and_values(model: torch.nn.Module, batch: dict[str, torch.Tenso
     """:func:`target_logps` plus, with ``value_head`` (H -> 1), the value estimate at each predicting position
     from the same forward pass's final hidden states (PPO's policy + value head on one backbone): (N,) fp32 or None."""
     input_ids, labels, kwargs = model_inputs(model, batch)
-    with head_bypassed(model) as head:
+    with head_bypassed(model) as head, lora_input_casts_off(model):
         hidden = model(input_ids=input_ids, **kwargs).logits  # (B, T', H); T' = T + virtual tokens for prompt tuning
         hidden = hidden[:, -input_ids.shape[1]:]  # (B, T, H)
         targets = shift_labels(labels)  # (B, T)
@@ -238,7 +267,8 @@ def sequence_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
         raise NotImplementedError("reward scores with flash-attention varlen: use attn_implementation=sdpa_segments")
     handle = _backbone(model).register_forward_hook(keep)
     try:
-        model(input_ids=input_ids, **kwargs)
+        with lora_input_casts_off(model):
+            model(input_ids=input_ids, **kwargs)
     finally:
         handle.remove()
     hidden = captured[-1][:, -batch["input_ids"].shape[1]:]  # (B, T, H); drop prompt-tuning virtual tokens

@@ -17,7 +17,9 @@ QLoRA's 4-bit base weight is dequantized for the merge, in forward and again in 
 bitsandbytes' own matmul does for it; PEFT's QLoRA forward also clones the base output, a pass this skips.
 The merged weight is formed in float32 only: the (dequantized) base weight, the adapter weights and the input
 must all be float32, because adding a small ``s B A`` to a bf16 weight would round the update away.
-It is also skipped for short inputs (generation, where merging would cost more than the matmul), with dropout
+In bf16/fp16 under autocast the layer instead keeps the branch unmerged but adds it inside the GEMM
+(:func:`_low_rank_add`), which drops the branch's scaling multiply and add. The merged path is also skipped
+for short inputs (generation, where merging would cost more than the matmul); both are skipped with dropout
 on the adapter input, for DoRA and other variants, several active adapters, a trainable base weight, and when
 the adapter is disabled or merged; those calls run PEFT's own forward unchanged. The adapter's parameters are
 PEFT's: saving, loading and merging are untouched.
@@ -95,17 +97,37 @@ def _fusable(layer, x: torch.Tensor, args, kwargs):
     else:
         return None
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if not (x.dtype == dtype == a.dtype == b.dtype == torch.float32):
-        return None
-    if x.numel() // x.shape[-1] < MIN_TOKENS_PER_RANK * a.shape[0]:
-        return None
-    return name
+    if x.dtype == dtype == a.dtype == b.dtype == torch.float32:
+        if x.numel() // x.shape[-1] < MIN_TOKENS_PER_RANK * a.shape[0]:
+            return None
+        return name, "merged"
+    if (x.dtype in (torch.bfloat16, torch.float16) and a.dtype == b.dtype == torch.float32
+            and torch.is_autocast_enabled(x.device.type)):
+        return name, "low-rank add"
+    return None
+
+
+def _low_rank_add(layer, x: torch.Tensor, name: str) -> torch.Tensor:
+    """Half precision under autocast: ``base(x)`` plus the low-rank branch added inside one ``addmm``,
+    ``y = base(x) + (x A^T)(s B)^T``. PEFT's ``result + lora_B(lora_A(x)) * scaling`` writes the (tokens x out)
+    branch, multiplies it by s and adds it, three passes over the output that the GEMM's accumulate replaces;
+    its backward loses the scaling multiply too (s scales the (out x r) weight instead). One rounding of the sum
+    instead of three; the adapter stays fp32 (autocast casts it for the matmul)."""
+    result = layer.base_layer(x)
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    low = F.linear(x, lora_a)  # (..., r)
+    flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
+                       (lora_b * float(layer.scaling[name])).t())
+    return flat.view(result.shape).to(result.dtype)
 
 
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    name = _fusable(self, x, args, kwargs)
-    if name is None:
+    plan = _fusable(self, x, args, kwargs)
+    if plan is None:
         return type(self).forward(self, x, *args, **kwargs)
+    name, how = plan
+    if how == "low-rank add":
+        return _low_rank_add(self, x, name)
     base = self.base_layer
     return _MergedLoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                                    float(self.scaling[name]))
