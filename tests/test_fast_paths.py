@@ -367,3 +367,36 @@ def test_low_rank_add_under_autocast_matches_peft(tiny_model_dir, method, monkey
     for name, g in grads_peft.items():
         rel = (grads_fast[name] - g).norm() / g.norm().clamp_min(1e-12)
         assert rel < 2e-2, f"{name}: relative gradient difference {rel:.4f}"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_fp32_base_under_bf16_autocast_trains_long_inputs(tiny_model_dir, method, monkeypatch):
+    """An fp32 base under CPU bf16 autocast (QLoRA's default fp32 compute on a CPU with native bf16): long inputs
+    once took the merged fp32 path, whose autocast-bf16 output met its fp32 backward and crashed (caught by the
+    benchmark's 8 x 512 QLoRA run on an AVX512-BF16 CPU). They take the low-rank add now, with PEFT's loss and
+    gradients to bf16 precision."""
+    from posttrain.config import SFTConfig
+    from posttrain.models import adapters
+
+    torch.manual_seed(1)
+    ids = torch.randint(100, 1000, (2, 320))  # 640 tokens: over the merged path's 32 x r threshold
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(fused_lora, "enable", lambda model: 0)
+        cfg = SFTConfig(model=str(tiny_model_dir), method=method, attn_implementation="sdpa")
+        torch.manual_seed(0)
+        model, _ = adapters.build_model(cfg, mixed_precision="no")  # fp32 base and compute
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = sft_loss(target_logps(model, batch)[0])
+        loss.backward()
+        results.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_fast, grads_fast), (loss_peft, grads_peft) = results
+    torch.testing.assert_close(loss_fast, loss_peft, rtol=2e-3, atol=2e-3)
+    for name, g in grads_peft.items():
+        rel = (grads_fast[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < 2e-2, f"{name}: relative gradient difference {rel:.4f}"

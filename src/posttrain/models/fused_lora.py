@@ -17,8 +17,9 @@ QLoRA's 4-bit base weight is dequantized for the merge, in forward and again in 
 bitsandbytes' own matmul does for it; PEFT's QLoRA forward also clones the base output, a pass this skips.
 The merged weight is formed in float32 only: the (dequantized) base weight, the adapter weights and the input
 must all be float32, because adding a small ``s B A`` to a bf16 weight would round the update away.
-In bf16/fp16 under autocast the layer instead keeps the branch unmerged but adds it inside the GEMM
-(:func:`_low_rank_add`), which drops the branch's scaling multiply and add. The merged path is also skipped
+Under autocast (bf16/fp16 training) the layer instead keeps the branch unmerged but adds it inside the GEMM
+(:func:`_low_rank_add`), which drops the branch's scaling multiply and add; the merged path never runs under
+autocast, whose lower-precision output would not match its fp32 backward. The merged path is also skipped
 for short inputs (generation, where merging would cost more than the matmul); both are skipped with dropout
 on the adapter input, for DoRA and other variants, several active adapters, a trainable base weight, and when
 the adapter is disabled or merged; those calls run PEFT's own forward unchanged. The adapter's parameters are
@@ -97,18 +98,19 @@ def _fusable(layer, x: torch.Tensor, args, kwargs):
     else:
         return None
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if torch.is_autocast_enabled(x.device.type):
+        # autocast decides the matmuls' dtype (its output would not match the merged path's fp32 backward):
+        # whatever x's dtype (bf16, or fp32 from an fp32 QLoRA base under CPU bf16 autocast), add in one addmm
+        return (name, "low-rank add") if a.dtype == b.dtype == torch.float32 else None
     if x.dtype == dtype == a.dtype == b.dtype == torch.float32:
         if x.numel() // x.shape[-1] < MIN_TOKENS_PER_RANK * a.shape[0]:
             return None
         return name, "merged"
-    if (x.dtype in (torch.bfloat16, torch.float16) and a.dtype == b.dtype == torch.float32
-            and torch.is_autocast_enabled(x.device.type)):
-        return name, "low-rank add"
     return None
 
 
 def _low_rank_add(layer, x: torch.Tensor, name: str) -> torch.Tensor:
-    """Half precision under autocast: ``base(x)`` plus the low-rank branch added inside one ``addmm``,
+    """Under autocast: ``base(x)`` plus the low-rank branch added inside one ``addmm``,
     ``y = base(x) + (x A^T)(s B)^T``. PEFT's ``result + lora_B(lora_A(x)) * scaling`` writes the (tokens x out)
     branch, multiplies it by s and adds it, three passes over the output that the GEMM's accumulate replaces;
     its backward loses the scaling multiply too (s scales the (out x r) weight instead). One rounding of the sum
