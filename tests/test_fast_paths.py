@@ -400,3 +400,12 @@ def test_fp32_base_under_bf16_autocast_trains_long_inputs(tiny_model_dir, method
     for name, g in grads_peft.items():
         rel = (grads_fast[name] - g).norm() / g.norm().clamp_min(1e-12)
         assert rel < 2e-2, f"{name}: relative gradient difference {rel:.4f}"
+
+
+def test_qlora_compute_dtype_auto_follows_the_runs_precision():
+    from posttrain.models.adapters import _compute_dtype
+
+    assert _compute_dtype("auto", "bf16") == torch.bfloat16  # a GPU, or a CPU with native bf16
+    assert _compute_dtype("auto", "fp16") == torch.float16
+    assert _compute_dtype("auto", "no") == torch.float32
+    assert _compute_dtype("float32", "bf16") == torch.float32  # an explicit choice wins

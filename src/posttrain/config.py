@@ -55,7 +55,7 @@ class LoraSection:
 class QLoraSection:
     quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type for the frozen base (bitsandbytes).")
     double_quant: bool = opt(True, "Quantize the quantization constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "dtype of the 4-bit matmuls; auto = bf16 on CUDA, fp32 on CPU.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "dtype of the 4-bit matmuls; auto = the run's precision: bf16 under bf16 (a GPU, or a CPU with AVX512-BF16/AMX), else fp32.")
 
 
 @dataclass
