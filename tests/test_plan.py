@@ -325,3 +325,14 @@ def test_engine_optimizer_is_fused_adamw_and_steps_like_foreach():
             opt.step()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)  # a wrong decay group is off by ~3e-4
+
+
+def test_auto_precision_follows_the_engine(monkeypatch):
+    """plan's precision=auto is the engine's: bf16 on a GPU and on a CPU with native bf16, else fp32."""
+    from posttrain.engine import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert plan.resolve_precision("auto", "cpu") == "fp32" and plan.resolve_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    assert plan.resolve_precision("auto", "cpu") == "bf16"
+    assert plan.resolve_precision("fp32", "cpu") == "fp32"

@@ -433,8 +433,10 @@ class MemoryEstimate:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    if precision == "auto":  # as the engine: bf16 autocast on GPUs, fp32 on CPU
-        return "bf16" if device == "cuda" else "fp32"
+    if precision == "auto":  # as the engine: bf16 autocast on GPUs and on CPUs with native bf16, else fp32
+        from posttrain.engine.trainer import cpu_has_native_bf16
+
+        return "bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32"
     return precision
 
 
@@ -492,7 +494,7 @@ class PlanConfig:
     batch_size: int = opt(8, "Rows per micro-batch.")
     device: Literal["cuda", "cpu"] = opt("cuda", "Where training runs: one CUDA GPU or the CPU (process RSS).")
     device_memory_gb: float | None = opt(None, "Memory to fit in, GB (GiB); default: the GPU's, or the machine's RAM for cpu.")
-    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "Forward precision (frozen weights stored in it); auto = bf16 on cuda, fp32 on cpu.")
+    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "Forward precision (frozen weights stored in it); auto = as the engine: bf16 on cuda and on a cpu with native bf16 (AVX512-BF16/AMX), else fp32.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward.")
     packing: bool = opt(True, "Rows are packed (as sft's packing=true). Modelled as sdpa with a block-diagonal mask, an upper bound for the default sdpa_segments kernel.")
     loss_chunk_size: int = opt(1024, "Target positions per loss chunk (as sft's loss_chunk_size).")
