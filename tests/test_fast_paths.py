@@ -259,11 +259,45 @@ def test_full_finetune_gradients_with_fused_norms_equal_plain(tiny_model_dir):
         assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
 
 
+def _tiny_adapter_model(tiny_model_dir, method: str, mixed_precision: str, compute_dtype: str = "auto",
+                        lora_b_std: float = 0.0):
+    """The tiny Llama with ``method`` as the engine builds it; ``lora_b_std`` > 0 draws lora_B (zero at init, which
+    would hide the adapter branch and its input gradient)."""
+    from posttrain.config import SFTConfig
+    from posttrain.models import adapters
+
+    cfg = SFTConfig(model=str(tiny_model_dir), method=method, attn_implementation="sdpa")
+    cfg.qlora.compute_dtype = compute_dtype
+    torch.manual_seed(0)
+    model, _ = adapters.build_model(cfg, mixed_precision=mixed_precision)
+    if lora_b_std:
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=lora_b_std)
+    return model
+
+
+def _bf16_autocast_step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and fp32 gradients of one SFT forward+backward under CPU bf16 autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = sft_loss(target_logps(model, batch)[0])
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_step(ours, reference, loss_tol: float, grad_rel_tol: float) -> None:
+    (loss, grads), (ref_loss, ref_grads) = ours, reference
+    torch.testing.assert_close(loss, ref_loss, rtol=loss_tol, atol=loss_tol)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, g in ref_grads.items():
+        rel = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < grad_rel_tol, f"{name}: relative gradient difference {rel:.4f}"
+
+
 def test_qlora_under_bf16_keeps_unquantized_weights_in_bf16_and_the_same_loss(tiny_model_dir, monkeypatch):
     """QLoRA with bf16 compute (a GPU's default): embedding, norms and head stay bf16 like a LoRA base, not in
     peft's fp32 upcast; the 4-bit linears stay 4-bit, the adapters fp32, and the loss and adapter gradients
     match the fp32-upcast model's to bf16 precision."""
-    from posttrain.config import SFTConfig
     from posttrain.models import adapters
 
     batch = collate_sft(_examples(4, seed=3), pad_id=0)
@@ -271,10 +305,7 @@ def test_qlora_under_bf16_keeps_unquantized_weights_in_bf16_and_the_same_loss(ti
     for store in (True, False):
         if not store:
             monkeypatch.setattr(adapters, "store_unquantized_in", lambda model, dtype: None)
-        cfg = SFTConfig(model=str(tiny_model_dir), method="qlora", attn_implementation="sdpa")
-        cfg.qlora.compute_dtype = "bfloat16"
-        torch.manual_seed(0)
-        model, _ = adapters.build_model(cfg, mixed_precision="bf16")
+        model = _tiny_adapter_model(tiny_model_dir, "qlora", "bf16", compute_dtype="bfloat16")
         dtypes = {n: p.dtype for n, p in model.named_parameters()}
         if store:
             assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.bfloat16
@@ -283,16 +314,8 @@ def test_qlora_under_bf16_keeps_unquantized_weights_in_bf16_and_the_same_loss(ti
             assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
         else:
             assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = sft_loss(target_logps(model, batch)[0])
-        loss.backward()
-        results.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
-    (loss_bf16, grads_bf16), (loss_fp32, grads_fp32) = results
-    torch.testing.assert_close(loss_bf16, loss_fp32, rtol=1e-2, atol=1e-2)
-    assert grads_bf16.keys() == grads_fp32.keys() and grads_bf16
-    for name, g in grads_fp32.items():
-        rel = (grads_bf16[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert rel < 0.05, f"{name}: relative gradient difference {rel:.3f}"
+        results.append(_bf16_autocast_step(model, batch))
+    _assert_same_step(results[0], results[1], loss_tol=1e-2, grad_rel_tol=0.05)
 
 
 def test_lora_input_casts_off_under_autocast_changes_no_value(tiny_model_dir, monkeypatch):
@@ -300,16 +323,8 @@ def test_lora_input_casts_off_under_autocast_changes_no_value(tiny_model_dir, mo
     with adapter dropout): skipping PEFT's fp32 cast of each adapted linear's input (autocast casts it straight
     back) gives the same loss and gradients, bit for bit, with fewer saved tensors; outside autocast the casts
     stay (an fp32 adapter cannot take a bf16 input)."""
-    from posttrain.config import SFTConfig
-    from posttrain.models import adapters
-
     monkeypatch.setattr(fused_lora, "enable", lambda model: 0)
-    cfg = SFTConfig(model=str(tiny_model_dir), method="lora", attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model, _ = adapters.build_model(cfg, mixed_precision="bf16")
-    for name, p in model.named_parameters():  # B = 0 at init would hide the adapter's input gradient
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    model = _tiny_adapter_model(tiny_model_dir, "lora", "bf16", lora_b_std=0.02)
     batch = collate_sft(_examples(4, seed=5), pad_id=0)
     results = []
     for casts_off in (True, False):
@@ -319,13 +334,11 @@ def test_lora_input_casts_off_under_autocast_changes_no_value(tiny_model_dir, mo
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(fw, "lora_input_casts_off", ctx)
             model.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+            with torch.autograd.graph.saved_tensors_hooks(
                     lambda t, saved=saved: saved.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t,
                     lambda t: t):
-                loss, _ = sft_loss(target_logps(model, batch)[0])
-            loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                        sum(saved.values())))
+                loss, grads = _bf16_autocast_step(model, batch)
+        results.append((loss, grads, sum(saved.values())))
     (loss_off, grads_off, saved_off), (loss_on, grads_on, saved_on) = results
     assert torch.equal(loss_off, loss_on)
     assert grads_off.keys() == grads_on.keys() and grads_off
@@ -339,45 +352,25 @@ def test_lora_input_casts_off_under_autocast_changes_no_value(tiny_model_dir, mo
 def test_low_rank_add_under_autocast_matches_peft(tiny_model_dir, method, monkeypatch):
     """bf16 under autocast: the LoRA branch added inside one addmm (scaling on the (out x r) weight) gives PEFT's
     loss and gradients to bf16 precision; outside autocast PEFT's own forward runs."""
-    from posttrain.config import SFTConfig
-    from posttrain.models import adapters
-
     batch = collate_sft(_examples(4, seed=9), pad_id=0)
     results = []
     for fast in (True, False):
         if not fast:
             monkeypatch.setattr(fused_lora, "enable", lambda model: 0)
-        cfg = SFTConfig(model=str(tiny_model_dir), method=method, attn_implementation="sdpa")
-        cfg.qlora.compute_dtype = "bfloat16"
-        torch.manual_seed(0)
-        model, _ = adapters.build_model(cfg, mixed_precision="bf16")
-        for name, p in model.named_parameters():  # B = 0 at init would hide the branch
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
+        model = _tiny_adapter_model(tiny_model_dir, method, "bf16", compute_dtype="bfloat16", lora_b_std=0.05)
         calls = []
         monkeypatch.setattr(fused_lora, "_low_rank_add", lambda *a, f=fused_lora._low_rank_add, calls=calls: calls.append(1) or f(*a))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = sft_loss(target_logps(model, batch)[0])
-        loss.backward()
+        results.append(_bf16_autocast_step(model, batch))
         assert (len(calls) == 2 * 7) == fast  # 2 layers x 7 adapted linears
-        results.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
-    (loss_fast, grads_fast), (loss_peft, grads_peft) = results
-    torch.testing.assert_close(loss_fast, loss_peft, rtol=2e-3, atol=2e-3)
-    assert grads_fast.keys() == grads_peft.keys()
-    for name, g in grads_peft.items():
-        rel = (grads_fast[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert rel < 2e-2, f"{name}: relative gradient difference {rel:.4f}"
+    _assert_same_step(results[0], results[1], loss_tol=2e-3, grad_rel_tol=2e-2)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_fp32_base_under_bf16_autocast_trains_long_inputs(tiny_model_dir, method, monkeypatch):
-    """An fp32 base under CPU bf16 autocast (QLoRA's default fp32 compute on a CPU with native bf16): long inputs
+    """An fp32 base under CPU bf16 autocast (QLoRA's fp32 compute under a CPU's bf16 autocast): long inputs
     once took the merged fp32 path, whose autocast-bf16 output met its fp32 backward and crashed (caught by the
     benchmark's 8 x 512 QLoRA run on an AVX512-BF16 CPU). They take the low-rank add now, with PEFT's loss and
     gradients to bf16 precision."""
-    from posttrain.config import SFTConfig
-    from posttrain.models import adapters
-
     torch.manual_seed(1)
     ids = torch.randint(100, 1000, (2, 320))  # 640 tokens: over the merged path's 32 x r threshold
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
@@ -385,21 +378,9 @@ def test_fp32_base_under_bf16_autocast_trains_long_inputs(tiny_model_dir, method
     for fast in (True, False):
         if not fast:
             monkeypatch.setattr(fused_lora, "enable", lambda model: 0)
-        cfg = SFTConfig(model=str(tiny_model_dir), method=method, attn_implementation="sdpa")
-        torch.manual_seed(0)
-        model, _ = adapters.build_model(cfg, mixed_precision="no")  # fp32 base and compute
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = sft_loss(target_logps(model, batch)[0])
-        loss.backward()
-        results.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
-    (loss_fast, grads_fast), (loss_peft, grads_peft) = results
-    torch.testing.assert_close(loss_fast, loss_peft, rtol=2e-3, atol=2e-3)
-    for name, g in grads_peft.items():
-        rel = (grads_fast[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert rel < 2e-2, f"{name}: relative gradient difference {rel:.4f}"
+        model = _tiny_adapter_model(tiny_model_dir, method, "no", lora_b_std=0.05)  # fp32 base and compute
+        results.append(_bf16_autocast_step(model, batch))
+    _assert_same_step(results[0], results[1], loss_tol=2e-3, grad_rel_tol=2e-2)
 
 
 def test_qlora_compute_dtype_auto_follows_the_runs_precision():

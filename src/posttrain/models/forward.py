@@ -16,6 +16,7 @@ LoRA-wrapped head.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -68,8 +69,7 @@ def lora_input_casts_off(model: torch.nn.Module) -> Iterator[None]:
     if device is None or not torch.is_autocast_enabled(device):
         yield
         return
-    layers = [m for m in model.modules() if hasattr(m, "lora_A") and not getattr(m, "lora_variant", None)
-              and getattr(m, "cast_input_dtype_enabled", True)]
+    layers = [m for m in _plain_lora_layers(model) if getattr(m, "cast_input_dtype_enabled", True)]
     for layer in layers:
         layer.cast_input_dtype_enabled = False
     try:
@@ -77,6 +77,19 @@ def lora_input_casts_off(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.cast_input_dtype_enabled = True
+
+
+_LORA_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plain_lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's LoRA layers without a variant (DoRA), found once per model: walking SmolLM2's 2,499 modules
+    took 4 ms, in every forward."""
+    layers = _LORA_LAYERS.get(model)
+    if layers is None:
+        layers = [m for m in model.modules() if hasattr(m, "lora_A") and not getattr(m, "lora_variant", None)]
+        _LORA_LAYERS[model] = layers
+    return layers
 
 
 def _device_type(model: torch.nn.Module) -> str | None:
