@@ -254,3 +254,79 @@ def test_varlen_without_scale_serves_the_default_scaling_only(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no scale"):
         assert attention._varlen_segments(q, k, v, segments, 0.5) is None
     assert "no scale" in attention._varlen_failed
+
+
+def _attention_grads(attend, q, k, v, grad_out):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attend(q, k, v)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach().double()] + [t.grad.double() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,length", [(9, 3, 57), (4, 4, 33), (6, 2, 1), (2, 1, 130)])
+def test_cpu_bf16_span_backward_is_as_accurate_as_the_flash_kernel(heads, kv_heads, length):
+    """The matrix-product backward of one causal span (bf16, grouped heads) against float64: every gradient
+    within 2x the CPU flash kernel's own error (plus half a bf16 ulp), outputs identical (same forward)."""
+    import torch.nn.functional as F
+
+    from posttrain.models.attention import _CausalSpanAttention
+
+    torch.manual_seed(0)
+    # logits up to ~+-15 like a trained model's, where bf16 scores would lose precision
+    q = (torch.randn(heads, length, 16) * 2).bfloat16()
+    k = (torch.randn(kv_heads, length, 16) * 2).bfloat16()
+    v = torch.randn(kv_heads, length, 16).bfloat16()
+    grad_out = torch.randn(heads, length, 16).bfloat16()
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=0.25,
+                                              enable_gqa=heads != kv_heads)[0]
+
+    exact = _attention_grads(sdpa, q.double(), k.double(), v.double(), grad_out)
+    flash = _attention_grads(sdpa, q, k, v, grad_out)
+    ours = _attention_grads(lambda q, k, v: _CausalSpanAttention.apply(q, k, v, 0.25), q, k, v, grad_out)
+    assert torch.equal(ours[0], flash[0])
+    for name, e, f, o in zip(["dq", "dk", "dv"], exact[1:], flash[1:], ours[1:]):
+        scale = e.abs().max()
+        if scale == 0:  # one token: the scores' gradient is exactly zero
+            assert o.abs().max() < 1e-5
+            continue
+        err_flash, err_ours = (f - e).abs().max() / scale, (o - e).abs().max() / scale
+        assert err_ours <= 2 * err_flash + 2e-3, f"{name}: {err_ours:.2e} vs flash {err_flash:.2e}"
+
+
+def test_segments_take_the_cpu_bf16_backward_only_when_training(monkeypatch):
+    """sdpa_segments on a bf16 CPU batch with gradients goes through the matrix-product backward; its gradients
+    match the flash kernel's (POSTTRAIN_CPU_ATTENTION=sdpa) to bf16 precision. No gradients, fp32 or dropout
+    keep plain SDPA."""
+    from posttrain.models import attention
+
+    calls = []
+    original = attention._CausalSpanAttention.apply
+    monkeypatch.setattr(attention._CausalSpanAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(1)
+    segments = [[(0, 20), (20, 48)], [(0, 48)]]
+    q = torch.randn(2, 6, 48, 16).bfloat16()
+    k, v = torch.randn(2, 2, 48, 16).bfloat16(), torch.randn(2, 2, 48, 16).bfloat16()
+    grad_out = torch.randn(2, 48, 6, 16)
+
+    def run():
+        return _attention_grads(lambda q, k, v: attention.sdpa_segments_forward(None, q, k, v, None,
+                                                                                segments=segments)[0], q, k, v, grad_out)
+
+    ours = run()
+    assert len(calls) == 3
+    monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "sdpa")
+    flash = run()
+    assert len(calls) == 3
+    assert torch.equal(ours[0], flash[0])
+    for o, f in zip(ours[1:], flash[1:]):
+        assert (o - f).abs().max() <= 0.02 * f.abs().max()
+    monkeypatch.delenv("POSTTRAIN_CPU_ATTENTION")
+    with torch.no_grad():
+        attention.sdpa_segments_forward(None, q, k, v, None, segments=segments)
+    _attention_grads(lambda q, k, v: attention.sdpa_segments_forward(None, q, k, v, None, segments=segments)[0],
+                     q.float(), k.float(), v.float(), grad_out)
+    _attention_grads(lambda q, k, v: attention.sdpa_segments_forward(None, q, k, v, None, dropout=0.1,
+                                                                     segments=segments)[0], q, k, v, grad_out)
+    assert len(calls) == 3

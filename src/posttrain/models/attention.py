@@ -19,6 +19,10 @@ the spans become cumulative sequence offsets. A small model on a GPU is launch-b
 most of a step (docs/benchmarks.md, H200). If the kernel raises, a warning is printed once and the per-span
 path is used from then on; ``POSTTRAIN_VARLEN=0`` turns it off.
 
+On a CPU in bf16 with gradients, each span's backward is :class:`_CausalSpanAttention`'s matrix products
+instead of the flash kernel's own backward (1.08-1.10x on a LoRA step; ``POSTTRAIN_CPU_ATTENTION=sdpa`` turns it
+off). The forward is the flash kernel's either way.
+
 It is registered with transformers' ``AttentionInterface`` as ``sdpa_segments`` and used when
 ``attn_implementation`` resolves to it (``auto`` without flash-attn). Without a ``segments`` argument (unpacked
 batches, generation, eval) it is exactly transformers' ``sdpa``. Spans come from the position ids, which restart
@@ -198,15 +202,110 @@ def _tiles(segments, length: int) -> bool:
     return True
 
 
+def _own_kernel_applies(query, key, value, dropout: float) -> bool:
+    """The bf16 CPU training case :class:`_CausalSpanAttention` serves: gradients wanted, no dropout, heads a
+    multiple of the K/V heads, not switched off with ``POSTTRAIN_CPU_ATTENTION=sdpa``."""
+    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and not dropout
+            and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+            and query.shape[1] % key.shape[1] == 0 and os.environ.get("POSTTRAIN_CPU_ATTENTION", "own") != "sdpa")
+
+
+_above: torch.Tensor | None = None  # one "above the diagonal" mask, sliced for every shorter span
+
+
+def _above_diagonal(length: int) -> torch.Tensor:
+    """The (L, L) mask of the keys a causal query must not see: a view of one mask as long as the longest span
+    so far (a mask per length would hold sum L^2 bytes)."""
+    global _above
+    if _above is None or _above.shape[0] < length:
+        _above = torch.ones(length, length, dtype=torch.bool).triu_(1)
+    return _above[:length, :length]
+
+
+class _CausalSpanAttention(torch.autograd.Function):
+    """Causal attention of one packed sequence on a CPU in bf16: PyTorch's flash kernel forward, a backward of
+    matrix products.
+
+    The CPU flash-attention kernel's backward ran at ~60 GFLOP/s on the 200-300-token spans of packed chat data
+    on a CPU with AVX512-BF16, where a bf16 matmul runs at ~900: 1.7 s of a 6.6 s LoRA step of SmolLM2-135M.
+    This backward recomputes the probabilities and hands the four products that tolerate bf16 inputs to bf16
+    matmuls:
+
+        P  = softmax((q k^T) s), causal    scores from fp32 copies of q and k (not rounded to bf16), fp32 P
+        dV = bf16(P)^T dO                  bf16 matmul
+        dP = dO v^T                        fp32, like the scores
+        dS = P (dP - rowsum(dO * out)) s   fp32
+        dQ = bf16(dS) k,  dK = bf16(dS)^T q
+
+    Grouped-query heads: the ``g = H / H_kv`` query heads of one K/V head are stacked into one (g L x d) matrix,
+    so K and V are never repeated and dK, dV come out summed over the group. Kept for backward: q, k, v and the
+    output (nothing L x L). Error against a float64 reference is within 2x the flash kernel's own
+    (tests/test_packing_and_lean_loss.py). A LoRA bf16 step A/B on the same batches (docs/benchmarks.md):
+    1.08-1.10x; the same products in the forward instead of the flash kernel were slower, so the forward stays.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
+                                             enable_gqa=q.shape[0] != k.shape[0])[0]
+        ctx.save_for_backward(q, k, v, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out = ctx.saved_tensors
+        heads, length, dim = q.shape
+        kv_heads = k.shape[0]
+        rows = heads // kv_heads * length
+        grouped = q.reshape(kv_heads, rows, dim)  # query heads h*g .. h*g+g-1 share K/V head h
+        grad_grouped = grad_out.reshape(kv_heads, rows, dim)
+        probs = _span_probs(grouped, k, ctx.scale)
+        grad_v = torch.bmm(probs.to(q.dtype).transpose(1, 2), grad_grouped)
+        grad_probs = _fp32_products(grad_grouped, v)
+        delta = torch.linalg.vecdot(grad_grouped.float(), out.reshape(kv_heads, rows, dim).float()).unsqueeze(-1)
+        grad_scores = grad_probs.sub_(delta).mul_(probs).mul_(ctx.scale).to(q.dtype)
+        del probs, grad_probs
+        grad_q = torch.bmm(grad_scores, k).view(heads, length, dim)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), grouped)
+        return grad_q, grad_k, grad_v, None
+
+
+def _fp32_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(G, M, d) x (G, N, d) bf16 -> a b^T (G, M, N) in fp32, one 2-D matmul per group (torch's fp32 ``bmm``
+    ran at about half the 2-D ``mm`` speed on these shapes)."""
+    a32, b32 = a.float(), b.float()
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
+    for g in range(a.shape[0]):
+        torch.mm(a32[g], b32[g].T, out=out[g])
+    return out
+
+
+def _span_probs(grouped: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax(q k^T s) in fp32 for grouped queries (H_kv, g L, d) and keys (H_kv, L, d)."""
+    kv_heads, rows, _ = grouped.shape
+    length = k.shape[1]
+    scores = _fp32_products(grouped, k)
+    scores.view(kv_heads, rows // length, length, length).masked_fill_(_above_diagonal(length), float("-inf"))
+    return torch.softmax(scores.mul_(scale), dim=-1)
+
+
 def _split_segments(query, key, value, segments, dropout, scaling):
     """Spans that tile each row: split the tensors instead of slicing them span by span. Autograd then
     concatenates the spans' gradients once per tensor; a slice's backward would write each span's gradient
     into a zero-filled tensor of the whole batch's size and sum them (on the 2-core CPU, ~1.4 s of memset and
     adds in a LoRA step of 8 x 512 tokens)."""
     gqa = query.shape[1] != key.shape[1]
+    own = _own_kernel_applies(query, key, value, dropout)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     rows = []
     for spans, q_row, k_row, v_row in zip(segments, query.unbind(0), key.unbind(0), value.unbind(0)):
         lengths = [span[1] - span[0] for span in spans]
+        if own:
+            parts = [_CausalSpanAttention.apply(q, k, v, scale)[None] for q, k, v in
+                     zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))]
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+            continue
         parts = [F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True,
                                                 scale=scaling, enable_gqa=gqa)
                  for q, k, v in zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))]
