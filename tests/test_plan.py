@@ -121,10 +121,12 @@ def test_bad_settings_name_the_key():
         estimate(TINY, "lora", precision="fp16")
 
 
-def test_packing_methods_match_the_engine():
+def test_packing_methods_and_head_blocks_match_the_engine():
+    from posttrain.models import forward
     from posttrain.models.adapters import PACKING_METHODS
 
     assert plan.PACKING_METHODS == PACKING_METHODS
+    assert plan.FROZEN_HEAD_BLOCK_ROWS == forward._HEAD_BLOCK_ROWS
 
 
 # --------------------------------------------------------------------------------------------- published figures

@@ -37,7 +37,8 @@ The model is analytical and follows how posttrain trains (``engine/trainer.py``,
    a time, never on the (B, T, V) logits. A trained head (full fine-tuning) is recomputed per chunk in
    backward: about three fp32 (chunk, V) tensors (logits, log-softmax, gradient) exist at once, and the
    head's weight gradient, the first gradient backward produces, exists at the same time. A frozen head
-   (adapter methods) has its per-row gradient formed in the forward: two fp32 (chunk, V) tensors.
+   (adapter methods) has its per-row gradient formed in the forward, 128 rows at a time: two fp32 (128, V)
+   tensors.
 6. Runtime. On CPU this is the resident size of Python + torch + transformers + peft + the tokenizer and the
    data, measured (:data:`CPU_RUNTIME_BYTES`). On CUDA it is the context plus the cuBLAS workspace
    (:data:`CUDA_RUNTIME_BYTES`).
@@ -82,9 +83,11 @@ NF4_BYTES_PER_PARAM = 0.5
 DOUBLE_QUANT_BYTES_PER_PARAM = (8 / 64 + 32 / (64 * 256)) / 8
 # Live (chunk, V) fp32 tensors in the backward of one loss chunk: log-softmax, its gradient, the logits' gradient.
 LOSS_CHUNK_COPIES = 3
-# Live (chunk, V) fp32 tensors when a frozen head's gradient is formed in the forward (models/forward.py):
-# the logits and their log-softmax, which then becomes the softmax in place.
+# Live (rows, V) fp32 tensors when a frozen head's gradient is formed in the forward (models/forward.py):
+# the logits and their log-softmax, which then becomes the softmax in place; a chunk runs in blocks of
+# FROZEN_HEAD_BLOCK_ROWS rows, so only one block's tensors exist at a time.
 FROZEN_HEAD_CHUNK_COPIES = 2
+FROZEN_HEAD_BLOCK_ROWS = 128
 # Methods whose examples are packed into rows (models/adapters.PACKING_METHODS; a test keeps them equal).
 PACKING_METHODS = ("full", "lora", "qlora")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -350,7 +353,9 @@ def logits_bytes(shape: ModelShape, method: str, *, batch_size: int, seq_len: in
     chunk = min(batch_size * seq_len, loss_chunk_size)
     if method == "full":  # a trained head: checkpointed chunks, whose backward holds three fp32 copies
         per_position = shape.vocab_size * (4 * LOSS_CHUNK_COPIES + (2 if precision == "bf16" else 0))  # + bf16 logits
-    else:  # a frozen head: the gradient is formed in the forward, from the fp32 logits and their log-softmax
+    else:  # a frozen head: the gradient is formed in the forward, from the fp32 logits and their log-softmax,
+        # one block of rows at a time
+        chunk = min(chunk, FROZEN_HEAD_BLOCK_ROWS)
         per_position = shape.vocab_size * 4 * FROZEN_HEAD_CHUNK_COPIES
     extra = 0
     if method == "full":
