@@ -83,8 +83,10 @@ def test_merged_lora_steps_aside_where_it_would_not_be_exact_or_cheaper(case, mo
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("chunk", [1, 5, 1024])
-def test_frozen_head_logps_and_gradients_equal_the_checkpointed_head(temperature, chunk, monkeypatch):
+@pytest.mark.parametrize("chunk,block_rows", [(1, 128), (5, 128), (1024, 128), (1024, 4), (10, 3)])
+def test_frozen_head_logps_and_gradients_equal_the_checkpointed_head(temperature, chunk, block_rows, monkeypatch):
+    """Chunks and the row blocks inside a frozen head's chunk (several, the last one partial) change nothing."""
+    monkeypatch.setattr(fw, "_HEAD_BLOCK_ROWS", block_rows)
     torch.manual_seed(1)
     head = torch.nn.Linear(32, 300).requires_grad_(False)
     hidden = torch.randn(23, 32, requires_grad=True)
