@@ -263,7 +263,7 @@ def _attention_grads(attend, q, k, v, grad_out):
     return [out.detach().double()] + [t.grad.double() for t in (q, k, v)]
 
 
-@pytest.mark.parametrize("heads,kv_heads,length", [(9, 3, 57), (4, 4, 33), (6, 2, 1), (2, 1, 130)])
+@pytest.mark.parametrize("heads,kv_heads,length", [(9, 3, 57), (4, 4, 33), (6, 2, 1), (2, 1, 130), (6, 3, 300)])
 def test_cpu_bf16_span_backward_is_as_accurate_as_the_flash_kernel(heads, kv_heads, length):
     """The matrix-product backward of one causal span (bf16, grouped heads) against float64: every gradient
     within 2x the CPU flash kernel's own error (plus half a bf16 ulp), outputs identical (same forward)."""
