@@ -265,8 +265,8 @@ def _attention_grads(attend, q, k, v, grad_out):
 
 @pytest.mark.parametrize("heads,kv_heads,length", [(9, 3, 57), (4, 4, 33), (6, 2, 1), (2, 1, 130), (6, 3, 300)])
 def test_cpu_bf16_span_backward_is_as_accurate_as_the_flash_kernel(heads, kv_heads, length):
-    """The matrix-product backward of one causal span (bf16, grouped heads) against float64: every gradient
-    within 2x the CPU flash kernel's own error (plus half a bf16 ulp), outputs identical (same forward)."""
+    """The matrix-product attention of one causal span (bf16, grouped heads, 1-3 row blocks) against float64:
+    the output and every gradient within 2x the CPU flash kernel's own error (plus half a bf16 ulp)."""
     import torch.nn.functional as F
 
     from posttrain.models.attention import _CausalSpanAttention
@@ -285,8 +285,7 @@ def test_cpu_bf16_span_backward_is_as_accurate_as_the_flash_kernel(heads, kv_hea
     exact = _attention_grads(sdpa, q.double(), k.double(), v.double(), grad_out)
     flash = _attention_grads(sdpa, q, k, v, grad_out)
     ours = _attention_grads(lambda q, k, v: _CausalSpanAttention.apply(q, k, v, 0.25), q, k, v, grad_out)
-    assert torch.equal(ours[0], flash[0])
-    for name, e, f, o in zip(["dq", "dk", "dv"], exact[1:], flash[1:], ours[1:]):
+    for name, e, f, o in zip(["out", "dq", "dk", "dv"], exact, flash, ours):
         scale = e.abs().max()
         if scale == 0:  # one token: the scores' gradient is exactly zero
             assert o.abs().max() < 1e-5
@@ -296,9 +295,9 @@ def test_cpu_bf16_span_backward_is_as_accurate_as_the_flash_kernel(heads, kv_hea
 
 
 def test_segments_take_the_cpu_bf16_backward_only_when_training(monkeypatch):
-    """sdpa_segments on a bf16 CPU batch with gradients goes through the matrix-product backward; its gradients
-    match the flash kernel's (POSTTRAIN_CPU_ATTENTION=sdpa) to bf16 precision. No gradients, fp32 or dropout
-    keep plain SDPA."""
+    """sdpa_segments on a bf16 CPU batch with gradients goes through the matrix-product attention; its output
+    and gradients match the flash kernel's (POSTTRAIN_CPU_ATTENTION=sdpa) to bf16 precision. No gradients,
+    fp32 or dropout keep plain SDPA."""
     from posttrain.models import attention
 
     calls = []
@@ -319,8 +318,7 @@ def test_segments_take_the_cpu_bf16_backward_only_when_training(monkeypatch):
     monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "sdpa")
     flash = run()
     assert len(calls) == 3
-    assert torch.equal(ours[0], flash[0])
-    for o, f in zip(ours[1:], flash[1:]):
+    for o, f in zip(ours, flash):
         assert (o - f).abs().max() <= 0.02 * f.abs().max()
     monkeypatch.delenv("POSTTRAIN_CPU_ATTENTION")
     with torch.no_grad():

@@ -19,9 +19,9 @@ the spans become cumulative sequence offsets. A small model on a GPU is launch-b
 most of a step (docs/benchmarks.md, H200). If the kernel raises, a warning is printed once and the per-span
 path is used from then on; ``POSTTRAIN_VARLEN=0`` turns it off.
 
-On a CPU in bf16 with gradients, each span's backward is :class:`_CausalSpanAttention`'s matrix products
-instead of the flash kernel's own backward (1.08-1.10x on a LoRA step; ``POSTTRAIN_CPU_ATTENTION=sdpa`` turns it
-off). The forward is the flash kernel's either way.
+On a CPU in bf16 with gradients, each span runs :class:`_CausalSpanAttention`: causal blocks of matrix
+products, fp32 where the softmax needs it and bf16 elsewhere, instead of the CPU flash kernel (1.2x on a LoRA
+step; ``POSTTRAIN_CPU_ATTENTION=sdpa`` turns it off). Without gradients (eval, generation) SDPA serves.
 
 It is registered with transformers' ``AttentionInterface`` as ``sdpa_segments`` and used when
 ``attn_implementation`` resolves to it (``auto`` without flash-attn). Without a ``segments`` argument (unpacked
@@ -223,33 +223,42 @@ def _above_diagonal(length: int) -> torch.Tensor:
 
 
 class _CausalSpanAttention(torch.autograd.Function):
-    """Causal attention of one packed sequence on a CPU in bf16: PyTorch's flash kernel forward, a backward of
-    matrix products.
+    """Causal attention of one packed sequence on a CPU in bf16, forward and backward from matrix products.
 
-    The CPU flash-attention kernel's backward ran at ~60 GFLOP/s on the 200-300-token spans of packed chat data
-    on a CPU with AVX512-BF16, where a bf16 matmul runs at ~900: 1.7 s of a 6.6 s LoRA step of SmolLM2-135M.
-    This backward recomputes the probabilities and hands the four products that tolerate bf16 inputs to bf16
-    matmuls:
+    PyTorch's CPU flash-attention kernel ran at ~60 GFLOP/s on the 200-300-token spans of packed chat data on
+    a CPU with AVX512-BF16, where a bf16 matmul runs at ~900: 2.3 s of a 6.6 s LoRA step of SmolLM2-135M
+    (its backward alone 1.7 s). Here the products that tolerate bf16 inputs are bf16 matmuls, and the ones
+    whose rounding the softmax would amplify are fp32:
 
-        P  = softmax((q k^T) s), causal    scores from fp32 copies of q and k (not rounded to bf16), fp32 P
-        dV = bf16(P)^T dO                  bf16 matmul
-        dP = dO v^T                        fp32, like the scores
-        dS = P (dP - rowsum(dO * out)) s   fp32
-        dQ = bf16(dS) k,  dK = bf16(dS)^T q
+        P  = softmax((q k^T) s), causal    scores from fp32 copies of q and k (never rounded to bf16), fp32 P
+        out = bf16(P) v                    bf16 matmul
+        backward: P recomputed the same way (nothing L x L is kept), dV = bf16(P)^T dO, dP = dO v^T in fp32,
+                  dS = P (dP - rowsum(dO * out)) s, dQ = bf16(dS) k, dK = bf16(dS)^T q
 
-    Grouped-query heads: the ``g = H / H_kv`` query heads of one K/V head are stacked into one (g L x d) matrix,
-    so K and V are never repeated and dK, dV come out summed over the group. Spans longer than
-    ``BACKWARD_BLOCK_ROWS`` run in blocks of query rows, each against only the keys it can see (1.03x on the
-    step against one block, 4 of 4 pairs; 64-row blocks were 4% slower than 128). Kept for backward: q, k, v
-    and the output (nothing L x L). Error against a float64 reference is within 2x the flash kernel's own
-    (tests/test_packing_and_lean_loss.py). A LoRA bf16 step A/B on the same batches (docs/benchmarks.md):
-    1.08-1.10x; the same products in the forward instead of the flash kernel were slower, so the forward stays.
+    Grouped-query heads: the ``g = H / H_kv`` query heads of one K/V head are stacked into one (g n x d)
+    matrix, so K and V are never repeated and dK, dV come out summed over the group. Causal blocks: query rows
+    [start, start + 128) are multiplied only by the keys [0, start + 128) they can see (a 300-token span does
+    69% of the L^2 products). Kept for backward: q, k, v and the output.
+
+    Measured (in-process A/Bs of a LoRA bf16 step on the same batches, docs/benchmarks.md): this backward vs
+    the flash kernel's 1.08-1.10x; row blocks vs none 1.03x (64-row blocks 4% slower than 128); this forward vs
+    the flash kernel's 1.08x. Errors against float64 are of the flash kernel's size (gradients within 2x of
+    its, tests/test_packing_and_lean_loss.py); a step's loss moved by 0.1-0.4% from an fp64-attention
+    reference with either kernel.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float):
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
-                                             enable_gqa=q.shape[0] != k.shape[0])[0]
+        heads, length, dim = q.shape
+        kv_heads = k.shape[0]
+        group = heads // kv_heads
+        q4 = q.reshape(kv_heads, group, length, dim)  # query heads h*g .. h*g+g-1 share K/V head h
+        out = torch.empty(kv_heads, group, length, dim, dtype=q.dtype, device=q.device)
+        with torch.autocast(q.device.type, enabled=False):  # the fp32 products must stay fp32
+            for start, end in _row_blocks(length):
+                probs = _block_probs(q4[:, :, start:end], k[:, :end], start, scale)
+                out[:, :, start:end] = torch.bmm(probs.to(q.dtype), v[:, :end]).view(kv_heads, group, end - start, dim)
+        out = out.view(heads, length, dim)
         ctx.save_for_backward(q, k, v, out)
         ctx.scale = scale
         return out
@@ -260,19 +269,15 @@ class _CausalSpanAttention(torch.autograd.Function):
         heads, length, dim = q.shape
         kv_heads = k.shape[0]
         group = heads // kv_heads
-        # (H_kv, g, L, d): query heads h*g .. h*g+g-1 share K/V head h
         q4, grad4 = q.reshape(kv_heads, group, length, dim), grad_out.reshape(kv_heads, group, length, dim)
         delta4 = torch.linalg.vecdot(grad4.float(), out.reshape(kv_heads, group, length, dim).float())
-        if length <= BACKWARD_BLOCK_ROWS:
+        if length <= BLOCK_ROWS:
             grad_q, grad_k, grad_v = _block_backward(q4, grad4, delta4, k, v, 0, ctx.scale)
             return grad_q.view(heads, length, dim), grad_k, grad_v, None
-        # causal: the queries of rows [start, end) see keys [0, end) only, so blocks of rows skip the scores
-        # above the diagonal (a 300-token span: 69% of the L^2 products)
         grad_q = torch.empty(kv_heads, group, length, dim, dtype=q.dtype, device=q.device)
         grad_k = torch.zeros(kv_heads, length, dim, dtype=torch.float32, device=q.device)
         grad_v = torch.zeros_like(grad_k)
-        for start in range(0, length, BACKWARD_BLOCK_ROWS):
-            end = min(start + BACKWARD_BLOCK_ROWS, length)
+        for start, end in _row_blocks(length):
             dq, dk, dv = _block_backward(q4[:, :, start:end], grad4[:, :, start:end], delta4[:, :, start:end],
                                          k[:, :end], v[:, :end], start, ctx.scale)
             grad_q[:, :, start:end] = dq
@@ -281,7 +286,21 @@ class _CausalSpanAttention(torch.autograd.Function):
         return grad_q.view(heads, length, dim), grad_k.to(k.dtype), grad_v.to(v.dtype), None
 
 
-BACKWARD_BLOCK_ROWS = 128  # query rows per block of _CausalSpanAttention's backward
+BLOCK_ROWS = 128  # query rows per causal block of _CausalSpanAttention
+
+
+def _row_blocks(length: int) -> list[tuple[int, int]]:
+    return [(start, min(start + BLOCK_ROWS, length)) for start in range(0, length, BLOCK_ROWS)]
+
+
+def _block_probs(q4: torch.Tensor, k: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """softmax over the visible keys for query rows [start, start + n): q4 (H_kv, g, n, d), k (H_kv, start + n, d)
+    bf16 -> (H_kv, g n, start + n) fp32."""
+    kv_heads, group, rows, dim = q4.shape
+    keys = k.shape[1]
+    scores = _fp32_products(q4.reshape(kv_heads, group * rows, dim), k)
+    scores.view(kv_heads, group, rows, keys).masked_fill_(_above_diagonal(keys)[start:keys], float("-inf"))
+    return torch.softmax(scores.mul_(scale), dim=-1)
 
 
 def _block_backward(q4, grad4, delta4, k, v, start: int, scale: float):
@@ -289,12 +308,9 @@ def _block_backward(q4, grad4, delta4, k, v, start: int, scale: float):
     q4, grad4 (H_kv, g, n, d) bf16, delta4 (H_kv, g, n) fp32 = rowsum(dO * out). Returns dQ (H_kv, g, n, d),
     and this block's parts of dK, dV (H_kv, start + n, d)."""
     kv_heads, group, rows, dim = q4.shape
-    keys = k.shape[1]
     grouped = q4.reshape(kv_heads, group * rows, dim)
     grad_grouped = grad4.reshape(kv_heads, group * rows, dim)
-    scores = _fp32_products(grouped, k)
-    scores.view(kv_heads, group, rows, keys).masked_fill_(_above_diagonal(keys)[start:keys], float("-inf"))
-    probs = torch.softmax(scores.mul_(scale), dim=-1)
+    probs = _block_probs(q4, k, start, scale)
     grad_v = torch.bmm(probs.to(q4.dtype).transpose(1, 2), grad_grouped)
     grad_probs = _fp32_products(grad_grouped, v)
     grad_scores = grad_probs.sub_(delta4.reshape(kv_heads, group * rows, 1)).mul_(probs).mul_(scale).to(q4.dtype)
