@@ -231,15 +231,64 @@ def test_fused_rms_norm_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda x, w: fused_norm.rms_norm(x, w, 1e-5), (x, w))
 
 
-def test_fused_rms_norm_steps_aside_for_bf16_and_other_norm_forms():
+def test_fused_rms_norm_steps_aside_for_other_norm_forms():
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
     assert fused_norm.enable(GemmaRMSNorm(8)) == 0  # (1 + weight): a different function
-    plain = _llama_norm().to(torch.bfloat16)
+    olmo = Olmo2RMSNorm(40).to(torch.bfloat16)  # same fp32 function, rounded after the weight product in bf16
+    assert fused_norm.enable(olmo) == 1
+    calls = []
+    original = fused_norm._RMSNormHalf.apply
+    fused_norm._RMSNormHalf.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        x = torch.randn(4, 40, dtype=torch.bfloat16, requires_grad=True)
+        assert torch.equal(olmo(x), type(olmo).forward(olmo, x)) and not calls
+    finally:
+        fused_norm._RMSNormHalf.apply = original
+
+
+@pytest.mark.parametrize("weight_dtype,weight_trains", [(torch.bfloat16, False), (torch.float32, True),
+                                                        (torch.bfloat16, True)])
+def test_fused_rms_norm_of_bf16_input_equals_llama_rms_norm(weight_dtype, weight_trains):
+    """A bf16 residual stream (a bf16 base under autocast; full FT's fp32 weight too): forward bit-identical
+    to transformers' module (output dtype included), input and weight gradients within one bf16 rounding."""
+    plain = _llama_norm().to(weight_dtype)
+    plain.weight.requires_grad_(weight_trains)
     fused = copy.deepcopy(plain)
-    fused_norm.enable(fused)
-    x = torch.randn(4, 40, dtype=torch.bfloat16)
-    assert torch.equal(fused(x), plain(x))  # bf16 runs the module's own forward, bit for bit
+    assert fused_norm.enable(fused) == 1
+    x = (torch.randn(3, 7, 40) * 3 + 1).to(torch.bfloat16)
+    x[0, 0] = 1e-3
+    y_plain = plain(x)
+    g = torch.randn(y_plain.shape).to(y_plain.dtype)
+    y0, dx0, grads0 = _run(plain, x, g)
+    y1, dx1, grads1 = _run(fused, x, g)
+    assert y1.dtype == y0.dtype and torch.equal(y1, y0)
+    assert dx1.dtype == torch.bfloat16
+    torch.testing.assert_close(dx1, dx0, rtol=1e-2, atol=1e-2)
+    assert grads0.keys() == grads1.keys() == ({"weight"} if weight_trains else set())
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-2, atol=1e-2)
+
+
+def test_norms_routed_for_bf16_round_like_llama():
+    """The bf16 path reproduces Llama's rounding points; every class it serves must have Llama's forward."""
+    import importlib
+    import inspect
+
+    families = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "MixtralRMSNorm": "mixtral",
+                "Qwen2RMSNorm": "qwen2", "Qwen3RMSNorm": "qwen3", "Qwen2MoeRMSNorm": "qwen2_moe",
+                "Qwen3MoeRMSNorm": "qwen3_moe", "Phi3RMSNorm": "phi3", "GraniteRMSNorm": "granite",
+                "SmolLM3RMSNorm": "smollm3"}
+    assert set(families) == fused_norm._HALF_ROUNDS_LIKE_LLAMA
+
+    def body(name):
+        module = importlib.import_module(f"transformers.models.{families[name]}.modeling_{families[name]}")
+        return [line.strip() for line in inspect.getsource(getattr(module, name).forward).splitlines()[1:]
+                if line.strip()]
+
+    for name in families:
+        assert body(name) == body("LlamaRMSNorm"), name
 
 
 def test_full_finetune_gradients_with_fused_norms_equal_plain(tiny_model_dir):

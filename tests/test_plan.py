@@ -62,8 +62,9 @@ def test_layer_activation_bytes_by_hand():
     # full, bf16: fp32 norm inputs; q, k, v, gate, up each keep a bf16 copy of their fp32
     # input (5*8*2), down's input is shared (16*2); the rest at 2 bytes
     assert per_layer("full", "bf16", False) == 64 + 112 + 96 + 32 + 16 + 8
-    # LoRA, bf16: inputs shared as in fp32 (PEFT's cast is off under autocast): (8 + 8 + 16)*2; lora_A outputs 7*2*2
-    assert per_layer("lora", "bf16", False) == 64 + 64 + 96 + 32 + 16 + 8 + 28
+    # LoRA, bf16: the fused norm keeps its bf16 input 2*8*2; inputs shared as in fp32 (PEFT's cast is off under
+    # autocast): (8 + 8 + 16)*2; lora_A outputs 7*2*2
+    assert per_layer("lora", "bf16", False) == 32 + 64 + 96 + 32 + 16 + 8 + 28
 
 
 def test_activation_totals_by_hand():

@@ -25,9 +25,8 @@ The model is analytical and follows how posttrain trains (``engine/trainer.py``,
    Activation Recomputation in Large Transformer Models", section 4.1: sbh(34 + 5as/h) bytes per layer at
    16 bits), adapted to Llama: SwiGLU and RMSNorm, no dropout, grouped KV heads, and SDPA, whose flash
    kernels keep q, k, v, the output and a logsumexp but no a*s*s score matrix. Frozen weights change what
-   is kept: a frozen linear keeps no copy of its input. No norm keeps a normalised copy (a frozen eager norm
-   needs none; a trained norm has fp32 input and weight, so it runs models/fused_norm.py, which keeps only
-   its input). With
+   is kept: a frozen linear keeps no copy of its input. Norms run models/fused_norm.py, which keeps only
+   their input (fp32, or bf16 under autocast) and no normalised copy. With
    gradient checkpointing, each layer keeps only its input, plus one layer's activations while that layer
    is recomputed. Under bf16 autocast some linear inputs are kept once per reader
    (:func:`linear_input_bytes`).
@@ -287,8 +286,9 @@ def layer_activation_bytes(shape: ModelShape, method: str, *, precision: str, q_
 
     Korthikanti et al.'s per-layer count (34 h per token at 2 bytes, plus 5as for the scores), redone for the
     Llama block with e = bytes per activation element:
-      RMSNorm x2        input, upcast to fp32: 2 * h * 4 (a trained norm runs the fused fp32 function, which keeps
-                        no normalised x either)
+      RMSNorm x2        input, in the residual stream's dtype: 2 * h * 4 (fp32, or full fine-tuning's fp32 stream)
+                        or 2 * h * 2 (a bf16 base); models/fused_norm.py keeps the input itself and no
+                        normalised copy, where the eager module would keep its fp32 upcast
       linear inputs     see :func:`linear_input_bytes`: kept only for linears that train or carry LoRA (a frozen
                         linear needs only its weight in backward)
       SwiGLU            3 * f * e: the gate output, silu(gate) and the up output
@@ -301,7 +301,7 @@ def layer_activation_bytes(shape: ModelShape, method: str, *, precision: str, q_
     h, f, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
     trained = trained_linears(method, lora_targets)
     kv_heads = shape.num_heads if masked else shape.num_kv_heads
-    per_token = 2 * h * 4
+    per_token = 2 * h * residual_bytes(method, precision)
     per_token += linear_input_bytes(shape, method, precision, trained)
     per_token += 3 * f * e
     per_token += 2 * shape.num_heads * d * e
