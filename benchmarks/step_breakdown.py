@@ -30,20 +30,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sft_throughput as bench  # noqa: E402  (the benchmark's data generator and peak measurement)
 
+ATTENTION = "attention (SDPA kernels, or the bf16 CPU span products: bmm, head-dim mm, softmax, masks)"
 
-def categorize(name: str, shapes, rank: int | None) -> tuple[str, float]:
+
+def categorize(name: str, shapes, rank: int | None, head_dim: int = 64) -> tuple[str, float]:
+    if name == "aten::bmm" and shapes:  # only attention's span products use bmm in a step
+        a, b = shapes[0], shapes[1]
+        return ATTENTION, 2.0 * a[0] * a[1] * a[2] * b[2]
     if name in ("aten::mm", "aten::addmm") and shapes:
         mats = [s for s in shapes if len(s) == 2]
-        a, b = mats[-2], mats[-1]
+        # mm(a, b[, out=]) or addmm(bias, a, b): the product's operands
+        a, b = (mats[0], mats[1]) if name == "aten::mm" else (mats[-2], mats[-1])
         flops = 2.0 * a[0] * a[1] * b[1]
         dims = set(a) | set(b)
         if max(dims) >= 10_000:
             return "head matmuls", flops
         if rank is not None and rank in dims:
             return "LoRA rank-r matmuls and merges", flops
+        if a[1] == head_dim:  # attention's fp32 scores and dP: the inner dimension is the head's
+            return ATTENTION, flops
         return "body matmuls (q, k, v, o, gate, up, down)", flops
-    if "scaled_dot_product" in name:
-        return "attention (SDPA kernels)", 0.0
+    if "scaled_dot_product" in name or name in ("aten::_softmax", "aten::masked_fill_"):
+        return ATTENTION, 0.0
     if name.startswith("aten::"):
         return "elementwise, norms, rotary, softmax, copies, allocation", 0.0
     return "autograd and Python overhead", 0.0
@@ -89,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     bf16 = args.precision == "bf16"
     model, _ = build_model(cfg, mixed_precision="bf16" if bf16 else "no")
     model.train()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     which = max(1, min(args.batch, len(packs) // 8 - 1))  # a small --rows still gives a warm-up and a profiled batch
     batches = [collate_packed(packs[i * 8 : (i + 1) * 8], tokenizer.pad_token_id) for i in (which - 1, which)]
 
@@ -106,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - start
     totals: dict[str, list[float]] = {}
     for event in prof.key_averages(group_by_input_shape=True):
-        cat, flops = categorize(event.key, event.input_shapes, None if args.method == "full" else bench.LORA["r"])
+        cat, flops = categorize(event.key, event.input_shapes, None if args.method == "full" else bench.LORA["r"],
+                                head_dim)
         entry = totals.setdefault(cat, [0.0, 0.0])
         entry[0] += event.self_cpu_time_total / 1e6
         entry[1] += flops * event.count
