@@ -255,8 +255,9 @@ class _CausalSpanAttention(torch.autograd.Function):
         q4 = q.reshape(kv_heads, group, length, dim)  # query heads h*g .. h*g+g-1 share K/V head h
         out = torch.empty(kv_heads, group, length, dim, dtype=q.dtype, device=q.device)
         with torch.autocast(q.device.type, enabled=False):  # the fp32 products must stay fp32
+            keys32 = k.float()  # once per span, not once per block
             for start, end in _row_blocks(length):
-                probs = _block_probs(q4[:, :, start:end], k[:, :end], start, scale)
+                probs = _block_probs(q4[:, :, start:end], keys32[:, :end], start, scale)
                 out[:, :, start:end] = torch.bmm(probs.to(q.dtype), v[:, :end]).view(kv_heads, group, end - start, dim)
         out = out.view(heads, length, dim)
         ctx.save_for_backward(q, k, v, out)
@@ -271,15 +272,16 @@ class _CausalSpanAttention(torch.autograd.Function):
         group = heads // kv_heads
         q4, grad4 = q.reshape(kv_heads, group, length, dim), grad_out.reshape(kv_heads, group, length, dim)
         delta4 = torch.linalg.vecdot(grad4.float(), out.reshape(kv_heads, group, length, dim).float())
+        keys32, values32 = k.float(), v.float()
         if length <= BLOCK_ROWS:
-            grad_q, grad_k, grad_v = _block_backward(q4, grad4, delta4, k, v, 0, ctx.scale)
+            grad_q, grad_k, grad_v = _block_backward(q4, grad4, delta4, k, keys32, values32, 0, ctx.scale)
             return grad_q.view(heads, length, dim), grad_k, grad_v, None
         grad_q = torch.empty(kv_heads, group, length, dim, dtype=q.dtype, device=q.device)
         grad_k = torch.zeros(kv_heads, length, dim, dtype=torch.float32, device=q.device)
         grad_v = torch.zeros_like(grad_k)
         for start, end in _row_blocks(length):
             dq, dk, dv = _block_backward(q4[:, :, start:end], grad4[:, :, start:end], delta4[:, :, start:end],
-                                         k[:, :end], v[:, :end], start, ctx.scale)
+                                         k[:, :end], keys32[:, :end], values32[:, :end], start, ctx.scale)
             grad_q[:, :, start:end] = dq
             grad_k[:, :end] += dk
             grad_v[:, :end] += dv
@@ -293,26 +295,26 @@ def _row_blocks(length: int) -> list[tuple[int, int]]:
     return [(start, min(start + BLOCK_ROWS, length)) for start in range(0, length, BLOCK_ROWS)]
 
 
-def _block_probs(q4: torch.Tensor, k: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """softmax over the visible keys for query rows [start, start + n): q4 (H_kv, g, n, d), k (H_kv, start + n, d)
-    bf16 -> (H_kv, g n, start + n) fp32."""
+def _block_probs(q4: torch.Tensor, keys32: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """softmax over the visible keys for query rows [start, start + n): q4 (H_kv, g, n, d) bf16, keys32
+    (H_kv, start + n, d) fp32 -> (H_kv, g n, start + n) fp32."""
     kv_heads, group, rows, dim = q4.shape
-    keys = k.shape[1]
-    scores = _fp32_products(q4.reshape(kv_heads, group * rows, dim), k)
+    keys = keys32.shape[1]
+    scores = _fp32_products(q4.reshape(kv_heads, group * rows, dim), keys32)
     scores.view(kv_heads, group, rows, keys).masked_fill_(_above_diagonal(keys)[start:keys], float("-inf"))
     return torch.softmax(scores.mul_(scale), dim=-1)
 
 
-def _block_backward(q4, grad4, delta4, k, v, start: int, scale: float):
-    """Gradients from query rows [start, start + n) of a span, whose keys are k, v[:, :start + n].
-    q4, grad4 (H_kv, g, n, d) bf16, delta4 (H_kv, g, n) fp32 = rowsum(dO * out). Returns dQ (H_kv, g, n, d),
-    and this block's parts of dK, dV (H_kv, start + n, d)."""
+def _block_backward(q4, grad4, delta4, k, keys32, values32, start: int, scale: float):
+    """Gradients from query rows [start, start + n) of a span, whose visible keys are k[:, :start + n] (bf16, and
+    keys32/values32 the fp32 copies of k and v). q4, grad4 (H_kv, g, n, d) bf16, delta4 (H_kv, g, n) fp32 =
+    rowsum(dO * out). Returns dQ (H_kv, g, n, d), and this block's parts of dK, dV (H_kv, start + n, d)."""
     kv_heads, group, rows, dim = q4.shape
     grouped = q4.reshape(kv_heads, group * rows, dim)
     grad_grouped = grad4.reshape(kv_heads, group * rows, dim)
-    probs = _block_probs(q4, k, start, scale)
+    probs = _block_probs(q4, keys32, start, scale)
     grad_v = torch.bmm(probs.to(q4.dtype).transpose(1, 2), grad_grouped)
-    grad_probs = _fp32_products(grad_grouped, v)
+    grad_probs = _fp32_products(grad_grouped, values32)
     grad_scores = grad_probs.sub_(delta4.reshape(kv_heads, group * rows, 1)).mul_(probs).mul_(scale).to(q4.dtype)
     del probs, grad_probs
     grad_q = torch.bmm(grad_scores, k).view(kv_heads, group, rows, dim)
@@ -321,7 +323,7 @@ def _block_backward(q4, grad4, delta4, k, v, start: int, scale: float):
 
 
 def _fp32_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(G, M, d) x (G, N, d) bf16 -> a b^T (G, M, N) in fp32, one 2-D matmul per group (torch's fp32 ``bmm``
+    """(G, M, d) x (G, N, d) bf16 or fp32 -> a b^T (G, M, N) in fp32, one 2-D matmul per group (torch's fp32 ``bmm``
     ran at about half the 2-D ``mm`` speed on these shapes)."""
     a32, b32 = a.float(), b.float()
     out = torch.empty(a.shape[0], a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
