@@ -104,6 +104,25 @@ def test_frozen_head_logps_and_gradients_equal_the_checkpointed_head(temperature
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows_cap", [256, 7])
+def test_trained_head_chunks_equal_the_full_logits(rows_cap, monkeypatch):
+    """A trained head is checkpointed in chunks of at most _TRAINED_HEAD_CHUNK_ROWS rows: logps and the hidden,
+    weight and bias gradients equal the full-logits computation (several chunks, the last partial)."""
+    monkeypatch.setattr(fw, "_TRAINED_HEAD_CHUNK_ROWS", rows_cap)
+    torch.manual_seed(3)
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (40,))
+    weights = torch.randn(40)
+    logps = head_logps(head, hidden, targets, chunk_size=1024)
+    grads = torch.autograd.grad((logps * weights).sum(), [hidden, head.weight, head.bias])
+    full = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None]).squeeze(1)
+    expected = torch.autograd.grad((full * weights).sum(), [hidden, head.weight, head.bias])
+    torch.testing.assert_close(logps, full, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_head_gradient_in_bf16_is_as_accurate_as_the_checkpointed_one(monkeypatch):
     """A confident prediction: the gradient W[t] - p W is a small difference of large vectors. Forming
     (p - onehot) in fp32 before the bf16 matmul keeps the error at the level of the usual backward's."""

@@ -128,6 +128,7 @@ def test_packing_methods_and_head_blocks_match_the_engine():
 
     assert plan.PACKING_METHODS == PACKING_METHODS
     assert plan.FROZEN_HEAD_BLOCK_ROWS == forward._HEAD_BLOCK_ROWS
+    assert plan.TRAINED_HEAD_CHUNK_ROWS == forward._TRAINED_HEAD_CHUNK_ROWS
 
 
 # --------------------------------------------------------------------------------------------- published figures

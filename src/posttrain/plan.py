@@ -33,8 +33,8 @@ The model is analytical and follows how posttrain trains (``engine/trainer.py``,
 4. Gradients and activations do not peak together. Backward frees a layer's activations as it produces that
    layer's gradients, so their sum is linear between the two ends of backward and peaks at one of them.
 5. Logits. The loss runs the head and the cross-entropy on at most ``loss_chunk_size`` target positions at
-   a time, never on the (B, T, V) logits. A trained head (full fine-tuning) is recomputed per chunk in
-   backward: about three fp32 (chunk, V) tensors (logits, log-softmax, gradient) exist at once, and the
+   a time, never on the (B, T, V) logits. A trained head (full fine-tuning) is recomputed per chunk (at most
+   256 rows) in backward: about three fp32 (chunk, V) tensors (logits, log-softmax, gradient) exist at once, and the
    head's weight gradient, the first gradient backward produces, exists at the same time. A frozen head
    (adapter methods) has its per-row gradient formed in the forward, 128 rows at a time: two fp32 (128, V)
    tensors.
@@ -87,6 +87,8 @@ LOSS_CHUNK_COPIES = 3
 # FROZEN_HEAD_BLOCK_ROWS rows, so only one block's tensors exist at a time.
 FROZEN_HEAD_CHUNK_COPIES = 2
 FROZEN_HEAD_BLOCK_ROWS = 128
+# A trained head's checkpointed chunks hold at most this many rows (models/forward.py).
+TRAINED_HEAD_CHUNK_ROWS = 256
 # Methods whose examples are packed into rows (models/adapters.PACKING_METHODS; a test keeps them equal).
 PACKING_METHODS = ("full", "lora", "qlora")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -352,6 +354,7 @@ def logits_bytes(shape: ModelShape, method: str, *, batch_size: int, seq_len: in
     """Transients of the chunked loss: (chunk, V) fp32 tensors, plus what the head adds at that moment."""
     chunk = min(batch_size * seq_len, loss_chunk_size)
     if method == "full":  # a trained head: checkpointed chunks, whose backward holds three fp32 copies
+        chunk = min(chunk, TRAINED_HEAD_CHUNK_ROWS)
         per_position = shape.vocab_size * (4 * LOSS_CHUNK_COPIES + (2 if precision == "bf16" else 0))  # + bf16 logits
     else:  # a frozen head: the gradient is formed in the forward, from the fp32 logits and their log-softmax,
         # one block of rows at a time

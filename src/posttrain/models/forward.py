@@ -27,6 +27,10 @@ from posttrain.losses import IGNORE_INDEX, shift_labels
 
 DEFAULT_CHUNK = 1024
 _HEAD_BLOCK_ROWS = 128  # rows per block inside a frozen head's chunk (see _FrozenHeadLogps.forward)
+# Rows per checkpointed chunk of a trained head (full fine-tuning), at most: its backward holds three fp32
+# (rows x V) tensors, fresh memory for the OS to fault in on every call when they are 200 MB (1024 rows of a
+# 49k vocabulary). 256 rows: a full-FT bf16 step on the CPU 1.10x faster (in-process A/B, 4 of 4 pairs, same loss).
+_TRAINED_HEAD_CHUNK_ROWS = 256
 
 
 class _PassThrough(torch.nn.Module):
@@ -207,11 +211,14 @@ def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
                temperature: float = 1.0) -> torch.Tensor:
     """log p(target) for (N, H) hidden rows, chunk by chunk; logits divided by ``temperature`` (RL evaluates the
     distribution it sampled from). Returns (N,) fp32. With gradients: a frozen linear head forms each chunk's
-    gradient in the forward (:class:`_FrozenHeadLogps`); any other head is checkpointed per chunk."""
+    gradient in the forward (:class:`_FrozenHeadLogps`); any other head is checkpointed per chunk of at most
+    ``_TRAINED_HEAD_CHUNK_ROWS`` rows."""
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
     frozen = grad and _frozen_linear(head)
+    if grad and not frozen:
+        chunk_size = min(chunk_size, _TRAINED_HEAD_CHUNK_ROWS)
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
