@@ -250,7 +250,7 @@ def test_fused_rms_norm_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda x, w: fused_norm.rms_norm(x, w, 1e-5), (x, w))
 
 
-def test_fused_rms_norm_steps_aside_for_other_norm_forms():
+def test_fused_rms_norm_steps_aside_for_other_norm_forms(monkeypatch):
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
@@ -259,12 +259,9 @@ def test_fused_rms_norm_steps_aside_for_other_norm_forms():
     assert fused_norm.enable(olmo) == 1
     calls = []
     original = fused_norm._RMSNormHalf.apply
-    fused_norm._RMSNormHalf.apply = lambda *a: calls.append(1) or original(*a)
-    try:
-        x = torch.randn(4, 40, dtype=torch.bfloat16, requires_grad=True)
-        assert torch.equal(olmo(x), type(olmo).forward(olmo, x)) and not calls
-    finally:
-        fused_norm._RMSNormHalf.apply = original
+    monkeypatch.setattr(fused_norm._RMSNormHalf, "apply", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(4, 40, dtype=torch.bfloat16, requires_grad=True)
+    assert torch.equal(olmo(x), type(olmo).forward(olmo, x)) and not calls
 
 
 @pytest.mark.parametrize("weight_dtype,weight_trains", [(torch.bfloat16, False), (torch.float32, True),

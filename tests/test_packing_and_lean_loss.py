@@ -264,7 +264,7 @@ def _attention_grads(attend, q, k, v, grad_out):
 
 
 @pytest.mark.parametrize("heads,kv_heads,length", [(9, 3, 57), (4, 4, 33), (6, 2, 1), (2, 1, 130), (6, 3, 300)])
-def test_cpu_bf16_span_backward_is_as_accurate_as_the_flash_kernel(heads, kv_heads, length):
+def test_cpu_bf16_span_attention_is_as_accurate_as_the_flash_kernel(heads, kv_heads, length):
     """The matrix-product attention of one causal span (bf16, grouped heads, 1-3 row blocks) against float64:
     the output and every gradient within 2x the CPU flash kernel's own error (plus half a bf16 ulp)."""
     import torch.nn.functional as F
@@ -294,7 +294,7 @@ def test_cpu_bf16_span_backward_is_as_accurate_as_the_flash_kernel(heads, kv_hea
         assert err_ours <= 2 * err_flash + 2e-3, f"{name}: {err_ours:.2e} vs flash {err_flash:.2e}"
 
 
-def test_segments_take_the_cpu_bf16_backward_only_when_training(monkeypatch):
+def test_segments_take_the_cpu_bf16_span_products_only_when_training(monkeypatch):
     """sdpa_segments on a bf16 CPU batch with gradients goes through the matrix-product attention; its output
     and gradients match the flash kernel's (POSTTRAIN_CPU_ATTENTION=sdpa) to bf16 precision. No gradients,
     fp32 or dropout keep plain SDPA."""

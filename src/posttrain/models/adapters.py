@@ -141,17 +141,18 @@ def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: s
         import bitsandbytes  # noqa: F401
     except ImportError as e:
         raise PosttrainError("method qlora needs bitsandbytes: pip install bitsandbytes") from e
+    compute = _compute_dtype(cfg.qlora.compute_dtype, mixed_precision)
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.qlora.quant_type,
         bnb_4bit_use_double_quant=cfg.qlora.double_quant,
-        bnb_4bit_compute_dtype=_compute_dtype(cfg.qlora.compute_dtype, mixed_precision),
+        bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=torch.uint8,
         llm_int8_skip_modules=["score"] if task == "seq_cls" else None,  # the reward head stays a full-precision Linear
     )
     model = load_causal_lm(
         cfg.model,
-        dtype=_compute_dtype(cfg.qlora.compute_dtype, mixed_precision),
+        dtype=compute,
         trust_remote_code=cfg.trust_remote_code,
         quantization_config=bnb,
         device_map={"": device if device is not None else "cpu"},
@@ -161,7 +162,6 @@ def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: s
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    compute = _compute_dtype(cfg.qlora.compute_dtype, mixed_precision)
     if compute != torch.float32 and compute == frozen_storage_dtype("lora", mixed_precision):
         store_unquantized_in(model, compute)
     return model

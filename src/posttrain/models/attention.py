@@ -337,19 +337,21 @@ def _split_segments(query, key, value, segments, dropout, scaling):
     concatenates the spans' gradients once per tensor; a slice's backward would write each span's gradient
     into a zero-filled tensor of the whole batch's size and sum them (on the 2-core CPU, ~1.4 s of memset and
     adds in a LoRA step of 8 x 512 tokens)."""
-    gqa = query.shape[1] != key.shape[1]
-    own = _own_kernel_applies(query, key, value, dropout)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if _own_kernel_applies(query, key, value, dropout):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+
+        def attend(q, k, v):
+            return _CausalSpanAttention.apply(q, k, v, scale)[None]
+    else:
+        gqa = query.shape[1] != key.shape[1]
+
+        def attend(q, k, v):
+            return F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True,
+                                                  scale=scaling, enable_gqa=gqa)
     rows = []
     for spans, q_row, k_row, v_row in zip(segments, query.unbind(0), key.unbind(0), value.unbind(0)):
         lengths = [span[1] - span[0] for span in spans]
-        if own:
-            parts = [_CausalSpanAttention.apply(q, k, v, scale)[None] for q, k, v in
-                     zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))]
-            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-            continue
-        parts = [F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True,
-                                                scale=scaling, enable_gqa=gqa)
+        parts = [attend(q, k, v)
                  for q, k, v in zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None

@@ -61,11 +61,15 @@ class _RMSNorm(torch.autograd.Function):
             grad_w = (grad_out * x).mul_(rms_inv).sum(dim=tuple(range(x.dim() - 1)))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out * weight
-            coef = torch.linalg.vecdot(grad_x, x, dim=-1).unsqueeze(-1)
-            coef.mul_(rms_inv.pow(3)).div_(-x.shape[-1])
-            grad_x.mul_(rms_inv).addcmul_(x, coef)
+            grad_x = _input_grad(grad_out * weight, x, rms_inv)
         return grad_x, grad_w, None
+
+
+def _input_grad(grad_normed: torch.Tensor, x: torch.Tensor, rms_inv: torch.Tensor) -> torch.Tensor:
+    """dx = r g - x r^3 (g . x) / H for g = dL/d(x r), all fp32; overwrites and returns ``grad_normed``."""
+    coef = torch.linalg.vecdot(grad_normed, x, dim=-1).unsqueeze(-1)
+    coef.mul_(rms_inv.pow(3)).div_(-x.shape[-1])
+    return grad_normed.mul_(rms_inv).addcmul_(x, coef)
 
 
 class _RMSNormHalf(torch.autograd.Function):
@@ -94,10 +98,8 @@ class _RMSNormHalf(torch.autograd.Function):
             grad_w = (grad_out * normed).sum(dim=tuple(range(x.dim() - 1))).to(weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_n = (grad_out * weight).float()  # the eager mul's gradient, cast back up by .to()'s backward
-            coef = torch.linalg.vecdot(grad_n, upcast, dim=-1).unsqueeze(-1)
-            coef.mul_(rms_inv.pow(3)).div_(-x.shape[-1])
-            grad_x = grad_n.mul_(rms_inv).addcmul_(upcast, coef).to(x.dtype)
+            # the eager mul's gradient, cast back up by .to()'s backward
+            grad_x = _input_grad((grad_out * weight).float(), upcast, rms_inv).to(x.dtype)
         return grad_x, grad_w, None
 
 
