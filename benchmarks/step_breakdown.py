@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sft_throughput as bench  # noqa: E402  (the benchmark's data generator and peak measurement)
 
-ATTENTION = "attention (SDPA kernels, or the bf16 CPU span products: bmm, head-dim mm, softmax, masks)"
+ATTENTION = ("attention (SDPA kernels, posttrain's AVX512-BF16 span kernel, or the bf16 CPU span products: bmm, "
+             "head-dim mm, softmax, masks)")
 
 
 def categorize(name: str, shapes, rank: int | None, head_dim: int = 64) -> tuple[str, float]:
@@ -50,6 +51,8 @@ def categorize(name: str, shapes, rank: int | None, head_dim: int = 64) -> tuple
         if a[1] == head_dim:  # attention's fp32 scores and dP: the inner dimension is the head's
             return ATTENTION, flops
         return "body matmuls (q, k, v, o, gate, up, down)", flops
+    if "SpanAttention" in name:  # the autograd Functions' own time: all of it for the C++ kernel (no aten ops)
+        return ATTENTION, 0.0
     if "scaled_dot_product" in name or name in ("aten::_softmax", "aten::masked_fill_"):
         return ATTENTION, 0.0
     if name.startswith("aten::"):

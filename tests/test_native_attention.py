@@ -145,3 +145,37 @@ def test_span_table_lists_every_span_longest_first():
     table = attention.span_table([[(0, 3), (3, 10)], [(0, 10)]])
     assert table.dtype == torch.int32
     assert table.tolist() == [[1, 0, 10], [0, 3, 10], [0, 0, 3]]
+
+
+@needs_kernel
+def test_no_grad_passes_use_the_kernel_too(monkeypatch):
+    """Eval and reference-model passes (no gradients) run the same kernel: bit-identical to the training forward."""
+    segments = [[(0, 30), (30, 64)]]
+    q, k, v, _ = _inputs(1, 6, 2, 64, 64, seed=7)
+    calls = []
+    original = attention._NativeSpanAttention.apply
+    monkeypatch.setattr(attention._NativeSpanAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        no_grad = _segments_attention(segments)(q, k, v)
+    training = _segments_attention(segments)(*(t.detach().requires_grad_() for t in (q, k, v)))
+    assert calls == [1, 1] and not no_grad.requires_grad
+    assert torch.equal(no_grad, training.detach())
+
+
+def test_autocast_casts_fp32_inputs_like_sdpa_would(monkeypatch):
+    """A full fine-tune reaches attention with fp32 q, k, v under bf16 autocast (rotary's fp32 cos/sin). They
+    are cast to bf16 up front, as SDPA would cast them, so the bf16 span kernels serve full FT too: the output
+    equals feeding the bf16 casts directly, and the gradients reach the fp32 inputs in fp32."""
+    segments = [[(0, 25), (25, 40)]]
+    torch.manual_seed(11)
+    q, k, v = torch.randn(1, 6, 40, 64), torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention.sdpa_segments_forward(None, *leaves, None, segments=segments)[0]
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.float32 for t in leaves)
+    direct = attention.sdpa_segments_forward(None, *(t.bfloat16().requires_grad_() for t in (q, k, v)), None,
+                                             segments=segments)[0]
+    assert torch.equal(out, direct)
+    with torch.no_grad():  # without autocast fp32 stays fp32
+        assert attention.sdpa_segments_forward(None, q, k, v, None, segments=segments)[0].dtype == torch.float32

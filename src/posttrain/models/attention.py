@@ -19,13 +19,13 @@ the spans become cumulative sequence offsets. A small model on a GPU is launch-b
 most of a step (docs/benchmarks.md, H200). If the kernel raises, a warning is printed once and the per-span
 path is used from then on; ``POSTTRAIN_VARLEN=0`` turns it off.
 
-On a CPU in bf16 with gradients, when the spans tile the rows: with AVX512-BF16, a compiler and a head
-dimension that is a multiple of 32, the whole layer is ONE call of posttrain's C++ kernel
+On a CPU in bf16, when the spans tile the rows: with AVX512-BF16, a compiler and a head dimension that is a
+multiple of 32, the whole layer is ONE call of posttrain's C++ kernel, with or without gradients
 (:class:`_NativeSpanAttention`, :mod:`posttrain.models.native`; 1.39x on a LoRA step over the products below).
-Otherwise each span runs :class:`_CausalSpanAttention`: causal blocks of PyTorch matrix products, fp32 where the
-softmax needs it and bf16 elsewhere, instead of the CPU flash kernel (1.2x on a LoRA step).
-``POSTTRAIN_CPU_ATTENTION=products`` skips the kernel, ``=sdpa`` both. Without gradients (eval, generation)
-SDPA serves.
+Otherwise, with gradients, each span runs :class:`_CausalSpanAttention`: causal blocks of PyTorch matrix
+products, fp32 where the softmax needs it and bf16 elsewhere, instead of the CPU flash kernel (1.2x on a LoRA
+step), and without them SDPA serves. ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernel, ``=sdpa`` both.
+Generation with a KV cache never comes here (no ``segments``).
 
 It is registered with transformers' ``AttentionInterface`` as ``sdpa_segments`` and used when
 ``attn_implementation`` resolves to it (``auto`` without flash-attn). Without a ``segments`` argument (unpacked
@@ -69,12 +69,25 @@ def sdpa_segments_forward(module, query, key, value, attention_mask, dropout: fl
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    query, key, value = _autocast_inputs(query, key, value)
     if _varlen_applicable(query, dropout, segments):
         out = _varlen_segments(query, key, value, segments, scaling)
         if out is not None:
             return out
     with _without_cudnn(query.device):
         return _segments(query, key, value, segments, dropout, scaling)
+
+
+def _autocast_inputs(query, key, value):
+    """Under autocast, attention's inputs in the autocast dtype, as SDPA itself would take them. A full fine-tune
+    (fp32 weights, bf16 autocast) reaches attention with fp32 q and k (rotary multiplies by fp32 cos/sin); cast
+    here, the bf16 kernels above (varlen on CUDA, the span kernel on a CPU) serve it as they serve LoRA, where
+    before the per-span SDPA calls cast each span themselves."""
+    device = query.device.type
+    if query.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
 _varlen_failed: str | None = None  # the first error the varlen kernel raised; the per-span path is used after it
@@ -214,6 +227,15 @@ def _own_kernel_applies(query, key, value, dropout: float) -> bool:
     return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and not dropout
             and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
             and query.shape[1] % key.shape[1] == 0 and os.environ.get("POSTTRAIN_CPU_ATTENTION", "own") != "sdpa")
+
+
+def _native_applies(query, key, dropout: float) -> bool:
+    """The case posttrain's C++ kernel serves, with or without gradients (training, and the no-grad passes of
+    eval, reference models and RL scoring): bf16 on a CPU with AVX512-BF16, no dropout, heads a multiple of the
+    K/V heads, a head dimension that is a multiple of 32, the kernel built and not switched off."""
+    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and not dropout
+            and query.shape[1] % key.shape[1] == 0 and query.shape[-1] % 32 == 0
+            and native.span_attention_library() is not None)
 
 
 _above: torch.Tensor | None = None  # one "above the diagonal" mask, sliced for every shorter span
@@ -400,10 +422,10 @@ def _split_segments(query, key, value, segments, dropout, scaling):
     concatenates the spans' gradients once per tensor; a slice's backward would write each span's gradient
     into a zero-filled tensor of the whole batch's size and sum them (on the 2-core CPU, ~1.4 s of memset and
     adds in a LoRA step of 8 x 512 tokens)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if _native_applies(query, key, dropout):
+        return _NativeSpanAttention.apply(query, key, value, span_table(segments), scale), None
     if _own_kernel_applies(query, key, value, dropout):
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        if query.shape[-1] % 32 == 0 and native.span_attention_library() is not None:
-            return _NativeSpanAttention.apply(query, key, value, span_table(segments), scale), None
 
         def attend(q, k, v):
             return _CausalSpanAttention.apply(q, k, v, scale)[None]
