@@ -229,11 +229,13 @@ def _own_kernel_applies(query, key, value, dropout: float) -> bool:
             and query.shape[1] % key.shape[1] == 0 and os.environ.get("POSTTRAIN_CPU_ATTENTION", "own") != "sdpa")
 
 
-def _native_applies(query, key, dropout: float) -> bool:
+def _native_applies(query, key, value, dropout: float) -> bool:
     """The case posttrain's C++ kernel serves, with or without gradients (training, and the no-grad passes of
-    eval, reference models and RL scoring): bf16 on a CPU with AVX512-BF16, no dropout, heads a multiple of the
-    K/V heads, a head dimension that is a multiple of 32, the kernel built and not switched off."""
-    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and not dropout
+    eval and reference models over packed rows): bf16 on a CPU with AVX512-BF16, no dropout, heads a multiple
+    of the K/V heads, one head dimension for q, k and v that is a multiple of 32, the kernel built and not
+    switched off."""
+    return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16
+            and not dropout and key.shape == value.shape and query.shape[-1] == key.shape[-1]
             and query.shape[1] % key.shape[1] == 0 and query.shape[-1] % 32 == 0
             and native.span_attention_library() is not None)
 
@@ -423,7 +425,7 @@ def _split_segments(query, key, value, segments, dropout, scaling):
     into a zero-filled tensor of the whole batch's size and sum them (on the 2-core CPU, ~1.4 s of memset and
     adds in a LoRA step of 8 x 512 tokens)."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if _native_applies(query, key, dropout):
+    if _native_applies(query, key, value, dropout):
         return _NativeSpanAttention.apply(query, key, value, span_table(segments), scale), None
     if _own_kernel_applies(query, key, value, dropout):
 
