@@ -29,13 +29,15 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from posttrain.engine.trainer import resolve_mixed_precision
+    from posttrain.engine.trainer import keep_cpu_heap, resolve_mixed_precision
 
     # Several runs in one process (tests, the demo) may ask for different precisions: accelerate keeps a
     # process-wide state, so drop it (the distributed PartialState stays).
     AcceleratorState._reset_state()
     # cpu=True on CPU-only machines makes accelerate honour torchrun's WORLD_SIZE (gloo DDP).
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.precision))
+    if accelerator.device.type == "cpu":
+        keep_cpu_heap()
     set_seed(cfg.seed)
     return accelerator
 
