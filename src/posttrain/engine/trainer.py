@@ -134,12 +134,9 @@ def cpu_has_native_bf16() -> bool:
     Without them bf16 matmuls fall back to a slow path: on this project's AVX2 CI machine a 1024^2 bf16
     matmul runs at ~0.5 GFLOP/s against ~20 for fp32, so bf16 autocast would be ~40x slower, not faster.
     """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from posttrain.models.native import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 HEAP_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX)

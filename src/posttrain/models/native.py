@@ -36,16 +36,19 @@ FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512
 unavailable_reason: str | None = None  # why the kernel is not used, once asked
 
 
-def _cpu_has_avx512_bf16() -> bool:
-    """From the kernel's CPU flags (Linux x86-64; elsewhere False)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the Linux kernel reports them (empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                           if line.startswith("flags")), []))
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    return platform.machine() in ("x86_64", "AMD64") and "avx512_bf16" in cpu_flags()
 
 
 def _build(compiler: str) -> Path:
