@@ -78,26 +78,25 @@ def span_attention_library() -> ctypes.CDLL | None:
     if choice in ("products", "sdpa"):
         unavailable_reason = f"POSTTRAIN_CPU_ATTENTION={choice}"
         return None
-    return _load()
+    library, unavailable_reason = _load()
+    return library
 
 
 @functools.cache
-def _load() -> ctypes.CDLL | None:
-    global unavailable_reason
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None), or (None, why not)."""
     if not _cpu_has_avx512_bf16():
-        unavailable_reason = "this CPU has no AVX512-BF16"
-        return None
+        return None, "this CPU has no AVX512-BF16"
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
-        unavailable_reason = f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH"
-        return None
+        return None, f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH"
     try:
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        unavailable_reason = f"build failed: {exc}"
-        warnings.warn(f"posttrain: the AVX512-BF16 attention kernel is not used ({unavailable_reason}); "
-                      "attention runs as PyTorch matrix products instead", stacklevel=2)
-        return None
+        reason = f"build failed: {exc}"
+        warnings.warn(f"posttrain: the AVX512-BF16 attention kernel is not used ({reason}); "
+                      "attention runs as PyTorch matrix products instead", stacklevel=3)
+        return None, reason
     pointer, longs = ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)
     common = [ctypes.c_long] * 5  # B, H, Hkv, T, D
     tail = [ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int]  # spans, n_spans, scale, threads
@@ -106,7 +105,7 @@ def _load() -> ctypes.CDLL | None:
         + common + tail
     library.posttrain_span_attention_forward.restype = ctypes.c_int
     library.posttrain_span_attention_backward.restype = ctypes.c_int
-    return library
+    return library, None
 
 
 def strides(t: torch.Tensor):
