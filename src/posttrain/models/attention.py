@@ -221,12 +221,18 @@ def _tiles(segments, length: int) -> bool:
     return True
 
 
+def _cpu_bf16_grouped(query, key, dropout: float) -> bool:
+    """What both CPU span paths below need: bf16 on a CPU, no dropout, heads a multiple of the K/V heads."""
+    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and not dropout
+            and query.shape[1] % key.shape[1] == 0)
+
+
 def _own_kernel_applies(query, key, value, dropout: float) -> bool:
     """The bf16 CPU training case :class:`_CausalSpanAttention` serves: gradients wanted, no dropout, heads a
     multiple of the K/V heads, not switched off with ``POSTTRAIN_CPU_ATTENTION=sdpa``."""
-    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and not dropout
+    return (_cpu_bf16_grouped(query, key, dropout)
             and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-            and query.shape[1] % key.shape[1] == 0 and os.environ.get("POSTTRAIN_CPU_ATTENTION", "own") != "sdpa")
+            and os.environ.get("POSTTRAIN_CPU_ATTENTION", "own") != "sdpa")
 
 
 def _native_applies(query, key, value, dropout: float) -> bool:
@@ -234,9 +240,8 @@ def _native_applies(query, key, value, dropout: float) -> bool:
     eval and reference models over packed rows): bf16 on a CPU with AVX512-BF16, no dropout, heads a multiple
     of the K/V heads, one head dimension for q, k and v that is a multiple of 32, the kernel built and not
     switched off."""
-    return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16
-            and not dropout and key.shape == value.shape and query.shape[-1] == key.shape[-1]
-            and query.shape[1] % key.shape[1] == 0 and query.shape[-1] % 32 == 0
+    return (_cpu_bf16_grouped(query, key, dropout) and key.dtype == value.dtype == torch.bfloat16
+            and key.shape == value.shape and query.shape[-1] == key.shape[-1] and query.shape[-1] % 32 == 0
             and native.span_attention_library() is not None)
 
 

@@ -26,7 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <memory>
 
 namespace {
 
@@ -138,17 +138,22 @@ struct Problem {
     long n_spans;
 };
 
+template <typename T>
+struct Buffer {  // uninitialised: every element the kernel reads, padding included, is written first
+    std::unique_ptr<T[]> p;
+    explicit Buffer(long n) : p(new T[n]) {}
+    T* data() { return p.get(); }
+    T& operator[](long i) { return p[i]; }
+};
+
 // Per-thread work memory, sized for the longest span.
 struct Work {
-    std::vector<bf16, std::allocator<bf16>> kt, vt, kn, vn, prow, pn, dsn, qt, dot;
-    std::vector<float> s, dp, obuf, dkt, dvt;
-    Work(long lp, long d, long g) {
-        kt.assign(d * lp, 0); vt.assign(d * lp, 0); kn.assign(lp * d, 0); vn.assign(lp * d, 0);
-        prow.assign(BLOCK * lp, 0); pn.assign(g * BLOCK * lp, 0); dsn.assign(g * BLOCK * lp, 0);
-        qt.assign(d * g * BLOCK, 0); dot.assign(d * g * BLOCK, 0);
-        s.assign(BLOCK * lp, 0.f); dp.assign(BLOCK * lp, 0.f); obuf.assign(BLOCK * d, 0.f);
-        dkt.assign(d * lp, 0.f); dvt.assign(d * lp, 0.f);
-    }
+    Buffer<bf16> kt, vt, kn, vn, prow, pn, dsn, qt, dot;
+    Buffer<float> s, dp, obuf, dkt, dvt;
+    Work(long lp, long d, long g)
+        : kt(d * lp), vt(d * lp), kn(lp * d), vn(lp * d), prow(BLOCK * lp), pn(g * BLOCK * lp),
+          dsn(g * BLOCK * lp), qt(d * g * BLOCK), dot(d * g * BLOCK), s(BLOCK * lp), dp(BLOCK * lp),
+          obuf(BLOCK * d), dkt(d * lp), dvt(d * lp) {}
 };
 
 // Keys of one span packed both ways: xt = [D/2][lp][2] (B operand of q x^T), xn = [lp/2][D][2] (B of p x).
@@ -235,8 +240,8 @@ void backward_task(const Problem& pb, Work& w, long b, long start, long len, lon
     const long d = pb.D, g = pb.H / pb.Hkv, lp = round_up(len, NR), gb = g * BLOCK;
     pack_keys(pb.k, b, hk, start, len, lp, d, w.kt.data(), w.kn.data());
     pack_keys(pb.v, b, hk, start, len, lp, d, w.vt.data(), w.vn.data());
-    std::fill(w.dkt.begin(), w.dkt.begin() + d * lp, 0.f);
-    std::fill(w.dvt.begin(), w.dvt.begin() + d * lp, 0.f);
+    std::fill(w.dkt.data(), w.dkt.data() + d * lp, 0.f);
+    std::fill(w.dvt.data(), w.dvt.data() + d * lp, 0.f);
     const __m512 vs = _mm512_set1_ps(pb.scale);
     for (long r0 = 0; r0 < len; r0 += BLOCK) {
         const long rows = std::min<long>(BLOCK, len - r0), np = round_up(r0 + rows, NR);
