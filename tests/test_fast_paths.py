@@ -82,26 +82,38 @@ def test_merged_lora_steps_aside_where_it_would_not_be_exact_or_cheaper(case, mo
         torch.testing.assert_close(model(x), reference(x))
 
 
+MAPS = {"identity": fw.IDENTITY, "granite": fw.LogitMap(divisor=4.0), "gemma": fw.LogitMap(softcap=3.0)}
+
+
+@pytest.mark.parametrize("logit_map", list(MAPS))
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk,block_rows", [(1, 128), (5, 128), (1024, 128), (1024, 4), (10, 3)])
-def test_frozen_head_logps_and_gradients_equal_the_checkpointed_head(temperature, chunk, block_rows, monkeypatch):
-    """Chunks and the row blocks inside a frozen head's chunk (several, the last one partial) change nothing."""
+def test_frozen_head_logps_and_gradients_equal_the_checkpointed_head(temperature, chunk, block_rows, logit_map,
+                                                                     monkeypatch):
+    """Chunks and the row blocks inside a frozen head's chunk (several, the last one partial) change nothing; a
+    family's logit map (Granite's divisor, Gemma's soft-cap) gives the logps and gradients of the formula."""
+    logit_map = MAPS[logit_map]
     monkeypatch.setattr(fw, "_HEAD_BLOCK_ROWS", block_rows)
     torch.manual_seed(1)
     head = torch.nn.Linear(32, 300).requires_grad_(False)
-    hidden = torch.randn(23, 32, requires_grad=True)
+    hidden = (3 * torch.randn(23, 32)).requires_grad_()  # logits of a few units: the soft-cap bends them
     targets = torch.randint(0, 300, (23,))
     weights = torch.randn(23)
     results = []
     for frozen in (False, True):
         monkeypatch.setattr(fw, "_frozen_linear", lambda h, f=frozen: f)
-        logps = head_logps(head, hidden, targets, chunk, temperature)
+        logps = head_logps(head, hidden, targets, chunk, temperature, logit_map)
         (grad,) = torch.autograd.grad((logps * weights).sum(), hidden)
         results.append((logps.detach(), grad))
-    expected = torch.log_softmax(head(hidden).float() / temperature, -1).gather(1, targets[:, None]).squeeze(1)
+    logits = head(hidden).float() / logit_map.divisor
+    if logit_map.softcap:
+        logits = logit_map.softcap * torch.tanh(logits / logit_map.softcap)
+    expected = torch.log_softmax(logits / temperature, -1).gather(1, targets[:, None]).squeeze(1)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), hidden)
     torch.testing.assert_close(results[1][0], expected.detach(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], expected_grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows_cap", [256, 7])

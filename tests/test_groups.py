@@ -19,7 +19,7 @@ def separate():
     return [TokenizedExample(p + c, [0] * len(p) + [1] * len(c)) for p, cs in GROUPS for c in cs]
 
 
-@pytest.mark.parametrize("attn", ["sdpa_segments", "sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["packed_spans", "sdpa", "eager"])
 @pytest.mark.parametrize("capacity", [None, 0, 64])
 def test_shared_prompt_logps_and_gradients_equal_separate_sequences(tiny_model_dir, attn, capacity):
     from transformers import AutoModelForCausalLM

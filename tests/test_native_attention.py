@@ -171,11 +171,11 @@ def test_autocast_casts_fp32_inputs_like_sdpa_would(monkeypatch):
     q, k, v = torch.randn(1, 6, 40, 64), torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attention.sdpa_segments_forward(None, *leaves, None, segments=segments)[0]
+        out = attention.packed_spans_forward(None, *leaves, None, segments=segments)[0]
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.float32 for t in leaves)
-    direct = attention.sdpa_segments_forward(None, *(t.bfloat16().requires_grad_() for t in (q, k, v)), None,
+    direct = attention.packed_spans_forward(None, *(t.bfloat16().requires_grad_() for t in (q, k, v)), None,
                                              segments=segments)[0]
     assert torch.equal(out, direct)
     with torch.no_grad():  # without autocast fp32 stays fp32
-        assert attention.sdpa_segments_forward(None, q, k, v, None, segments=segments)[0].dtype == torch.float32
+        assert attention.packed_spans_forward(None, q, k, v, None, segments=segments)[0].dtype == torch.float32

@@ -117,7 +117,7 @@ def test_segments_come_from_restarting_positions():
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_segment_attention_equals_the_block_diagonal_mask(tiny_model_dir, grad):
-    """sdpa_segments (per-sequence causal SDPA, no mask) vs sdpa with the (B, 1, T, T) mask: same loss and grads."""
+    """packed_spans (per-sequence causal SDPA, no mask) vs sdpa with the (B, 1, T, T) mask: same loss and grads."""
     from posttrain.models.attention import NAME, register
 
     register()
@@ -229,7 +229,7 @@ def test_varlen_failure_falls_back_to_per_span_once(monkeypatch):
         assert attention._varlen_segments(q, k, v, segments, None) is None
     assert "Ampere" in attention._varlen_failed
     assert not attention._varlen_applicable(q.to("meta", torch.bfloat16), 0.0, segments)
-    out, _ = attention.sdpa_segments_forward(None, q, k, v, None, segments=segments)
+    out, _ = attention.packed_spans_forward(None, q, k, v, None, segments=segments)
     expected, _ = attention._split_segments(q, k, v, segments, 0.0, None)
     torch.testing.assert_close(out, expected)
 
@@ -295,7 +295,7 @@ def test_cpu_bf16_span_attention_is_as_accurate_as_the_flash_kernel(heads, kv_he
 
 
 def test_segments_take_the_cpu_bf16_span_products_only_when_training(monkeypatch):
-    """sdpa_segments on a bf16 CPU batch with gradients goes through the matrix-product attention; its output
+    """packed_spans on a bf16 CPU batch with gradients goes through the matrix-product attention; its output
     and gradients match the flash kernel's (POSTTRAIN_CPU_ATTENTION=sdpa) to bf16 precision. No gradients,
     fp32 or dropout keep plain SDPA."""
     from posttrain.models import attention
@@ -310,7 +310,7 @@ def test_segments_take_the_cpu_bf16_span_products_only_when_training(monkeypatch
     grad_out = torch.randn(2, 48, 6, 16)
 
     def run():
-        return _attention_grads(lambda q, k, v: attention.sdpa_segments_forward(None, q, k, v, None,
+        return _attention_grads(lambda q, k, v: attention.packed_spans_forward(None, q, k, v, None,
                                                                                 segments=segments)[0], q, k, v, grad_out)
 
     ours = run()
@@ -322,9 +322,9 @@ def test_segments_take_the_cpu_bf16_span_products_only_when_training(monkeypatch
         assert (o - f).abs().max() <= 0.02 * f.abs().max()
     monkeypatch.delenv("POSTTRAIN_CPU_ATTENTION")
     with torch.no_grad():
-        attention.sdpa_segments_forward(None, q, k, v, None, segments=segments)
-    _attention_grads(lambda q, k, v: attention.sdpa_segments_forward(None, q, k, v, None, segments=segments)[0],
+        attention.packed_spans_forward(None, q, k, v, None, segments=segments)
+    _attention_grads(lambda q, k, v: attention.packed_spans_forward(None, q, k, v, None, segments=segments)[0],
                      q.float(), k.float(), v.float(), grad_out)
-    _attention_grads(lambda q, k, v: attention.sdpa_segments_forward(None, q, k, v, None, dropout=0.1,
+    _attention_grads(lambda q, k, v: attention.packed_spans_forward(None, q, k, v, None, dropout=0.1,
                                                                      segments=segments)[0], q, k, v, grad_out)
     assert len(calls) == 3

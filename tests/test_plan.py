@@ -191,7 +191,7 @@ def test_activation_count_matches_what_autograd_saves(tiny_model_dir, method, pr
     from posttrain.models.adapters import build_model
 
     # The planner models transformers' sdpa with a block-diagonal mask for packed rows, an upper bound for the
-    # default sdpa_segments kernel (no mask, no repeated k/v).
+    # default packed_spans kernel (no mask, no repeated k/v).
     cfg = SFTConfig(model=str(tiny_model_dir), method=method, attn_implementation="sdpa")
     if method == "qlora" and precision == "bf16":  # explicit; compute_dtype=auto gives the same under bf16
         cfg.qlora.compute_dtype = "bfloat16"

@@ -504,7 +504,7 @@ class PlanConfig:
     device_memory_gb: float | None = opt(None, "Memory to fit in, GB (GiB); default: the GPU's, or the machine's RAM for cpu.")
     precision: Literal["auto", "bf16", "fp32"] = opt("auto", "Forward precision (frozen weights stored in it); auto = as the engine: bf16 on cuda and on a cpu with native bf16 (AVX512-BF16/AMX), else fp32.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward.")
-    packing: bool = opt(True, "Rows are packed (as sft's packing=true). Modelled as sdpa with a block-diagonal mask, an upper bound for the default sdpa_segments kernel.")
+    packing: bool = opt(True, "Rows are packed (as sft's packing=true). Modelled as sdpa with a block-diagonal mask, an upper bound for the default packed_spans kernel.")
     loss_chunk_size: int = opt(1024, "Target positions per loss chunk (as sft's loss_chunk_size).")
     lora_r: int = opt(16, "LoRA rank (lora, qlora).")
     lora_targets: list[str] | str = opt("all-linear", "LoRA modules: all-linear or a list such as [q_proj, v_proj].")

@@ -15,7 +15,7 @@ completions of 30 tokens: 307 positions instead of 720.
 
 The batch carries the usual keys (``input_ids``, ``labels``, ``position_ids``, ``sequence_ids``, ``last_index``
 and a (rows, 1, T, T) boolean ``attention_mask`` that expresses the same structure for sdpa/eager attention) plus
-``segment_table`` (K, 5): ``[row, start, end, prefix_start, prefix_end]`` of every span, which ``sdpa_segments``
+``segment_table`` (K, 5): ``[row, start, end, prefix_start, prefix_end]`` of every span, which ``packed_spans``
 uses instead of the mask. Sequence ``g * n + j`` is completion j of group g, as the rollout engine orders them.
 """
 

@@ -29,14 +29,16 @@ class ParamReport:
     total: int
     output_bytes: int
     method: str
+    attention: str | None = None  # how the family's attention is computed, when there is more to say than plain
 
     def summary(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
         what = "adapter" if self.method in ADAPTER_METHODS else "full model"
-        return (
+        line = (
             f"method {self.method}: {self.trainable:,} trainable of {self.total:,} parameters ({pct:.3f}%); "
             f"the saved {what} will take about {_human_bytes(self.output_bytes)} on disk"
         )
+        return line if self.attention is None else f"{line}\n{self.attention}"
 
 
 def _human_bytes(n: int) -> str:
@@ -106,31 +108,8 @@ def frozen_storage_dtype(method: str, mixed_precision: str) -> torch.dtype:
     return torch.float32
 
 
-def resolve_attn_implementation(name: str, model_spec: str | None = None, trust_remote_code: bool = False) -> str:
-    """``auto``: flash-attention 2 on CUDA when installed; else ``sdpa_segments`` (per-sequence causal SDPA for
-    packed rows, see models/attention.py) when the model's attention is plain causal; else ``sdpa``."""
-    from posttrain.models import attention
-
-    if name == attention.NAME:
-        attention.register()
-    if name != "auto":
-        return name
-    import importlib.util
-
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    if model_spec is not None:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(resolve_model(model_spec), trust_remote_code=trust_remote_code)
-        if attention.supports_segments(config):
-            attention.register()
-            return attention.NAME
-    return "sdpa"
-
-
 def _load_base(cfg: TrainConfig, device: torch.device | None, mixed_precision: str, task: str = "causal_lm"):
-    attn = resolve_attn_implementation(cfg.attn_implementation, cfg.model, cfg.trust_remote_code)
+    attn = cfg.attn_implementation
     if cfg.method != "qlora":
         dtype = frozen_storage_dtype(cfg.method, mixed_precision)
         return load_causal_lm(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=attn,
@@ -225,7 +204,11 @@ def build_model(
     if cfg.gradient_checkpointing and cfg.method != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model, param_report(model, cfg.method)
+    from posttrain.models import attention
+
+    report = param_report(model, cfg.method)
+    report.attention = attention.describe(model.config, model.config._attn_implementation)
+    return model, report
 
 
 def param_report(model: torch.nn.Module, method: str) -> ParamReport:

@@ -1,4 +1,4 @@
-"""Attention for packed rows without flash-attention: causal SDPA per packed sequence (``sdpa_segments``).
+"""Attention for packed rows without flash-attention: causal SDPA per packed sequence (``packed_spans``).
 
 A packed row holds several sequences. transformers' ``sdpa`` can isolate them only through a (B, 1, T, T)
 block-diagonal mask, and with any mask PyTorch's SDPA leaves its fused kernels: it repeats the grouped K/V
@@ -27,7 +27,7 @@ products, fp32 where the softmax needs it and bf16 elsewhere, instead of the CPU
 step), and without them SDPA serves. ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernel, ``=sdpa`` both.
 Generation with a KV cache never comes here (no ``segments``).
 
-It is registered with transformers' ``AttentionInterface`` as ``sdpa_segments`` and used when
+It is registered with transformers' ``AttentionInterface`` as ``packed_spans`` and used when
 ``attn_implementation`` resolves to it (``auto`` without flash-attn). Without a ``segments`` argument (unpacked
 batches, generation, eval) it is exactly transformers' ``sdpa``. Spans come from the position ids, which restart
 at 0 for every packed sequence; padding at a row's end continues the last sequence's positions, so it joins
@@ -38,17 +38,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import inspect
 import math
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import native
 
-NAME = "sdpa_segments"
+NAME = "packed_spans"
+# The name this implementation had before: transformers reads any name containing "sdpa" as SDPA and refuses it
+# for families SDPA cannot serve (Gemma 2, gpt-oss), so it was renamed; configs that say it still work.
+OLD_NAME = "sdpa_segments"
 
 
 def segments_from_positions(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -62,20 +67,130 @@ def segments_from_positions(position_ids: torch.Tensor) -> list[list[tuple[int, 
     return out
 
 
-def sdpa_segments_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          segments: list[list[tuple[int, int]]] | None = None, **kwargs):
-    """query (B, H, T, D), key/value (B, H_kv, T, D) -> (B, T, H, D), like transformers' attention functions."""
-    if segments is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def packed_spans_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          segments: list[list[tuple[int, ...]]] | None = None, sliding_window: int | None = None,
+                          softcap: float | None = None, s_aux: torch.Tensor | None = None, **kwargs):
+    """query (B, H, T, D), key/value (B, H_kv, T, D) -> (B, T, H, D), like transformers' attention functions.
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    ``sliding_window``, ``softcap`` and ``s_aux`` (attention sinks) are what the family's attention module passes
+    for this layer (Mistral, Gemma 2/3, gpt-oss, ...); each is honoured exactly (see :class:`LayerExtras`)."""
+    extras = LayerExtras(sliding_window or None, softcap or None, s_aux)
+    if segments is None:
+        if extras.softcap is None and extras.sinks is None:  # transformers' mask carries window and padding
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return exact_attention(query, key, value, attention_mask, scale, extras, dropout), None
     query, key, value = _autocast_inputs(query, key, value)
+    if not extras.plain_for(_longest_visible(segments)):
+        return _exact_segments(query, key, value, segments, dropout, scaling, extras), None
     if _varlen_applicable(query, dropout, segments):
         out = _varlen_segments(query, key, value, segments, scaling)
         if out is not None:
             return out
     with _without_cudnn(query.device):
         return _segments(query, key, value, segments, dropout, scaling)
+
+
+@dataclass(frozen=True)
+class LayerExtras:
+    """What a layer's attention adds to plain causal softmax(q k^T s) v.
+
+    - ``window``: a query at position i sees keys at positions j with i - j < window (transformers'
+      ``sliding_window_overlay``); a sequence of at most ``window`` tokens is therefore plain causal.
+    - ``softcap``: scores s -> softcap * tanh(s / softcap) before the mask (Gemma 2).
+    - ``sinks``: (H,) learned logits that join every row's softmax and are dropped after it (gpt-oss).
+    The fast kernels (varlen, the C++ span kernel, the bf16 products, causal SDPA) compute plain causal
+    attention, so they serve a layer only when :meth:`plain_for` its longest span holds."""
+
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    def plain_for(self, visible: int) -> bool:
+        """Plain causal attention is exact for a query that sees at most ``visible`` keys."""
+        return self.softcap is None and self.sinks is None and (self.window is None or visible <= self.window)
+
+
+def _longest_visible(segments) -> int:
+    """The most keys any query of the batch can see: a span's length plus its shared prefix."""
+    return max(span[1] - span[0] + (span[3] - span[2] if len(span) == 4 else 0)
+               for spans in segments for span in spans)
+
+
+def exact_attention(query, key, value, allowed, scale: float, extras: LayerExtras, dropout: float = 0.0):
+    """Attention with a boolean mask and a layer's extras, from explicit products: the math of the families'
+    eager attention (scores scaled, soft-capped, masked; sinks joined to the softmax), computed in fp32.
+
+    query (B, H, n, D), key/value (B, H_kv, m, D); ``allowed`` (B or 1, 1, n, m) boolean (True = attend), or
+    None for causal attention aligned at the last key (what transformers' mask helpers mean by no mask).
+    Returns (B, n, H, D) in the query's dtype. Grouped query heads are broadcast, never repeated."""
+    batch, heads, rows, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    q5 = query.float().reshape(batch, kv_heads, group, rows, dim)  # head h uses K/V head h // group
+    scores = torch.matmul(q5, key.float()[:, :, None].transpose(-1, -2)).mul_(scale)  # (B, H_kv, g, n, m)
+    if extras.softcap is not None:
+        scores = torch.tanh(scores / extras.softcap) * extras.softcap
+    if allowed is None:
+        allowed = torch.ones(rows, keys, dtype=torch.bool, device=query.device).tril_(keys - rows)[None, None]
+    elif allowed.dtype != torch.bool:  # an additive mask (eager's convention): 0 = attend
+        allowed = allowed == 0
+    # the mask fills with the fp32 minimum, as eager adds it: a row with no visible key gets uniform weights,
+    # never NaN (such rows are padding, whose outputs no target reads)
+    scores = scores.masked_fill(~allowed[:, :, None], torch.finfo(torch.float32).min)
+    if extras.sinks is not None:
+        sinks = extras.sinks.float().reshape(1, kv_heads, group, 1, 1).expand(batch, -1, -1, rows, 1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if dropout:
+        probs = F.dropout(probs, p=dropout, training=True)
+    out = torch.matmul(probs.to(value.dtype), value[:, :, None])  # (B, H_kv, g, n, D)
+    return out.reshape(batch, heads, rows, dim).transpose(1, 2).contiguous()
+
+
+def span_mask(rows: int, prefix: int, window: int | None, device=None) -> torch.Tensor:
+    """(rows, prefix + rows) boolean: a span's queries see its shared prefix in full and themselves causally,
+    within ``window`` positions (query t sits at position prefix + t of the keys' coordinates)."""
+    query_pos = torch.arange(prefix, prefix + rows, device=device)[:, None]
+    key_pos = torch.arange(prefix + rows, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed &= query_pos - key_pos < window
+    return allowed
+
+
+def _exact_segments(query, key, value, segments, dropout, scaling, extras: LayerExtras):
+    """Per span: plain causal SDPA where the span fits the layer's plain case, else SDPA with the span's window
+    mask (no soft-cap or sinks) or :func:`exact_attention`. Tiled or shared-prefix spans alike."""
+    gqa = query.shape[1] != key.shape[1]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    rows = []
+    for r, spans in enumerate(segments):
+        parts = []
+        for span in spans:
+            s, e = span[0], span[1]
+            ps, pe = (span[2], span[3]) if len(span) == 4 else (0, 0)
+            q, k, v = query[r : r + 1, :, s:e], key[r : r + 1, :, s:e], value[r : r + 1, :, s:e]
+            if pe > ps:
+                k = torch.cat([key[r : r + 1, :, ps:pe], k], dim=2)
+                v = torch.cat([value[r : r + 1, :, ps:pe], v], dim=2)
+            n, prefix = e - s, pe - ps
+            if extras.plain_for(n + prefix) and not prefix:
+                parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                            enable_gqa=gqa).transpose(1, 2))
+                continue
+            allowed = span_mask(n, prefix, extras.window, query.device)
+            if extras.softcap is None and extras.sinks is None:
+                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                                            scale=scaling, enable_gqa=gqa).transpose(1, 2))
+            else:
+                parts.append(exact_attention(q, k, v, allowed[None, None], scale, extras, dropout))
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0).contiguous()
 
 
 def _autocast_inputs(query, key, value):
@@ -486,16 +601,51 @@ def segments_from_table(table: torch.Tensor, num_rows: int) -> list[list[tuple[i
 
 
 def register() -> None:
-    """Make ``attn_implementation="sdpa_segments"`` known to transformers (idempotent)."""
+    """Make ``attn_implementation="packed_spans"`` known to transformers (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, sdpa_segments_forward)
+    AttentionInterface.register(NAME, packed_spans_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # unpacked batches get transformers' usual sdpa mask
 
 
-def supports_segments(config) -> bool:
-    """Plain causal attention only: a sliding window or logit soft-capping would be lost by the per-span kernel."""
-    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+# Model types whose attention has sinks, which flash-attention 2 cannot compute (transformers needs a vLLM
+# flash-attention 3 kernel from the hub for them): ``auto`` keeps them on packed_spans even with flash-attn.
+_SINK_MODEL_TYPES = ("gpt_oss",)
+
+
+def resolve(name: str, config) -> str:
+    """The attention implementation to load ``config``'s model with. ``auto``: flash-attention 2 on CUDA when the
+    package is installed and the family has no sinks; else ``packed_spans``, which is exact for every family
+    (windows, soft-capping and sinks included, see :class:`LayerExtras`) and registered here."""
+    if name == OLD_NAME:
+        name = NAME
+    if name not in ("auto", NAME):
+        return name
+    if name == "auto" and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None \
+            and getattr(config, "model_type", "") not in _SINK_MODEL_TYPES:
+        return "flash_attention_2"
+    register()
+    return NAME
+
+
+def describe(config, name: str) -> str | None:
+    """One line for the run's log on how this family's attention is computed, or None for the plain case (plain
+    causal attention through packed_spans' fast kernels) where there is nothing to say."""
+    if name != NAME:
+        return f"attention: {name}" + (" (per-layer packed masks carrying the sliding windows)"
+                                       if getattr(config, "sliding_window", None) else "")
+    features = []
+    window = getattr(config, "sliding_window", None)
+    if window:
+        kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+        where = "every layer" if kinds == {"sliding_attention"} else "its sliding_attention layers"
+        features.append(f"a {window}-token sliding window on {where} (a longer sequence's span gets the window mask)")
     softcap = getattr(config, "attn_logit_softcapping", None)
-    return not sliding and not softcap
+    if softcap:
+        features.append(f"attention soft-capping at {softcap} (exact products per span)")
+    if getattr(config, "model_type", "") in _SINK_MODEL_TYPES:
+        features.append("attention sinks (exact products per span)")
+    if not features:
+        return None
+    return f"attention: {NAME} with " + "; ".join(features) + "; plain causal spans take the fast kernels"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +49,29 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def head_bypassed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Within the block ``model(...)`` returns final hidden states; yields the real output head."""
+    """Within the block ``model(...)`` returns final hidden states; yields the real output head.
+
+    The family's own mapping of the head's output (:class:`LogitMap`: Granite's scaling, Gemma's soft-cap) is
+    switched off in the config for the block, or it would be applied to the hidden states; the lean head
+    applies it to the logits instead."""
     lm = _causal_lm(model)
     head = lm.get_output_embeddings()
     assert head is not None, f"{type(lm).__name__} has no output embeddings"
     name = "lm_head" if getattr(lm, "lm_head", None) is head else None
     assert name is not None, f"{type(lm).__name__}: output head is not `lm_head`"
+    saved = {key: getattr(lm.config, key) for key, neutral in _LOGIT_MAP_KEYS.items() if hasattr(lm.config, key)}
     setattr(lm, name, _PassThrough())
+    for key in saved:
+        setattr(lm.config, key, _LOGIT_MAP_KEYS[key])
     try:
         yield head
     finally:
         setattr(lm, name, head)
+        for key, value in saved.items():
+            setattr(lm.config, key, value)
+
+
+_LOGIT_MAP_KEYS = {"logits_scaling": 1.0, "final_logit_softcapping": None}  # config key -> its identity value
 
 
 @contextlib.contextmanager
@@ -116,7 +129,7 @@ def uses_segment_attention(model: torch.nn.Module) -> bool:
 def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(input_ids, labels, forward kwargs) for ``batch``, shaped for the model's attention kernel.
 
-    A packed batch carries a (B, 1, T, T) block-diagonal mask. With ``sdpa_segments`` the mask is dropped and
+    A packed batch carries a (B, 1, T, T) block-diagonal mask. With ``packed_spans`` the mask is dropped and
     each sequence's span (from the restarting position ids) is attended to on its own. With flash-attention the
     rows are flattened into one varlen sequence: transformers derives the sequence boundaries from the position
     ids, and attention costs sum(len_i^2), not T^2. Both are safe because every sequence's first label is -100
@@ -127,15 +140,9 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
     if batch["attention_mask"].dim() == 4:
-        if getattr(_causal_lm(model).config, "_attn_implementation", "") == "eager" and batch["attention_mask"].dtype == torch.bool:
-            # transformers' eager attention ADDS a given 4D mask to the scores: make it 0 / -inf-like, not 1 / 0.
-            dtype = next(model.parameters()).dtype
-            dtype = dtype if dtype.is_floating_point else torch.float32
-            kwargs["attention_mask"] = torch.zeros(batch["attention_mask"].shape, dtype=dtype, device=input_ids.device).masked_fill(
-                ~batch["attention_mask"], torch.finfo(dtype).min)
         if uses_varlen_attention(model):
             if "segment_table" in batch:
-                raise NotImplementedError("shared-prompt batches need sdpa_segments, sdpa or eager attention")
+                raise NotImplementedError("shared-prompt batches need packed_spans, sdpa or eager attention")
             input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
             kwargs["position_ids"] = batch["position_ids"].reshape(1, -1)
             kwargs["attention_mask"] = None
@@ -147,11 +154,78 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
             else:
                 kwargs["segments"] = segments_from_positions(batch["position_ids"])
             kwargs["attention_mask"] = None
+        else:
+            kwargs["attention_mask"] = layer_masks(model, batch["attention_mask"], batch["position_ids"])
     return input_ids, labels, kwargs
 
 
-def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logits = head(hidden).float()  # (n, V)
+def layer_masks(model: torch.nn.Module, allowed: torch.Tensor, position_ids: torch.Tensor):
+    """A packed batch's (B, 1, T, T) boolean structure mask as the model's layers need it under ``sdpa`` or
+    ``eager``: with each layer type's sliding window applied by position (a query at position i sees keys at
+    positions j > i - window, as transformers' own window masks), and additive (0 / dtype minimum) for eager,
+    which adds a given mask to its scores. transformers uses a given 4-D mask as it is, so a window it does not
+    carry here would be lost. Families with several layer types (Gemma 2/3, gpt-oss, ...) take a dict
+    ``{layer type: mask}``; the others one mask."""
+    config = _causal_lm(model).config
+    windows = layer_windows(config)
+    distance = position_ids[:, None, :, None] - position_ids[:, None, None, :]  # (B, 1, T, T) query - key
+    masks = {}
+    for kind, window in windows.items():
+        mask = allowed if window is None else allowed & (distance < window)  # keeps the diagonal: no empty row
+        if config._attn_implementation == "eager":
+            dtype = next(model.parameters()).dtype
+            dtype = dtype if dtype.is_floating_point else torch.float32
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        masks[kind] = mask
+    return masks if len(masks) > 1 else next(iter(masks.values()))
+
+
+@dataclass(frozen=True)
+class LogitMap:
+    """What a family's causal-LM forward does to the head's output before the loss sees it, which the lean head
+    (it bypasses that forward) must do too: Granite divides the logits by ``logits_scaling``; Gemma 2/3
+    soft-cap them, z = c tanh(l / c) with c = ``final_logit_softcapping``. Identity for the other families."""
+
+    divisor: float = 1.0
+    softcap: float | None = None
+
+    @staticmethod
+    def of(model: torch.nn.Module) -> LogitMap:
+        config = _causal_lm(model).config
+        return LogitMap(float(getattr(config, "logits_scaling", None) or 1.0),
+                        getattr(config, "final_logit_softcapping", None) or None)
+
+    def apply(self, logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """(n, V) fp32 head outputs -> the family's logits; ``inplace`` (no autograd through it) saves copies."""
+        if self.divisor != 1.0:
+            logits = logits.div_(self.divisor) if inplace else logits / self.divisor
+        if self.softcap is not None:
+            logits = (logits.div_(self.softcap).tanh_().mul_(self.softcap) if inplace
+                      else torch.tanh(logits / self.softcap) * self.softcap)
+        return logits
+
+    def slope(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """d z / d l for the soft-cap, from the capped logits z: 1 - (z / c)^2 (the divisor's 1/d is applied once
+        to the whole gradient by the caller). None without a soft-cap."""
+        if self.softcap is None:
+            return None
+        return 1.0 - (logits / self.softcap).square_()
+
+
+IDENTITY = LogitMap()
+
+
+def layer_windows(config) -> dict[str, int | None]:
+    """Each layer type of the model -> its sliding window (None: full causal attention). Without ``layer_types``
+    a model with ``sliding_window`` set (Mistral, Phi-3) windows every layer."""
+    window = getattr(config, "sliding_window", None) or None
+    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
+    return {kind: window if kind == "sliding_attention" else None for kind in sorted(kinds)}
+
+
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                 logit_map: LogitMap = IDENTITY) -> torch.Tensor:
+    logits = logit_map.apply(head(hidden).float())  # (n, V)
     if temperature != 1.0:
         logits = logits / temperature
     return -F.cross_entropy(logits, targets, reduction="none")  # (n,) log p(target)
@@ -166,10 +240,12 @@ class _FrozenHeadLogps(torch.autograd.Function):
     checkpointed path instead recomputes the logits in backward and then runs the log-softmax backward and that
     same matmul, so this saves a third of the head's matmuls and a pass over the logits. Used only when no
     head parameter is trained (adapter methods); a trained head needs the logits' gradient for its weight.
+    With a family's :class:`LogitMap`, z = map(l): the gradient is (W[t] - p W) scaled per logit by dz/dl,
+    i.e. ((p - onehot(t)) * dz/dl) W, negated.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float):
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, logit_map: LogitMap = IDENTITY):
         grad = ctx.needs_input_grad[0]
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         jac = torch.empty(hidden.shape[0], weight.shape[1], dtype=weight.dtype, device=hidden.device) if grad else None
@@ -178,7 +254,8 @@ class _FrozenHeadLogps(torch.autograd.Function):
         # chunk 1.2-1.3x faster in a microbenchmark, a LoRA step 1.03x; bit-identical results)
         for start in range(0, hidden.shape[0], _HEAD_BLOCK_ROWS):
             end = min(start + _HEAD_BLOCK_ROWS, hidden.shape[0])
-            logits = F.linear(hidden[start:end], weight, bias).float()  # (rows, V)
+            logits = logit_map.apply(F.linear(hidden[start:end], weight, bias).float(), inplace=True)  # (rows, V)
+            slope = logit_map.slope(logits) if grad else None
             if temperature != 1.0:
                 logits.div_(temperature)
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -188,19 +265,21 @@ class _FrozenHeadLogps(torch.autograd.Function):
             if grad:
                 delta = logprobs.exp_()  # softmax p, in place
                 delta[torch.arange(end - start, device=delta.device), block_targets] -= 1.0  # p - onehot(t), fp32
+                if slope is not None:
+                    delta.mul_(slope)
                 jac[start:end] = delta.to(weight.dtype) @ weight  # W[t] - p W (negated below), no bf16 cancellation
-            del logprobs
+            del logprobs, slope
         if grad:
             jac.neg_()
-            if temperature != 1.0:
-                jac.div_(temperature)
+            if temperature * logit_map.divisor != 1.0:
+                jac.div_(temperature * logit_map.divisor)
             ctx.save_for_backward(jac.to(hidden.dtype))
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
         (jac,) = ctx.saved_tensors
-        return grad_logps.to(jac.dtype)[:, None] * jac, None, None, None, None
+        return grad_logps.to(jac.dtype)[:, None] * jac, None, None, None, None, None
 
 
 def _frozen_linear(head: torch.nn.Module) -> bool:
@@ -208,9 +287,10 @@ def _frozen_linear(head: torch.nn.Module) -> bool:
 
 
 def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK,
-               temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) for (N, H) hidden rows, chunk by chunk; logits divided by ``temperature`` (RL evaluates the
-    distribution it sampled from). Returns (N,) fp32. With gradients: a frozen linear head forms each chunk's
+               temperature: float = 1.0, logit_map: LogitMap = IDENTITY) -> torch.Tensor:
+    """log p(target) for (N, H) hidden rows, chunk by chunk; the head's outputs mapped as the family's forward
+    maps them (``logit_map``), then divided by ``temperature`` (RL evaluates the distribution it sampled from).
+    Returns (N,) fp32. With gradients: a frozen linear head forms each chunk's
     gradient in the forward (:class:`_FrozenHeadLogps`); any other head is checkpointed per chunk of at most
     ``_TRAINED_HEAD_CHUNK_ROWS`` rows."""
     if hidden.shape[0] == 0:
@@ -223,11 +303,11 @@ def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if frozen:
-            parts.append(_FrozenHeadLogps.apply(h, head.weight, head.bias, t, temperature))
+            parts.append(_FrozenHeadLogps.apply(h, head.weight, head.bias, t, temperature, logit_map))
         elif grad:
-            parts.append(checkpoint(_chunk_logps, head, h, t, temperature, use_reentrant=False))
+            parts.append(checkpoint(_chunk_logps, head, h, t, temperature, logit_map, use_reentrant=False))
         else:
-            parts.append(_chunk_logps(head, h, t, temperature))
+            parts.append(_chunk_logps(head, h, t, temperature, logit_map))
     return torch.cat(parts)
 
 
@@ -252,13 +332,14 @@ def target_logps_and_values(model: torch.nn.Module, batch: dict[str, torch.Tenso
     """:func:`target_logps` plus, with ``value_head`` (H -> 1), the value estimate at each predicting position
     from the same forward pass's final hidden states (PPO's policy + value head on one backbone): (N,) fp32 or None."""
     input_ids, labels, kwargs = model_inputs(model, batch)
+    logit_map = LogitMap.of(model)  # read before head_bypassed neutralises it in the config
     with head_bypassed(model) as head, lora_input_casts_off(model):
         hidden = model(input_ids=input_ids, **kwargs).logits  # (B, T', H); T' = T + virtual tokens for prompt tuning
         hidden = hidden[:, -input_ids.shape[1]:]  # (B, T, H)
         targets = shift_labels(labels)  # (B, T)
         predicts = targets != IGNORE_INDEX
         rows = hidden[predicts]
-        logps = head_logps(head, rows, targets[predicts], chunk_size, temperature)
+        logps = head_logps(head, rows, targets[predicts], chunk_size, temperature, logit_map)
     values = None if value_head is None else value_head(rows.to(value_head.weight.dtype)).squeeze(-1).float()
     return logps, predicts.reshape(batch["labels"].shape), values  # (B, T) even when flattened for varlen attention
 
@@ -297,7 +378,7 @@ def sequence_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
     input_ids, _, kwargs = model_inputs(model, batch)
     if input_ids.shape != batch["input_ids"].shape:  # flattened for varlen attention: read it back per row
-        raise NotImplementedError("reward scores with flash-attention varlen: use attn_implementation=sdpa_segments")
+        raise NotImplementedError("reward scores with flash-attention varlen: use attn_implementation=packed_spans")
     handle = _backbone(model).register_forward_hook(keep)
     try:
         with lora_input_casts_off(model):

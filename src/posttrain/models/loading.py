@@ -117,13 +117,23 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     quantization_config=None,
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str = "auto",
     device_map=None,
     task: str = "causal_lm",
 ):
     """Load a causal LM (or, with ``task="seq_cls"``, the same backbone with a one-output score head, a reward
-    model) from safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    model) from safetensors only. ``attn_implementation="auto"`` picks an exact kernel for the family
+    (:func:`posttrain.models.attention.resolve`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from posttrain.models import attention
+
+    path = resolve_model(spec)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PosttrainError(f"model: could not read the config of '{spec}': {e}") from e
+    attn_implementation = attention.resolve(attn_implementation, config)
 
     kwargs = {}
     auto = AutoModelForCausalLM
@@ -143,7 +153,7 @@ def load_causal_lm(
         hf_logging.set_verbosity_error()
     try:
         return auto.from_pretrained(
-            resolve_model(spec),
+            path,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
@@ -152,5 +162,11 @@ def load_causal_lm(
         )
     except OSError as e:
         raise PosttrainError(f"model: could not load '{spec}': {e}") from e
+    except ValueError as e:
+        if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
+            raise
+        raise PosttrainError(f"attn_implementation={attn_implementation}: {config.model_type} models cannot use it "
+                             f"({str(e).splitlines()[0]}); use attn_implementation=auto (exact for every family) "
+                             "or eager") from None
     finally:
         hf_logging.set_verbosity(verbosity)
