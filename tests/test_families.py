@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.families import FAMILIES, WINDOW, build_family
 from posttrain.data.collate import collate_sft
 from posttrain.data.groups import collate_groups
 from posttrain.data.packing import collate_packed, pack_examples
@@ -18,6 +17,7 @@ from posttrain.data.preference import collate_sequences
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.models.forward import sequence_logps, target_logps
 from posttrain.models.loading import load_causal_lm
+from tests.families import FAMILIES, WINDOW, build_family
 
 ALL = list(FAMILIES)
 ATTENTIONS = ["auto", "eager", "sdpa"]

@@ -294,10 +294,10 @@ def test_cpu_bf16_span_attention_is_as_accurate_as_the_flash_kernel(heads, kv_he
         assert err_ours <= 2 * err_flash + 2e-3, f"{name}: {err_ours:.2e} vs flash {err_flash:.2e}"
 
 
-def test_segments_take_the_cpu_bf16_span_products_only_when_training(monkeypatch):
-    """packed_spans on a bf16 CPU batch with gradients goes through the matrix-product attention; its output
-    and gradients match the flash kernel's (POSTTRAIN_CPU_ATTENTION=sdpa) to bf16 precision. No gradients,
-    fp32 or dropout keep plain SDPA."""
+def test_segments_take_the_cpu_bf16_span_products_with_and_without_gradients(monkeypatch):
+    """packed_spans on a bf16 CPU batch goes through the matrix-product attention; its output and gradients
+    match the flash kernel's (POSTTRAIN_CPU_ATTENTION=sdpa) to bf16 precision, and a no-grad pass (a reference
+    model's) gives the training pass's output bit for bit. fp32 or dropout keep plain SDPA."""
     from posttrain.models import attention
 
     calls = []
@@ -322,9 +322,15 @@ def test_segments_take_the_cpu_bf16_span_products_only_when_training(monkeypatch
         assert (o - f).abs().max() <= 0.02 * f.abs().max()
     monkeypatch.delenv("POSTTRAIN_CPU_ATTENTION")
     with torch.no_grad():
-        attention.packed_spans_forward(None, q, k, v, None, segments=segments)
+        no_grad = attention.packed_spans_forward(None, q, k, v, None, segments=segments)[0]
+    assert len(calls) == 6
+    with torch.enable_grad():
+        trained = attention.packed_spans_forward(None, q.requires_grad_(), k, v, None, segments=segments)[0]
+    assert torch.equal(no_grad, trained.detach())
+    q.requires_grad_(False)
+    calls.clear()
     _attention_grads(lambda q, k, v: attention.packed_spans_forward(None, q, k, v, None, segments=segments)[0],
                      q.float(), k.float(), v.float(), grad_out)
     _attention_grads(lambda q, k, v: attention.packed_spans_forward(None, q, k, v, None, dropout=0.1,
                                                                      segments=segments)[0], q, k, v, grad_out)
-    assert len(calls) == 3
+    assert not calls

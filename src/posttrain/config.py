@@ -47,7 +47,8 @@ class LoraSection:
     r: int = opt(16, "LoRA rank.")
     alpha: float = opt(32.0, "LoRA scaling numerator (the update is scaled by alpha / r).")
     dropout: float = opt(0.0, "Dropout on the LoRA input.")
-    target_modules: list[str] | str = opt("all-linear", "Modules to adapt: 'all-linear' or a list of names such as [q_proj, v_proj].")
+    target_modules: list[str] | str = opt("all-linear", "Modules to adapt: 'all-linear' (every linear layer but the output and score heads; an MoE model's routers are not linear layers and stay frozen) or a list of names such as [q_proj, v_proj].")
+    target_experts: bool = opt(False, "MoE models (Qwen3-MoE, gpt-oss): also adapt the experts' stacked projections, one LoRA pair per expert through PEFT's target_parameters, so the adapter grows with the number of experts. Not with DoRA.")
     dora: bool = opt(False, "DoRA: weight-decomposed LoRA (Liu et al. 2024).")
 
 

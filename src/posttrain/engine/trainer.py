@@ -39,6 +39,7 @@ from posttrain.engine.checkpoint import (
 )
 from posttrain.engine.metrics import MetricsLogger, plot_metrics
 from posttrain.errors import ConfigError, TrainingDiverged
+from posttrain.models import router
 
 
 class Objective(Protocol):
@@ -340,9 +341,14 @@ class Engine:
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = acc.no_sync(self.model) if m < len(micro) - 1 else nullcontext()
             with sync:
-                with acc.autocast():
+                with acc.autocast(), router.collecting() as router_losses:
                     loss_sum, metrics = objective.loss(self.model, batch)
-                acc.backward(loss_sum * (self.world / max(global_units, 1.0)))
+                scaled = loss_sum * (self.world / max(global_units, 1.0))
+                if router_losses:  # an MoE model trained with its load-balancing loss (models/router.py)
+                    aux = torch.stack(router_losses).sum()
+                    scaled = scaled + aux / len(micro)
+                    metrics = {**metrics, "router_aux": aux.detach() * objective.count(batch)}
+                acc.backward(scaled)
             for k, v in {"loss": loss_sum, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         keys = sorted(sums)

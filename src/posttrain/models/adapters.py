@@ -58,25 +58,59 @@ def _compute_dtype(name: str, mixed_precision: str = "no") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _lora_config(cfg: TrainConfig, task_type: str = "CAUSAL_LM"):
+def expert_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of an MoE model's stacked expert projections: its 3-D floating parameters, (experts, ., .) each
+    (Qwen3-MoE's and gpt-oss's ``mlp.experts.gate_up_proj`` / ``down_proj``), as PEFT's ``target_parameters``
+    suffixes. Empty for a dense model."""
+    names = set()
+    for name, param in model.named_parameters():
+        if param.ndim == 3 and param.is_floating_point():
+            names.add(".".join(name.split(".")[-3:]))  # mlp.experts.gate_up_proj
+    return sorted(names)
+
+
+def lora_targets(model: torch.nn.Module, target_modules: list[str] | str, experts: bool) -> tuple[list[str] | str, list[str]]:
+    """(target_modules, target_parameters) for PEFT.
+
+    A dense model keeps ``target_modules`` as given. An MoE model's ``all-linear`` is resolved here to the leaf
+    names of its linear layers but the output and score heads: PEFT would otherwise map it, for checkpoints of
+    transformers 4 when experts and routers were linear layers, onto the experts and the router too (Qwen3-MoE),
+    and a trained router changes which experts every token uses. The experts join only with ``experts``."""
+    expert_params = expert_parameters(model)
+    if experts and not expert_params:
+        raise ConfigError("lora.target_experts: the model has no experts (it is not a mixture-of-experts model)")
+    if not expert_params or target_modules != "all-linear":
+        return target_modules, expert_params if experts else []
+    heads = {id(model.get_output_embeddings()), id(getattr(model, "score", None))}
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear) and id(module) not in heads})
+    return names, expert_params if experts else []
+
+
+def _lora_config(cfg: TrainConfig, model: torch.nn.Module, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
+    if cfg.lora.dora and cfg.lora.target_experts:
+        raise ConfigError("lora.target_experts: PEFT cannot apply DoRA to expert parameters; set lora.dora=false, "
+                          "or lora.target_experts=false to adapt the attention only")
+    modules, parameters = lora_targets(model, cfg.lora.target_modules, cfg.lora.target_experts)
     return LoraConfig(
         task_type=task_type,
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
+        target_modules=modules,
+        target_parameters=parameters or None,
         use_dora=cfg.lora.dora,
     )
 
 
-def _peft_config(cfg: TrainConfig, task_type: str = "CAUSAL_LM"):
+def _peft_config(cfg: TrainConfig, model: torch.nn.Module, task_type: str = "CAUSAL_LM"):
     """PEFT config of ``cfg.method``; task_type SEQ_CLS (reward models) also trains and saves the score head."""
     from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
 
     if cfg.method in ("lora", "qlora"):
-        return _lora_config(cfg, task_type)
+        return _lora_config(cfg, model, task_type)
     if cfg.method == "prompt":
         if cfg.prompt.init_text:
             return PromptTuningConfig(
@@ -189,7 +223,7 @@ def build_model(
                 )
             model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
     elif cfg.method in ADAPTER_METHODS:
-        model = get_peft_model(model, _peft_config(cfg, "SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM"))
+        model = get_peft_model(model, _peft_config(cfg, model, "SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM"))
 
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

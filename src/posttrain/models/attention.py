@@ -22,9 +22,9 @@ path is used from then on; ``POSTTRAIN_VARLEN=0`` turns it off.
 On a CPU in bf16, when the spans tile the rows: with AVX512-BF16, a compiler and a head dimension that is a
 multiple of 32, the whole layer is ONE call of posttrain's C++ kernel, with or without gradients
 (:class:`_NativeSpanAttention`, :mod:`posttrain.models.native`; 1.39x on a LoRA step over the products below).
-Otherwise, with gradients, each span runs :class:`_CausalSpanAttention`: causal blocks of PyTorch matrix
+Otherwise each span runs :class:`_CausalSpanAttention`: causal blocks of PyTorch matrix
 products, fp32 where the softmax needs it and bf16 elsewhere, instead of the CPU flash kernel (1.2x on a LoRA
-step), and without them SDPA serves. ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernel, ``=sdpa`` both.
+step), with or without gradients. ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernel, ``=sdpa`` both.
 Generation with a KV cache never comes here (no ``segments``).
 
 It is registered with transformers' ``AttentionInterface`` as ``packed_spans`` and used when
@@ -127,6 +127,11 @@ def exact_attention(query, key, value, allowed, scale: float, extras: LayerExtra
     query (B, H, n, D), key/value (B, H_kv, m, D); ``allowed`` (B or 1, 1, n, m) boolean (True = attend), or
     None for causal attention aligned at the last key (what transformers' mask helpers mean by no mask).
     Returns (B, n, H, D) in the query's dtype. Grouped query heads are broadcast, never repeated."""
+    with torch.autocast(query.device.type, enabled=False):  # the products stay fp32 under bf16 autocast
+        return _exact_attention(query, key, value, allowed, scale, extras, dropout)
+
+
+def _exact_attention(query, key, value, allowed, scale: float, extras: LayerExtras, dropout: float):
     batch, heads, rows, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -343,11 +348,12 @@ def _cpu_bf16_grouped(query, key, dropout: float) -> bool:
 
 
 def _own_kernel_applies(query, key, value, dropout: float) -> bool:
-    """The bf16 CPU training case :class:`_CausalSpanAttention` serves: gradients wanted, no dropout, heads a
-    multiple of the K/V heads, not switched off with ``POSTTRAIN_CPU_ATTENTION=sdpa``."""
-    return (_cpu_bf16_grouped(query, key, dropout)
-            and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-            and os.environ.get("POSTTRAIN_CPU_ATTENTION", "own") != "sdpa")
+    """The bf16 CPU case :class:`_CausalSpanAttention` serves, with or without gradients: no dropout, heads a
+    multiple of the K/V heads, not switched off with ``POSTTRAIN_CPU_ATTENTION=sdpa``. No-grad passes (a
+    reference model's, eval's) take it too, so that a policy and its reference compute bit-identical
+    log-probs where their weights agree (DPO's first loss is ln 2 in bf16 as in fp32); its forward is also
+    faster than the CPU flash kernel's (docs/benchmarks.md)."""
+    return _cpu_bf16_grouped(query, key, dropout) and os.environ.get("POSTTRAIN_CPU_ATTENTION", "own") != "sdpa"
 
 
 def _native_applies(query, key, value, dropout: float) -> bool:

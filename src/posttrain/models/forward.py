@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.losses import IGNORE_INDEX, shift_labels
+from posttrain.models import router
 
 DEFAULT_CHUNK = 1024
 _HEAD_BLOCK_ROWS = 128  # rows per block inside a frozen head's chunk (see _FrozenHeadLogps.forward)
@@ -333,8 +334,13 @@ def target_logps_and_values(model: torch.nn.Module, batch: dict[str, torch.Tenso
     from the same forward pass's final hidden states (PPO's policy + value head on one backbone): (N,) fp32 or None."""
     input_ids, labels, kwargs = model_inputs(model, batch)
     logit_map = LogitMap.of(model)  # read before head_bypassed neutralises it in the config
+    config = _causal_lm(model).config
+    if router.wanted(config):
+        kwargs["output_router_logits"] = True
     with head_bypassed(model) as head, lora_input_casts_off(model):
-        hidden = model(input_ids=input_ids, **kwargs).logits  # (B, T', H); T' = T + virtual tokens for prompt tuning
+        output = model(input_ids=input_ids, **kwargs)
+        router.record(config, output)
+        hidden = output.logits  # (B, T', H); T' = T + virtual tokens for prompt tuning
         hidden = hidden[:, -input_ids.shape[1]:]  # (B, T, H)
         targets = shift_labels(labels)  # (B, T)
         predicts = targets != IGNORE_INDEX

@@ -112,6 +112,28 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def require_sequence_classification(config) -> None:
+    """A reward model is the family's ``*ForSequenceClassification`` (what plain transformers reloads it as);
+    some families have none (Granite)."""
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise PosttrainError(
+            f"model: {config.model_type} has no sequence classification model in transformers "
+            f"(AutoModelForSequenceClassification does not know {type(config).__name__}), so it cannot be a reward "
+            "model; train the reward model on another family, or use rule-based rewards or a judge")
+
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    """The model's transformers config, read from its directory (no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(spec), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PosttrainError(f"model: could not read the config of '{spec}': {e}") from e
+
+
 def load_causal_lm(
     spec: str,
     dtype: torch.dtype = torch.float32,
@@ -124,16 +146,15 @@ def load_causal_lm(
     """Load a causal LM (or, with ``task="seq_cls"``, the same backbone with a one-output score head, a reward
     model) from safetensors only. ``attn_implementation="auto"`` picks an exact kernel for the family
     (:func:`posttrain.models.attention.resolve`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from posttrain.models import attention
 
     path = resolve_model(spec)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise PosttrainError(f"model: could not read the config of '{spec}': {e}") from e
+    config = load_config(spec, trust_remote_code)
     attn_implementation = attention.resolve(attn_implementation, config)
+    if task == "seq_cls":
+        require_sequence_classification(config)
 
     kwargs = {}
     auto = AutoModelForCausalLM

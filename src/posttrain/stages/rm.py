@@ -22,6 +22,7 @@ from posttrain.errors import ConfigError
 from posttrain.losses import bradley_terry_loss
 from posttrain.models.adapters import build_model
 from posttrain.models.forward import sequence_scores
+from posttrain.models.loading import load_config, require_sequence_classification
 from posttrain.stages.common import (
     finish,
     load_tokenizer_for,
@@ -63,6 +64,7 @@ def train(cfg: RMConfig) -> RMResult:
             "causal-LM adapter; merge it first (`posttrain merge adapter=... output_dir=merged`) and use "
             "model=merged, or use method=full"
         )
+    require_sequence_classification(load_config(cfg.model, cfg.trust_remote_code))  # before the data, not after
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer_for(cfg)
     train_pairs, eval_pairs = load_train_eval(cfg, tokenizer, accelerator, load_pair_dataset)
