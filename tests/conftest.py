@@ -47,3 +47,18 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, tokenizer):
+    """family -> a tiny random model of it (tests/families.py) with the embedded tokenizer, built once."""
+    from tests.families import build_family
+
+    built = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_family(family, tokenizer, tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return get

@@ -17,23 +17,11 @@ from posttrain.data.preference import collate_sequences
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.models.forward import sequence_logps, target_logps
 from posttrain.models.loading import load_causal_lm
-from tests.families import FAMILIES, WINDOW, build_family
+from tests.families import FAMILIES, WINDOW
 
 ALL = list(FAMILIES)
 ATTENTIONS = ["auto", "eager", "sdpa"]
 NO_SDPA = {"gemma2", "gpt_oss"}  # transformers refuses sdpa for them: it cannot soft-cap or add sinks
-
-
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory, tokenizer):
-    built = {}
-
-    def get(family: str):
-        if family not in built:
-            built[family] = build_family(family, tokenizer, tmp_path_factory.mktemp(family))
-        return built[family]
-
-    return get
 
 
 def examples(seed: int, lengths=(23, 31, 17, 40, 12, 27)) -> list[TokenizedExample]:
@@ -186,3 +174,39 @@ def test_full_finetune_gradients_of_packed_rows_equal_the_eager_forward(family, 
         if param.grad is None and want[name].grad is None:
             continue
         torch.testing.assert_close(param.grad, want[name].grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("softcap,sinks,window", [(None, False, 40), (5.0, False, 40), (None, True, 40),
+                                                  (5.0, True, None), (None, True, 300)])
+def test_blocked_exact_spans_equal_one_dense_masked_attention(softcap, sinks, window):
+    """Spans over several 128-row blocks, with and without a shared prefix, checkpointed with gradients: the
+    outputs and the q, k, v (and sinks) gradients of the eager formula over the whole span in float64."""
+    from posttrain.models import attention
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, length = 4, 2, 16, 300
+    q = torch.randn(1, heads, length, dim, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, kv_heads, length, dim, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, kv_heads, length, dim, dtype=torch.float64, requires_grad=True)
+    sink = torch.randn(heads, dtype=torch.float64, requires_grad=True) if sinks else None
+    extras = attention.LayerExtras(window, softcap, sink)
+    segments = [[(0, 20), (20, 200, 0, 20), (200, 300)]]  # a prompt, a completion seeing it, another sequence
+    grad_out = torch.randn(1, length, heads, dim, dtype=torch.float64)
+    out = attention._exact_segments(q, k, v, segments, 0.0, 0.25, extras)
+    leaves = [q, k, v] + ([sink] if sinks else [])
+    got = torch.autograd.grad((out * grad_out).sum(), leaves)
+
+    allowed = torch.zeros(length, length, dtype=torch.bool)  # the same structure as one dense mask
+    pos = torch.cat([torch.arange(20), torch.arange(20, 200), torch.arange(100)])
+    allowed[:20, :20] = True
+    allowed[20:200, :200] = True
+    allowed[200:, 200:] = True
+    allowed &= pos[None, :] <= pos[:, None]
+    allowed[200:, 200:] &= torch.ones(100, 100, dtype=torch.bool).tril()
+    if window is not None:
+        allowed &= pos[:, None] - pos[None, :] < window
+    dense = attention._exact_attention(q, k, v, allowed[None, None], 0.25, extras, 0.0)
+    want = torch.autograd.grad((dense * grad_out).sum(), leaves)
+    torch.testing.assert_close(out, dense, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)

@@ -12,7 +12,6 @@ from posttrain.config import load_config
 from posttrain.errors import ConfigError
 from posttrain.models.adapters import build_model
 from tests.families import build_family
-from tests.test_families import family_dirs  # noqa: F401  (the fixture)
 
 MOE = ["qwen3_moe", "gpt_oss"]
 
@@ -31,14 +30,14 @@ def _adapted(model) -> set[str]:
     return names
 
 
-def test_phi3_fused_projections_are_adapted_by_all_linear_and_by_name(family_dirs):  # noqa: F811
+def test_phi3_fused_projections_are_adapted_by_all_linear_and_by_name(family_dirs):
     assert _adapted(_build(family_dirs("phi3"))) == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                                      "mlp.down_proj"}
     assert _adapted(_build(family_dirs("phi3"), "lora.target_modules=[qkv_proj]")) == {"self_attn.qkv_proj"}
 
 
 @pytest.mark.parametrize("family", MOE)
-def test_moe_all_linear_adapts_attention_and_never_the_router(family, family_dirs):  # noqa: F811
+def test_moe_all_linear_adapts_attention_and_never_the_router(family, family_dirs):
     model = _build(family_dirs(family))
     assert _adapted(model) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -46,7 +45,7 @@ def test_moe_all_linear_adapts_attention_and_never_the_router(family, family_dir
 
 
 @pytest.mark.parametrize("family", MOE)
-def test_moe_target_experts_adapts_each_expert_and_merges_exactly(family, family_dirs, tmp_path):  # noqa: F811
+def test_moe_target_experts_adapts_each_expert_and_merges_exactly(family, family_dirs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +71,7 @@ def test_moe_target_experts_adapts_each_expert_and_merges_exactly(family, family
     assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
 
 
-def test_target_experts_is_refused_where_it_cannot_apply(family_dirs):  # noqa: F811
+def test_target_experts_is_refused_where_it_cannot_apply(family_dirs):
     with pytest.raises(ConfigError, match="no experts"):
         _build(family_dirs("llama"), "lora.target_experts=true")
     with pytest.raises(ConfigError, match="DoRA"):
@@ -117,7 +116,7 @@ def test_router_loss_is_transformers_own_loss_term(moe_with_router_loss):
     assert collected == []  # reference and rollout passes add nothing
 
 
-def test_router_loss_reaches_training_and_its_log(moe_with_router_loss, tmp_path, family_dirs):  # noqa: F811
+def test_router_loss_reaches_training_and_its_log(moe_with_router_loss, tmp_path, family_dirs):
     from posttrain.cli import main
     from tests.test_families_stages import DATA
 

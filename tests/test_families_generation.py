@@ -11,7 +11,6 @@ from posttrain.models.loading import load_causal_lm
 from posttrain.rl.rollout import RolloutEngine, Sampling, completion_logps_reference
 from posttrain.serve.decode import Delta, Finished, Job, RowSampling, decode_batch
 from tests.families import FAMILIES, WINDOW
-from tests.test_families import family_dirs  # noqa: F401  (the fixture)
 
 PROMPTS = [list(range(40, 45)), list(range(300, 313)), list(range(900, 920))]  # 5, 13, 20 tokens
 NEW = 14  # past the 8-token windows: the sliding caches drop keys during decoding
@@ -26,7 +25,7 @@ def _greedy(model, prompt: list[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_rollout_and_serve_decoding_equal_greedy_generate(family, family_dirs, tokenizer):  # noqa: F811
+def test_rollout_and_serve_decoding_equal_greedy_generate(family, family_dirs, tokenizer):
     assert max(len(p) for p in PROMPTS) + NEW > 2 * WINDOW
     model = load_causal_lm(str(family_dirs(family))).eval()
     expected = [_greedy(model, p) for p in PROMPTS]

@@ -12,7 +12,6 @@ import torch
 
 from posttrain.cli import main
 from tests.families import FAMILIES
-from tests.test_families import family_dirs  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
@@ -53,7 +52,7 @@ def _args(stage: str, model_dir, out, rl_files) -> list[str]:
 
 @pytest.mark.parametrize("stage", list(STAGES))
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_stage_runs_a_step_from_the_cli(family, stage, family_dirs, rl_files, tmp_path, capsys):  # noqa: F811
+def test_every_stage_runs_a_step_from_the_cli(family, stage, family_dirs, rl_files, tmp_path, capsys):
     out = tmp_path / stage
     rc = main(_args(stage, family_dirs(family), out, rl_files))
     captured = capsys.readouterr()
@@ -70,7 +69,7 @@ def test_every_stage_runs_a_step_from_the_cli(family, stage, family_dirs, rl_fil
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_generate_eval_merge_and_serve_answer_for_every_family(family, family_dirs, tmp_path, capsys):  # noqa: F811
+def test_generate_eval_merge_and_serve_answer_for_every_family(family, family_dirs, tmp_path, capsys):
     from fastapi.testclient import TestClient
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

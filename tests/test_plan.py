@@ -17,6 +17,7 @@ import torch
 from posttrain import plan
 from posttrain.errors import ConfigError
 from posttrain.plan import KNOWN_SHAPES, GiB, ModelShape, PlanConfig, estimate, run_plan
+from tests.families import FAMILIES
 
 # h=8, f=16, 2 layers, 2 heads of 4 dims sharing 1 KV head, vocab 10, tied embeddings.
 TINY = ModelShape("tiny", vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
@@ -340,3 +341,89 @@ def test_auto_precision_follows_the_engine(monkeypatch):
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
     assert plan.resolve_precision("auto", "cpu") == "bf16"
     assert plan.resolve_precision("fp32", "cpu") == "fp32"
+
+
+# --------------------------------------------------------------------------------------------- the families
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_shapes_and_lora_counts_match_the_built_model(family, family_dirs):
+    """Every family's local config.json is planned: LoRA's trainable count (phi3's fused projections, MoE
+    attention only or with its experts) equals what build_model trains."""
+    from posttrain.config import SFTConfig
+    from posttrain.models.adapters import build_model
+
+    model_dir = family_dirs(family)
+    shape = plan.load_shape(str(model_dir))
+    assert shape.model_type == json.loads((model_dir / "config.json").read_text())["model_type"]
+    options = [False, True] if shape.num_experts else [False]
+    for experts in options:
+        cfg = SFTConfig(model=str(model_dir), method="lora")
+        cfg.lora.target_experts = experts
+        _, report = build_model(cfg)
+        assert report.trainable == plan.trainable_params(shape, "lora", lora_r=16, lora_targets="all-linear",
+                                                         num_virtual_tokens=20, lora_experts=experts), family
+
+
+def test_moe_and_window_terms_by_hand():
+    """Qwen3-30B-A3B: every parameter counted (30.5B; the model card says 30.5B, 3.3B active with the
+    embeddings); gpt-oss-20b: 20.9B (21B), its 128-token windows halve the attention FLOPs of its sliding layers."""
+    qwen = plan.load_shape("Qwen/Qwen3-30B-A3B")
+    assert qwen.num_experts == 128 and qwen.experts_per_token == 8 and qwen.sliding_layers == 0
+    assert round(qwen.num_params / 1e9, 1) == 30.5
+    embeddings = 2 * qwen.vocab_size * qwen.hidden_size
+    assert qwen.active_params + embeddings == pytest.approx(3.3e9, rel=0.02)  # 3.35B counted
+    oss = plan.load_shape("gpt-oss-20b")  # the name after the owner is enough
+    assert (oss.sliding_window, oss.sliding_layers, oss.exact_attention) == (128, 12, True)
+    assert round(oss.num_params / 1e9, 1) == 20.9
+    windowed = plan.flops_per_step(oss, "lora", batch_size=1, seq_len=4096, num_virtual_tokens=0, trainable=0,
+                                   gradient_checkpointing=False)
+    dense = plan.flops_per_step(ModelShape(**{**oss.__dict__, "sliding_window": None, "sliding_layers": 0}), "lora",
+                                batch_size=1, seq_len=4096, num_virtual_tokens=0, trainable=0,
+                                gradient_checkpointing=False)
+    attention = 4 * oss.num_heads * oss.head_dim * 4096 * 4096 * (4 if oss.exact_attention else 3)
+    assert dense - windowed == pytest.approx(12 * attention * (1 - 128 / 4096), rel=1e-9)
+    # QLoRA quantizes the attention only: the experts are not linear layers
+    assert plan.weight_bytes(qwen, "qlora", "bf16") > 0.9 * plan.weight_bytes(qwen, "lora", "bf16")
+
+
+@pytest.mark.parametrize("hub_id", list(plan.HUB_CONFIGS))
+def test_known_hub_ids_plan_without_the_network(hub_id, capsys):
+    run_plan(PlanConfig(model=hub_id, device_memory_gb=80))
+    assert hub_id in capsys.readouterr().out
+
+
+def test_unknown_target_names_are_checked_against_the_family(family_dirs):
+    shape = plan.load_shape(str(family_dirs("phi3")))
+    with pytest.raises(ConfigError, match="qkv_proj"):
+        plan.trainable_params(shape, "lora", lora_r=8, lora_targets=["q_proj"], num_virtual_tokens=0)
+
+
+PLANNED_WITHIN_10_PERCENT = ["llama_untied", "qwen2", "qwen3", "qwen3_moe", "mistral", "phi3", "granite", "smollm3"]
+
+
+@pytest.mark.parametrize("method,precision,experts", [("lora", "fp32", False), ("lora", "bf16", False),
+                                                      ("full", "fp32", False), ("lora", "fp32", True)])
+@pytest.mark.parametrize("family", PLANNED_WITHIN_10_PERCENT)
+def test_family_activations_match_what_autograd_saves(family, method, precision, experts, family_dirs):
+    """The activation model on the families' own blocks (QK-norm, fused projections, experts). Gemma 2/3 and
+    OLMo 2 keep more than planned under bf16 and gpt-oss's sinks cannot run SDPA: docs/plan.md says by how much."""
+    from posttrain.config import SFTConfig
+    from posttrain.models.adapters import build_model
+
+    model_dir = family_dirs(family)
+    shape = plan.load_shape(str(model_dir))
+    if experts and not shape.num_experts:
+        pytest.skip("a dense family has no experts")
+    cfg = SFTConfig(model=str(model_dir), method=method, attn_implementation="sdpa")
+    cfg.lora.target_experts = experts
+    model, _ = build_model(cfg, mixed_precision="bf16" if precision == "bf16" else "no")
+    model.train()
+    torch.manual_seed(0)
+    ids = torch.randint(100, 1000, (2, 48))
+    causal = torch.tril(torch.ones(48, 48, dtype=torch.bool))
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(48)[None].expand(2, 48).clone(),
+             "attention_mask": causal[None, None].expand(2, 1, 48, 48).clone()}
+    measured = _saved_activation_bytes(model, batch, precision == "bf16")
+    predicted = plan.activation_bytes(shape, method, batch_size=2, seq_len=48, precision=precision,
+                                      gradient_checkpointing=False, packing=True, lora_r=16, lora_targets="all-linear",
+                                      num_virtual_tokens=20, lora_experts=experts)
+    assert abs(predicted - measured) / measured < 0.10, (predicted, measured)

@@ -92,12 +92,18 @@ TRAINED_HEAD_CHUNK_ROWS = 256
 # Methods whose examples are packed into rows (models/adapters.PACKING_METHODS; a test keeps them equal).
 PACKING_METHODS = ("full", "lora", "qlora")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3
+ATTENTION_INPUT = frozenset({"q_proj", "k_proj", "v_proj", "qkv_proj"})  # linears that read the attention input
+MLP_INPUT = frozenset({"gate_proj", "up_proj", "gate_up_proj"})  # linears that read the MLP input
+EXACT_BLOCK_ROWS = 128  # models/attention.py: query rows per checkpointed block of the exact products
 
 
 # --------------------------------------------------------------------------------------------- shapes
 @dataclass(frozen=True)
 class ModelShape:
-    """A Llama-style decoder: everything the memory and FLOPs depend on."""
+    """A decoder of the Llama form (attention + gated MLP per layer), with what the supported families vary:
+    fused projections (Phi-3), a mixture of experts in place of the MLP (Qwen3-MoE, gpt-oss), sliding-window
+    layers, and attention posttrain computes as exact products (soft-capping, sinks)."""
 
     name: str
     vocab_size: int
@@ -111,18 +117,78 @@ class ModelShape:
     source: str
     params_on_disk: int | None = None  # counted from safetensors headers, when the shape came from a directory
     checkpoint_bytes_per_param: float = 2.0  # dtype of the stored weights (hub checkpoints: bf16/fp16)
+    model_type: str = "llama"
+    num_experts: int = 0  # 0: a dense MLP; else each layer's MLP is this many experts (stacked 3-D parameters)
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    sliding_window: int | None = None
+    sliding_layers: int = 0  # layers that attend within the window
+    exact_attention: bool = False  # soft-capped or sink attention: posttrain's exact per-span products
+    qk_norm: bool = False  # RMSNorm on the queries and keys (Qwen3, Gemma 3, OLMo 2)
+
+    @property
+    def fused(self) -> bool:
+        """Phi-3's fused qkv_proj and gate_up_proj."""
+        return self.model_type == "phi3"
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear of one decoder layer."""
+        """(in, out) of each linear layer (``nn.Linear``) of one decoder layer. An MoE layer's experts are not
+        linear layers (see :attr:`expert_params`)."""
         h, f = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+        if self.fused:
+            attention = {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h)}
+        else:
+            attention = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        if self.num_experts:
+            return attention
+        if self.fused:
+            return {**attention, "gate_up_proj": (h, 2 * f), "down_proj": (f, h)}
+        return {**attention, "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+    def expert_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of one expert's projections: the gated pair stacked as gate_up_proj, then down_proj."""
+        if not self.num_experts:
+            return {}
+        h, i = self.hidden_size, self.expert_intermediate_size
+        return {"gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
 
     @property
     def linear_params(self) -> int:
-        """Decoder-layer linear weights: what QLoRA quantizes and what costs 2 FLOPs per token each."""
+        """Decoder-layer linear weights: what QLoRA quantizes (bitsandbytes replaces ``nn.Linear`` layers only)."""
         return self.num_layers * sum(i * o for i, o in self.linear_shapes().values())
+
+    @property
+    def expert_params(self) -> int:
+        """All experts' weights, plus the routers' (experts x hidden per layer)."""
+        if not self.num_experts:
+            return 0
+        per_expert = sum(i * o for i, o in self.expert_shapes().values())
+        return self.num_layers * self.num_experts * (per_expert + self.hidden_size)
+
+    @property
+    def active_params(self) -> int:
+        """The matmul weights one token passes through: linears, its experts_per_token experts and the router."""
+        if not self.num_experts:
+            return self.linear_params
+        per_expert = sum(i * o for i, o in self.expert_shapes().values())
+        return self.linear_params + self.num_layers * (self.experts_per_token * per_expert
+                                                       + self.num_experts * self.hidden_size)
+
+    def features(self) -> list[str]:
+        """What the plan models beyond a dense Llama, one line each."""
+        lines = []
+        if self.num_experts:
+            lines.append(f"{self.model_type}: {self.num_experts} experts, {self.experts_per_token} per token "
+                         f"({_count(self.active_params)} matmul weights per token); experts stay unquantized under "
+                         "QLoRA (they are not linear layers) and LoRA adapts them only with lora_target_experts")
+        if self.sliding_window:
+            lines.append(f"sliding window of {self.sliding_window} tokens on {self.sliding_layers} of "
+                         f"{self.num_layers} layers (their attention FLOPs see at most the window)")
+        if self.exact_attention:
+            lines.append("soft-capped or sink attention: exact products in checkpointed 128-row blocks "
+                         "(recomputed in backward)")
+        return lines
 
     @property
     def head_params(self) -> int:
@@ -135,7 +201,14 @@ class ModelShape:
             return self.params_on_disk
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
         norms = (2 * self.num_layers + 1) * self.hidden_size
-        return self.linear_params + embeddings + norms
+        return self.linear_params + self.expert_params + embeddings + norms
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
 
 
 def _llama(name, vocab, h, f, layers, heads, kv_heads, tie, source, checkpoint_bytes=2.0) -> ModelShape:
@@ -171,70 +244,185 @@ def safetensors_sizes(directory: Path) -> tuple[int, int] | None:
     return params, nbytes
 
 
-def shape_from_hf_dir(directory: str | Path) -> ModelShape:
-    """Shape of a Hugging Face model directory: config.json, plus parameter counts from safetensors headers."""
-    path = Path(directory)
-    config = json.loads((path / "config.json").read_text())
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-               if k not in config]
+QK_NORM_TYPES = ("qwen3", "qwen3_moe", "gemma3_text", "olmo2")  # families that normalise q and k
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "mistral", "phi3", "olmo2",
+                   "granite", "smollm3", "gpt_oss")
+
+
+def shape_from_config(config: dict, *, name: str, source: str, params_on_disk: int | None = None,
+                      checkpoint_bytes_per_param: float = 2.0) -> ModelShape:
+    """A :class:`ModelShape` from a transformers ``config.json`` (a multimodal checkpoint's ``text_config``)."""
+    if "text_config" in config and "hidden_size" not in config:
+        config = config["text_config"]
+    model_type = config.get("model_type", "llama")
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    keys = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"]
+    keys += ["moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"]
+    missing = [k for k in keys if k not in config]
     if missing:
-        raise ConfigError(f"model: {path}/config.json lacks {', '.join(missing)}; plan models Llama-style decoders")
-    heads = config["num_attention_heads"]
-    sizes = safetensors_sizes(path)
+        raise ConfigError(f"model: {source} lacks {', '.join(missing)}; plan models decoders of the families "
+                          f"{', '.join(SUPPORTED_TYPES)}")
+    heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    types = config.get("layer_types")
+    if window and not types and model_type == "gemma3_text":  # configs without layer_types: every 6th is global
+        period = config.get("sliding_window_pattern", 6)
+        types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers)]
+    if window and not types and model_type in ("gemma2", "gpt_oss"):  # alternating, local first
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    sliding = (sum(t == "sliding_attention" for t in types) if types else layers) if window else 0
+    per_token = (config.get("num_experts_per_tok") or config.get("experts_per_token") or 0) if experts else 0
+    expert_size = (config.get("moe_intermediate_size") or config.get("intermediate_size", 0)) if experts else 0
     return ModelShape(
-        name=path.name,
+        name=name,
         vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_layers=config["num_hidden_layers"],
+        intermediate_size=config.get("intermediate_size", 0),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        source=f"{path}/config.json",
-        params_on_disk=sizes[0] if sizes else None,
-        checkpoint_bytes_per_param=sizes[1] / max(sizes[0], 1) if sizes else 2.0,
+        tie_embeddings=bool(config.get("tie_word_embeddings", model_type in ("gemma2", "gemma3_text"))),
+        source=source,
+        params_on_disk=params_on_disk,
+        checkpoint_bytes_per_param=checkpoint_bytes_per_param,
+        model_type=model_type,
+        num_experts=experts,
+        experts_per_token=per_token,
+        expert_intermediate_size=expert_size,
+        sliding_window=window or None,
+        sliding_layers=sliding,
+        exact_attention=bool(config.get("attn_logit_softcapping")) or model_type == "gpt_oss",
+        qk_norm=model_type in QK_NORM_TYPES,
     )
 
 
+def shape_from_hf_dir(directory: str | Path) -> ModelShape:
+    """Shape of a Hugging Face model directory: config.json, plus parameter counts from safetensors headers."""
+    path = Path(directory)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model: {path}/config.json is not valid JSON ({e})") from None
+    sizes = safetensors_sizes(path)
+    return shape_from_config(config, name=path.name, source=f"{path}/config.json",
+                             params_on_disk=sizes[0] if sizes else None,
+                             checkpoint_bytes_per_param=sizes[1] / max(sizes[0], 1) if sizes else 2.0)
+
+
+# The shapes of popular checkpoints of the supported families, so `posttrain plan model=Qwen/Qwen3-8B` needs no
+# network: the config.json keys the planner reads, as each hub repository's config.json gives them (gpt-oss-20b
+# ships MXFP4 experts; transformers dequantizes them to bf16 for training, which is what is planned).
+HUB_CONFIGS: dict[str, dict] = {
+    "meta-llama/Llama-3.1-8B-Instruct": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "meta-llama/Llama-3.2-3B-Instruct": dict(
+        model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-7B-Instruct": dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, sliding_window=131072,
+        use_sliding_window=False),
+    "Qwen/Qwen3-8B": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "Qwen/Qwen3-30B-A3B": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, tie_word_embeddings=False),
+    "google/gemma-2-9b-it": dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=4096, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, tie_word_embeddings=True),
+    "google/gemma-3-12b-it": dict(
+        model_type="gemma3_text", vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=1024, sliding_window_pattern=6,
+        tie_word_embeddings=True),
+    "mistralai/Mistral-7B-Instruct-v0.3": dict(
+        model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, sliding_window=None, tie_word_embeddings=False),
+    "microsoft/phi-4": dict(
+        model_type="phi3", vocab_size=100352, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=10, sliding_window=None, tie_word_embeddings=False),
+    "openai/gpt-oss-20b": dict(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+        sliding_window=128, tie_word_embeddings=False),
+    "allenai/OLMo-2-1124-7B-Instruct": dict(
+        model_type="olmo2", vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
+    "ibm-granite/granite-3.3-8b-instruct": dict(
+        model_type="granite", vocab_size=49159, hidden_size=4096, intermediate_size=12800, num_hidden_layers=40,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "HuggingFaceTB/SmolLM3-3B": dict(
+        model_type="smollm3", vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+        num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True),
+}
+
+
+def _hub_key(spec: str) -> str | None:
+    """The known hub id ``spec`` names: exactly, case-insensitively, or by its name after the owner."""
+    lowered = spec.lower()
+    for key in HUB_CONFIGS:
+        if lowered in (key.lower(), key.split("/", 1)[1].lower()):
+            return key
+    return None
+
+
 def load_shape(spec: str) -> ModelShape:
-    """``smollm2-135m``, a size name (1b, 7b, 13b, 65b, 70b) or a local Hugging Face directory."""
+    """``smollm2-135m``, a size name (1b, 7b, 13b, 65b, 70b), a known hub id (:data:`HUB_CONFIGS`, with or
+    without its owner) or a local Hugging Face directory."""
     if spec in KNOWN_SHAPES:
         return KNOWN_SHAPES[spec]
     path = Path(spec).expanduser()
     if (path / "config.json").is_file():
         return shape_from_hf_dir(path)
-    raise ConfigError(f"model: '{spec}' is not one of {', '.join(KNOWN_SHAPES)} nor a local directory with a config.json")
+    key = _hub_key(spec)
+    if key is not None:
+        return shape_from_config(HUB_CONFIGS[key], name=key, source=f"{key} config.json (known shape, no download)")
+    raise ConfigError(f"model: '{spec}' is not one of {', '.join(KNOWN_SHAPES)}, a known hub id "
+                      f"({', '.join(HUB_CONFIGS)}) nor a local directory with a config.json")
 
 
 # --------------------------------------------------------------------------------------------- the math
-def lora_target_set(targets: str | list[str]) -> frozenset[str]:
-    """``all-linear`` (PEFT: every linear but the output head) or a list / comma-separated string of names."""
+def lora_target_set(targets: str | list[str], shape: ModelShape | None = None) -> frozenset[str]:
+    """``all-linear`` (every linear layer of a decoder layer: for an MoE model, the attention's) or a list /
+    comma-separated string of names, checked against ``shape``'s linears (or any family's, without one)."""
+    known = tuple(shape.linear_shapes()) if shape is not None else tuple(dict.fromkeys(LINEARS + FUSED_LINEARS))
     if targets == "all-linear":
-        return frozenset(LINEARS)
+        return frozenset(known)
     names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
-    unknown = sorted(set(names) - set(LINEARS))
+    unknown = sorted(set(names) - set(known))
     if unknown or not names:
-        raise ConfigError(f"lora_targets: unknown module(s) {unknown or names}; use all-linear or names from {', '.join(LINEARS)}")
+        raise ConfigError(f"lora_targets: unknown module(s) {unknown or names}; use all-linear or names from {', '.join(known)}")
     return frozenset(names)
 
 
-def trained_linears(method: str, lora_targets: str | list[str]) -> frozenset[str]:
+def trained_linears(method: str, lora_targets: str | list[str], shape: ModelShape | None = None) -> frozenset[str]:
     """Linears whose input autograd keeps: trained weights (full) or LoRA-adapted ones."""
     if method == "full":
-        return frozenset(LINEARS)
+        return frozenset(shape.linear_shapes()) if shape is not None else frozenset(LINEARS)
     if method in ("lora", "qlora"):
-        return lora_target_set(lora_targets)
+        return lora_target_set(lora_targets, shape)
     return frozenset()
 
 
+def experts_train(shape: ModelShape, method: str, lora_experts: bool) -> bool:
+    """The experts' weights get gradients: full fine-tuning, or LoRA with lora.target_experts."""
+    return bool(shape.num_experts) and (method == "full" or (method in ("lora", "qlora") and lora_experts))
+
+
 def trainable_params(shape: ModelShape, method: str, *, lora_r: int, lora_targets: str | list[str],
-                     num_virtual_tokens: int) -> int:
+                     num_virtual_tokens: int, lora_experts: bool = False) -> int:
     if method == "full":
         return shape.num_params
     if method in ("lora", "qlora"):
         linears = shape.linear_shapes()
-        return shape.num_layers * sum(lora_r * sum(linears[name]) for name in lora_target_set(lora_targets))
+        count = shape.num_layers * sum(lora_r * sum(linears[name]) for name in lora_target_set(lora_targets, shape))
+        if experts_train(shape, method, lora_experts):  # PEFT's ParamWrapper: one (r, in) x (out, r) pair per expert
+            count += shape.num_layers * shape.num_experts * lora_r * sum(sum(io) for io in shape.expert_shapes().values())
+        return count
     if method == "prompt":
         return num_virtual_tokens * shape.hidden_size
     if method == "prefix":  # a key and a value per virtual token and layer (PEFT, no projection)
@@ -275,15 +463,15 @@ def linear_input_bytes(shape: ModelShape, method: str, precision: str, trained: 
     h = shape.hidden_size
     inputs = {name: fan_in for name, (fan_in, _) in shape.linear_shapes().items()}
     if precision == "fp32" or method in ("lora", "qlora"):
-        return e * (h * bool(trained & {"q_proj", "k_proj", "v_proj"}) + h * bool(trained & {"gate_proj", "up_proj"})
-                    + inputs["down_proj"] * ("down_proj" in trained))
-    own_copy = trained & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+        return e * (h * bool(trained & ATTENTION_INPUT) + h * bool(trained & MLP_INPUT)
+                    + inputs.get("down_proj", 0) * ("down_proj" in trained))
+    own_copy = trained & (ATTENTION_INPUT | MLP_INPUT)
     shared = (trained & {"down_proj"}) - own_copy
     return e * sum(inputs[name] for name in own_copy | shared)
 
 
 def layer_activation_bytes(shape: ModelShape, method: str, *, precision: str, q_len: int, kv_len: int, masked: bool,
-                           lora_r: int, lora_targets: str | list[str]) -> float:
+                           lora_r: int, lora_targets: str | list[str], lora_experts: bool = False) -> float:
     """Bytes autograd keeps per query token for one HF ``LlamaDecoderLayer`` with SDPA attention.
 
     Korthikanti et al.'s per-layer count (34 h per token at 2 bytes, plus 5as for the scores), redone for the
@@ -298,17 +486,34 @@ def layer_activation_bytes(shape: ModelShape, method: str, *, precision: str, q_
                         repeated to every head when a mask is passed, times kv_len / q_len. The logsumexp
                         takes a * 4. A mask adds its float copy, kv_len * e per query row.
       LoRA              r * e per adapted linear (lora_A's output)
+      QK-norm           (a + kv) * d * e: the q and k norms' inputs (Qwen3, Gemma 3, OLMo 2)
+      experts (MoE)     in place of SwiGLU, for each of the k experts a token is routed to: its gate and up
+                        outputs and silu(gate) (3 * i), its output before the routing weight (h), and when the
+                        experts train the projections' inputs (h + i), in the experts' dtype (fp32 for full FT:
+                        autocast does not cast grouped_mm); the router's fp32 probabilities (experts * 4) and
+                        the routing indices and weights (24 bytes per routed expert)
     """
     e = 2 if precision == "bf16" else 4
     h, f, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
-    trained = trained_linears(method, lora_targets)
+    trained = trained_linears(method, lora_targets, shape)
     kv_heads = shape.num_heads if masked else shape.num_kv_heads
     per_token = 2 * h * residual_bytes(method, precision)
     per_token += linear_input_bytes(shape, method, precision, trained)
-    per_token += 3 * f * e
+    if shape.num_experts:
+        # transformers' grouped_mm experts run in their weights' dtype (autocast does not cast grouped_mm): fp32
+        # for full fine-tuning's masters, the base dtype otherwise
+        i, k = shape.expert_intermediate_size, shape.experts_per_token
+        x = 4 if method == "full" else e
+        per_token += k * (3 * i + h) * x + shape.num_experts * 4 + k * 24  # + routing indices and weights
+        if experts_train(shape, method, lora_experts):
+            per_token += k * (h + i) * x  # the projections' inputs: the token's copy, silu(gate) * up
+    else:
+        per_token += 3 * f * e
     per_token += 2 * shape.num_heads * d * e
     per_token += 2 * kv_heads * d * e * kv_len / q_len
     per_token += shape.num_heads * 4
+    if shape.qk_norm:  # the norms' inputs: q and k before normalisation
+        per_token += (shape.num_heads + shape.num_kv_heads) * d * e
     if masked:
         per_token += kv_len * e
     if method in ("lora", "qlora"):
@@ -335,18 +540,28 @@ def attention_is_masked(method: str, *, batch_size: int, packing: bool) -> bool:
 
 def activation_bytes(shape: ModelShape, method: str, *, batch_size: int, seq_len: int, precision: str,
                      gradient_checkpointing: bool, packing: bool, lora_r: int, lora_targets: str | list[str],
-                     num_virtual_tokens: int) -> int:
-    """All saved activations at the end of the forward (the peak of the activation memory)."""
+                     num_virtual_tokens: int, lora_experts: bool = False) -> int:
+    """All saved activations at the end of the forward (the peak of the activation memory), plus what is alive
+    with them: an exact-attention block's recomputed scores (Gemma 2, gpt-oss) and, for LoRA on experts, the
+    merged expert weights PEFT's ParamWrapper builds in every forward (W + BA in the base dtype, kept for the
+    input gradient)."""
     q_len, kv_len = sequence_lengths(method, seq_len, num_virtual_tokens)
     masked = attention_is_masked(method, batch_size=batch_size, packing=packing)
     per_layer = layer_activation_bytes(shape, method, precision=precision, q_len=q_len, kv_len=kv_len,
-                                       masked=masked, lora_r=lora_r, lora_targets=lora_targets)
+                                       masked=masked, lora_r=lora_r, lora_targets=lora_targets,
+                                       lora_experts=lora_experts)
     r, h = residual_bytes(method, precision), shape.hidden_size
+    e = 2 if precision == "bf16" else 4
     # Final norm: its fp32 input and the hidden rows kept for the chunked head.
     final = h * 4 + h * r
+    extra = 0
+    if shape.exact_attention:  # one block's fp32 scores, softmax and cast probabilities, and its bool mask
+        extra += EXACT_BLOCK_ROWS * shape.num_heads * kv_len * (4 + 4 + e + 1)
+    if method in ("lora", "qlora") and experts_train(shape, method, lora_experts):
+        extra += shape.num_layers * shape.num_experts * sum(i * o for i, o in shape.expert_shapes().values()) * e
     if gradient_checkpointing:  # each layer keeps its input; one layer is live again while it is recomputed
-        return int(batch_size * q_len * (shape.num_layers * h * r + per_layer + final))
-    return int(batch_size * q_len * (shape.num_layers * per_layer + final))
+        return int(batch_size * q_len * (shape.num_layers * h * r + per_layer + final) + extra)
+    return int(batch_size * q_len * (shape.num_layers * per_layer + final) + extra)
 
 
 def logits_bytes(shape: ModelShape, method: str, *, batch_size: int, seq_len: int, precision: str,
@@ -380,7 +595,7 @@ def autocast_copy_bytes(shape: ModelShape, method: str, precision: str, trainabl
     if precision != "bf16":
         return 0
     if method == "full":
-        return (shape.linear_params + shape.head_params) * 2
+        return (shape.linear_params + shape.expert_params + shape.head_params) * 2
     if method in ("lora", "qlora"):
         return trainable * 2
     return 0  # prompt and prefix parameters are not matmul weights
@@ -391,15 +606,20 @@ def flops_per_step(shape: ModelShape, method: str, *, batch_size: int, seq_len: 
     """Forward + backward FLOPs of one micro-batch (see the module docstring)."""
     q_len, kv_len = sequence_lengths(method, seq_len, num_virtual_tokens)
     tokens, targets = batch_size * q_len, batch_size * seq_len
-    layers = 2 * shape.linear_params * tokens  # one pass of the decoder linears
-    attention = 4 * shape.num_layers * shape.num_heads * shape.head_dim * kv_len * tokens  # QK^T and AV, forward
+    layers = 2 * shape.active_params * tokens  # one pass of the decoder linears (an MoE token: its k experts)
+    # QK^T and AV, forward; a sliding layer's queries see at most its window
+    visible = (shape.num_layers - shape.sliding_layers) * kv_len
+    visible += shape.sliding_layers * min(kv_len, shape.sliding_window or kv_len)
+    attention = 4 * shape.num_heads * shape.head_dim * visible * tokens
     head = 2 * shape.head_params * targets
     flops = (layers + attention + head) + (layers + 2 * attention + head)  # forward; input gradients
+    if shape.exact_attention:
+        flops += attention  # the exact products' blocks are recomputed in backward
     if method == "full":
         flops += layers + head  # weight gradients
         flops += head  # the trained head's chunks are recomputed in backward
     if method in ("lora", "qlora"):
-        flops += 6 * trainable * tokens
+        flops += 6 * trainable * tokens  # an upper bound for LoRA on experts, whose delta is merged once per step
     if gradient_checkpointing:
         flops += layers + attention
     return float(flops)
@@ -451,14 +671,14 @@ def resolve_precision(precision: str, device: str) -> str:
 def estimate(shape: ModelShape, method: str, *, seq_len: int = 512, batch_size: int = 8, precision: str = "bf16",
              device: str = "cuda", lora_r: int = 16, lora_targets: str | list[str] = "all-linear",
              num_virtual_tokens: int = 20, gradient_checkpointing: bool = False, packing: bool = True,
-             loss_chunk_size: int = 1024) -> MemoryEstimate:
+             loss_chunk_size: int = 1024, lora_experts: bool = False) -> MemoryEstimate:
     """Peak memory and FLOPs of one training step of ``method`` on ``shape`` (see the module docstring)."""
     for key, value, allowed in (("method", method, METHODS), ("precision", precision, ("auto", "bf16", "fp32")),
                                 ("device", device, ("cuda", "cpu"))):
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
     precision = resolve_precision(precision, device)
-    kw = dict(lora_r=lora_r, lora_targets=lora_targets, num_virtual_tokens=num_virtual_tokens)
+    kw = dict(lora_r=lora_r, lora_targets=lora_targets, num_virtual_tokens=num_virtual_tokens, lora_experts=lora_experts)
     trainable = trainable_params(shape, method, **kw)
     compute_bytes = 2 if precision == "bf16" else 4
     quant = 0
@@ -496,7 +716,7 @@ def estimate(shape: ModelShape, method: str, *, seq_len: int = 512, batch_size: 
 class PlanConfig:
     """Predict peak memory and FLOPs per method; recommend the cheapest method that fits."""
 
-    model: str = opt("smollm2-135m", "Model: 'smollm2-135m', a size (1b, 7b, 13b, 65b, 70b: Llama shapes) or a local HF directory.")
+    model: str = opt("smollm2-135m", "Model: 'smollm2-135m', a size (1b, 7b, 13b, 65b, 70b: Llama shapes), a known hub id such as Qwen/Qwen3-8B or gpt-oss-20b (shapes built in, no download), or a local HF directory.")
     method: Literal["all", "full", "lora", "qlora", "prompt", "prefix"] = opt("all", "Method to plan, or all of them.")
     seq_len: int = opt(512, "Tokens per row (max_length; packed rows are full).")
     batch_size: int = opt(8, "Rows per micro-batch.")
@@ -508,6 +728,7 @@ class PlanConfig:
     loss_chunk_size: int = opt(1024, "Target positions per loss chunk (as sft's loss_chunk_size).")
     lora_r: int = opt(16, "LoRA rank (lora, qlora).")
     lora_targets: list[str] | str = opt("all-linear", "LoRA modules: all-linear or a list such as [q_proj, v_proj].")
+    lora_target_experts: bool = opt(False, "MoE models: LoRA on the experts too (sft's lora.target_experts).")
     num_virtual_tokens: int = opt(20, "Virtual tokens (prompt, prefix).")
     table: bool = opt(False, "Print the 1B/7B/13B/65B/70B x method x 24/48/80 GB fit table (cuda, bf16) instead.")
 
@@ -524,7 +745,7 @@ class PlanConfig:
         return dict(seq_len=self.seq_len, batch_size=self.batch_size, precision=self.precision, device=self.device,
                     lora_r=self.lora_r, lora_targets=self.lora_targets, num_virtual_tokens=self.num_virtual_tokens,
                     gradient_checkpointing=self.gradient_checkpointing, packing=self.packing,
-                    loss_chunk_size=self.loss_chunk_size)
+                    loss_chunk_size=self.loss_chunk_size, lora_experts=self.lora_target_experts)
 
 
 # Methods in the order the recommendation tries them: cheapest step first. lora, qlora, prefix and prompt all
@@ -556,10 +777,7 @@ def human_bytes(n: float) -> str:
 
 
 def human_count(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(int(n))
+    return _count(n)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -574,6 +792,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def format_estimates(shape: ModelShape, estimates: list[MemoryEstimate], cfg: PlanConfig, budget: int | None) -> str:
     precision = resolve_precision(cfg.precision, cfg.device)
     head = (f"model {shape.name}: {human_count(shape.num_params)} parameters ({shape.source})\n"
+            + "".join(f"  {line}\n" for line in shape.features()) +
             f"device {cfg.device}, precision {precision}, {cfg.batch_size} rows x {cfg.seq_len} tokens, "
             f"packing {'on' if cfg.packing else 'off'}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
     header = ["method", "trainable", *(label for label, _ in estimates[0].rows()), "fits", "TFLOP/step", "saves"]

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import native
 
@@ -135,19 +136,20 @@ def _exact_attention(query, key, value, allowed, scale: float, extras: LayerExtr
     batch, heads, rows, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    q5 = query.float().reshape(batch, kv_heads, group, rows, dim)  # head h uses K/V head h // group
-    scores = torch.matmul(q5, key.float()[:, :, None].transpose(-1, -2)).mul_(scale)  # (B, H_kv, g, n, m)
+    compute = torch.promote_types(query.dtype, torch.float32)  # fp32, or fp64 for a float64 check
+    q5 = query.to(compute).reshape(batch, kv_heads, group, rows, dim)  # head h uses K/V head h // group
+    scores = torch.matmul(q5, key.to(compute)[:, :, None].transpose(-1, -2)).mul_(scale)  # (B, H_kv, g, n, m)
     if extras.softcap is not None:
         scores = torch.tanh(scores / extras.softcap) * extras.softcap
     if allowed is None:
         allowed = torch.ones(rows, keys, dtype=torch.bool, device=query.device).tril_(keys - rows)[None, None]
     elif allowed.dtype != torch.bool:  # an additive mask (eager's convention): 0 = attend
         allowed = allowed == 0
-    # the mask fills with the fp32 minimum, as eager adds it: a row with no visible key gets uniform weights,
+    # the mask fills with the dtype's minimum, as eager adds it: a row with no visible key gets uniform weights,
     # never NaN (such rows are padding, whose outputs no target reads)
-    scores = scores.masked_fill(~allowed[:, :, None], torch.finfo(torch.float32).min)
+    scores = scores.masked_fill(~allowed[:, :, None], torch.finfo(compute).min)
     if extras.sinks is not None:
-        sinks = extras.sinks.float().reshape(1, kv_heads, group, 1, 1).expand(batch, -1, -1, rows, 1)
+        sinks = extras.sinks.to(compute).reshape(1, kv_heads, group, 1, 1).expand(batch, -1, -1, rows, 1)
         probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
@@ -157,22 +159,28 @@ def _exact_attention(query, key, value, allowed, scale: float, extras: LayerExtr
     return out.reshape(batch, heads, rows, dim).transpose(1, 2).contiguous()
 
 
-def span_mask(rows: int, prefix: int, window: int | None, device=None) -> torch.Tensor:
-    """(rows, prefix + rows) boolean: a span's queries see its shared prefix in full and themselves causally,
-    within ``window`` positions (query t sits at position prefix + t of the keys' coordinates)."""
-    query_pos = torch.arange(prefix, prefix + rows, device=device)[:, None]
-    key_pos = torch.arange(prefix + rows, device=device)[None, :]
-    allowed = key_pos <= query_pos
+def block_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(n, m) boolean from query and key positions in one sequence's coordinates: causal, within ``window``."""
+    allowed = key_pos[None, :] <= query_pos[:, None]
     if window is not None:
-        allowed &= query_pos - key_pos < window
+        allowed &= query_pos[:, None] - key_pos[None, :] < window
     return allowed
 
 
+EXACT_BLOCK_ROWS = 128  # query rows per block of a span that takes the window mask or the exact products
+
+
 def _exact_segments(query, key, value, segments, dropout, scaling, extras: LayerExtras):
-    """Per span: plain causal SDPA where the span fits the layer's plain case, else SDPA with the span's window
-    mask (no soft-cap or sinks) or :func:`exact_attention`. Tiled or shared-prefix spans alike."""
+    """Per span: plain causal SDPA where the span fits the layer's plain case; else blocks of 128 query rows, each
+    against only the keys it can see (causal: none after the block; a window: none more than ``window - 1``
+    positions before its first row), through SDPA with the block's mask (windows alone) or
+    :func:`exact_attention` (soft-capping, sinks). With gradients the products blocks are checkpointed: their
+    fp32 score matrices are recomputed in backward, never kept, so memory stays that of the fast kernels
+    (q, k, v and the output) and a gpt-oss 128-token window costs 128 keys per query, not the span."""
     gqa = query.shape[1] != key.shape[1]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    products = extras.softcap is not None or extras.sinks is not None
+    recompute = products and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     rows = []
     for r, spans in enumerate(segments):
         parts = []
@@ -180,7 +188,7 @@ def _exact_segments(query, key, value, segments, dropout, scaling, extras: Layer
             s, e = span[0], span[1]
             ps, pe = (span[2], span[3]) if len(span) == 4 else (0, 0)
             q, k, v = query[r : r + 1, :, s:e], key[r : r + 1, :, s:e], value[r : r + 1, :, s:e]
-            if pe > ps:
+            if pe > ps:  # the shared prefix's keys first: key c sits at position c of the span's coordinates
                 k = torch.cat([key[r : r + 1, :, ps:pe], k], dim=2)
                 v = torch.cat([value[r : r + 1, :, ps:pe], v], dim=2)
             n, prefix = e - s, pe - ps
@@ -188,12 +196,21 @@ def _exact_segments(query, key, value, segments, dropout, scaling, extras: Layer
                 parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
                                                             enable_gqa=gqa).transpose(1, 2))
                 continue
-            allowed = span_mask(n, prefix, extras.window, query.device)
-            if extras.softcap is None and extras.sinks is None:
-                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
-                                                            scale=scaling, enable_gqa=gqa).transpose(1, 2))
-            else:
-                parts.append(exact_attention(q, k, v, allowed[None, None], scale, extras, dropout))
+            for a in range(0, n, EXACT_BLOCK_ROWS):
+                b = min(a + EXACT_BLOCK_ROWS, n)
+                hi = prefix + b
+                lo = max(0, prefix + a - extras.window + 1) if extras.window is not None else 0
+                allowed = block_mask(torch.arange(prefix + a, hi, device=q.device),
+                                     torch.arange(lo, hi, device=q.device), extras.window)
+                qb, kb, vb = q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi]
+                if not products:
+                    parts.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, dropout_p=dropout,
+                                                                scale=scaling, enable_gqa=gqa).transpose(1, 2))
+                elif recompute:
+                    parts.append(checkpoint(exact_attention, qb, kb, vb, allowed[None, None], scale, extras, dropout,
+                                            use_reentrant=False))
+                else:
+                    parts.append(exact_attention(qb, kb, vb, allowed[None, None], scale, extras, dropout))
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return torch.cat(rows, dim=0).contiguous()
 
