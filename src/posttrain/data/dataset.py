@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.formats import normalize_sft
 from posttrain.data.io import Record, read_records
-from posttrain.data.tokenize import LOSS_ON, ChatTemplateError, TokenizedExample, tokenize_sft
+from posttrain.data.tokenize import LOSS_ON, ChatTemplateError, TokenizedExample, tokenize_sft_turns
 from posttrain.errors import DataError
 
 OVERFLOW = ("truncate", "drop")
@@ -45,6 +45,7 @@ class DataReport:
     tokens: int = 0  # in kept rows, after truncation
     loss_tokens: int = 0
     prompts_only: bool = False  # RL prompt data: nothing in it is trained on, so the summary does not say so
+    examples_from_turns: int = 0  # SFT: examples made from rows split per assistant turn (data/tokenize.py)
 
     @property
     def rows_invalid(self) -> int:
@@ -72,6 +73,10 @@ class DataReport:
             )
         for reason, n in self.dropped_reasons.most_common():
             parts.append(f"Dropped {_rows(n)}: {reason}.")
+        if self.examples_from_turns:
+            parts.append(f"{self.examples_from_turns:,} examples come from conversations split per assistant turn "
+                         "(the chat template rewrites earlier turns, e.g. drops their reasoning; each turn is "
+                         "trained as the last one, as inference renders it).")
         return " ".join(parts)
 
 
@@ -93,10 +98,12 @@ def load_sft_dataset(
         raise ValueError(f"loss_on: expected one of {', '.join(LOSS_ON)}, got {loss_on!r}")
 
     def convert(data: dict) -> tuple[list[TokenizedExample], None]:
-        return [tokenize_sft(normalize_sft(data), tokenizer, loss_on)], None
+        return tokenize_sft_turns(normalize_sft(data), tokenizer, loss_on), None
 
     rows, report = load_rows(path, convert, max_length=max_length, overflow=overflow, skip_invalid=skip_invalid)
-    return [seqs[0] for seqs, _ in rows], report
+    examples = [seq for seqs, _ in rows for seq in seqs]
+    report.examples_from_turns = sum(len(seqs) for seqs, _ in rows if len(seqs) > 1)
+    return examples, report
 
 
 Converter = Callable[[dict], tuple[list[TokenizedExample], Any]]

@@ -8,6 +8,18 @@ rendering. That span ends after the template's end-of-turn marker (``<|im_end|>\
 so the model learns to stop. A token is a target only if its characters lie wholly inside a span.
 
 The mask is not shifted: ``loss_mask[i] == 1`` means token i is a target; the loss does the shift.
+
+Templates that rewrite earlier turns (Qwen3 drops the ``<think>...</think>`` reasoning of every assistant turn
+before the last user message) are not prefix-stable: in the whole conversation's rendering an earlier turn
+appears without the reasoning it was written with. :func:`tokenize_sft_turns` then makes one example per
+trained assistant turn, the conversation up to and including that turn, where the template renders the turn
+as the latest one, with its reasoning, after the history as inference will show it. So every turn is
+trained on exactly what the model must generate at that point. ``<think>`` content is never removed or
+added by posttrain: it is trained on as part of the assistant turn wherever the template renders it.
+
+A chat row whose mask comes out empty (the template renders no assistant text as such) or covers every token
+(the template renders nothing but the assistant turns) is an error naming the row, not a silent
+all-zeros or all-ones mask.
 """
 
 from __future__ import annotations
@@ -66,6 +78,25 @@ def tokenize_sft(
     return TokenizedExample(input_ids=input_ids, loss_mask=loss_mask)
 
 
+class _NotPrefixStable(ChatTemplateError):
+    """The whole conversation's rendering does not extend the rendering of an earlier part of it."""
+
+
+def tokenize_sft_turns(
+    ex: SFTExample, tokenizer: PreTrainedTokenizerBase, loss_on: str = "completion"
+) -> list[TokenizedExample]:
+    """:func:`tokenize_sft`, except that a conversation whose template rewrites earlier turns becomes one example
+    per trained assistant turn (module docstring), instead of an error."""
+    try:
+        return [tokenize_sft(ex, tokenizer, loss_on)]
+    except _NotPrefixStable:
+        if ex.kind != "chat" or loss_on != "completion":
+            raise
+    turns = [i for i in range(ex.first_trained, len(ex.messages)) if ex.messages[i]["role"] == "assistant"]
+    return [tokenize_sft(SFTExample("chat", messages=ex.messages[: i + 1], first_trained=i), tokenizer, loss_on)
+            for i in turns]
+
+
 def _tokenize_chat(
     ex: SFTExample, tokenizer: PreTrainedTokenizerBase, *, trace_targets: bool
 ) -> tuple[list[int], list[int]]:
@@ -91,10 +122,11 @@ def _tokenize_chat(
                 (through, f"messages[:{i + 1}]"),
             ):
                 if not full.startswith(part):
-                    raise ChatTemplateError(
+                    raise _NotPrefixStable(
                         f"chat template is not prefix-stable: rendering {what} is not a prefix of the whole "
                         f"conversation's rendering, so assistant turn {i} cannot be located (templates that "
-                        "rewrite earlier turns, e.g. dropping past reasoning, do this); use loss_on='all' "
+                        "rewrite earlier turns, e.g. dropping past reasoning, do this; SFT then trains each "
+                        "assistant turn as the last turn of its own example); use loss_on='all' "
                         "or a prefix-stable template"
                     )
             spans.append((len(before), len(through)))
@@ -104,6 +136,15 @@ def _tokenize_chat(
     loss_mask = [
         int(any(start <= s and e <= end for start, end in spans)) for s, e in encoding["offset_mapping"]
     ]
+    if trace_targets and spans and not any(loss_mask):
+        raise ChatTemplateError(
+            "no token of the assistant turns is a target: the chat template renders no assistant text in the "
+            "spans its own add_generation_prompt marks (check that it writes assistant messages)")
+    if trace_targets and all(loss_mask):
+        raise ChatTemplateError(
+            "every token is a target: the chat template renders nothing but the assistant turns (no prompt, "
+            "no role markers), so the model would learn no context; check the template, or use loss_on='all' "
+            "if that is intended")
     return input_ids, loss_mask
 
 
