@@ -110,3 +110,15 @@ def test_generate_eval_merge_and_serve_answer_for_every_family(family, family_di
             assert r.json()["usage"]["completion_tokens"] >= 1
     finally:
         registry.stop()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dpo_starts_at_log2_in_both_precisions(family, precision, family_dirs, tmp_path):
+    """Whatever this CPU's default: fp32 (what an AVX2 CPU trains in) and bf16 (AVX512-BF16) both give a reference
+    pass that equals the policy's bit for bit at step 1."""
+    out = tmp_path / "dpo"
+    assert main(["dpo", f"model={family_dirs(family)}", f"output_dir={out}", "max_steps=1", "batch_size=2",
+                 "tensorboard=false", f"precision={precision}", f"data.train={DATA / 'tiny_prefs.jsonl'}"]) == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
