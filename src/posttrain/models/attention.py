@@ -27,6 +27,12 @@ products, fp32 where the softmax needs it and bf16 elsewhere, instead of the CPU
 step), with or without gradients. ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernel, ``=sdpa`` both.
 Generation with a KV cache never comes here (no ``segments``).
 
+Families whose attention is not plain causal are exact too (:class:`LayerExtras`): the layer's
+``sliding_window``, ``softcap`` (Gemma 2) and ``s_aux`` sinks (gpt-oss) arrive with each call. The fast paths
+above serve a layer only when every span is plain for it (shorter than its window, no soft-cap, no sinks);
+otherwise :func:`_exact_segments` runs each span in query-row blocks with the window mask, or as explicit
+checkpointed products. Unpacked batches of such layers run :func:`exact_attention` with transformers' mask.
+
 It is registered with transformers' ``AttentionInterface`` as ``packed_spans`` and used when
 ``attn_implementation`` resolves to it (``auto`` without flash-attn). Without a ``segments`` argument (unpacked
 batches, generation, eval) it is exactly transformers' ``sdpa``. Spans come from the position ids, which restart
