@@ -148,7 +148,9 @@ def test_the_matrix_fails_when_a_packed_path_drops_a_feature(mutation, family_di
     elif mutation == "logits scaling":
         monkeypatch.setattr(forward.LogitMap, "of", staticmethod(lambda model: forward.IDENTITY))
     else:
-        monkeypatch.setattr(forward, "layer_windows", lambda config: {
+        from posttrain.models import attention
+
+        monkeypatch.setattr(attention, "layer_windows", lambda config: {
             kind: None for kind in set(getattr(config, "layer_types", None) or ["full_attention"])})
     with pytest.raises(AssertionError):
         test_packed_and_unpacked_sft_equal_the_eager_forward(family, attn, family_dirs)

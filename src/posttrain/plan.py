@@ -180,7 +180,7 @@ class ModelShape:
         lines = []
         if self.num_experts:
             lines.append(f"{self.model_type}: {self.num_experts} experts, {self.experts_per_token} per token "
-                         f"({_count(self.active_params)} matmul weights per token); experts stay unquantized under "
+                         f"({human_count(self.active_params)} matmul weights per token); experts stay unquantized under "
                          "QLoRA (they are not linear layers) and LoRA adapts them only with lora_target_experts")
         if self.sliding_window:
             lines.append(f"sliding window of {self.sliding_window} tokens on {self.sliding_layers} of "
@@ -204,7 +204,7 @@ class ModelShape:
         return self.linear_params + self.expert_params + embeddings + norms
 
 
-def _count(n: float) -> str:
+def human_count(n: float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
             return f"{n / size:.1f}{unit}"
@@ -399,10 +399,10 @@ def lora_target_set(targets: str | list[str], shape: ModelShape | None = None) -
     return frozenset(names)
 
 
-def trained_linears(method: str, lora_targets: str | list[str], shape: ModelShape | None = None) -> frozenset[str]:
+def trained_linears(method: str, lora_targets: str | list[str], shape: ModelShape) -> frozenset[str]:
     """Linears whose input autograd keeps: trained weights (full) or LoRA-adapted ones."""
     if method == "full":
-        return frozenset(shape.linear_shapes()) if shape is not None else frozenset(LINEARS)
+        return frozenset(shape.linear_shapes())
     if method in ("lora", "qlora"):
         return lora_target_set(lora_targets, shape)
     return frozenset()
@@ -774,10 +774,6 @@ def human_bytes(n: float) -> str:
     if n >= MiB:
         return f"{n / MiB:.0f} MB"
     return f"{n / 1024:.0f} KB"
-
-
-def human_count(n: float) -> str:
-    return _count(n)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -658,6 +658,14 @@ def resolve(name: str, config) -> str:
     return NAME
 
 
+def layer_windows(config) -> dict[str, int | None]:
+    """Each layer type of the model -> its sliding window (None: full causal attention). Without ``layer_types``
+    a model with ``sliding_window`` set (Mistral, Phi-3) windows every layer."""
+    window = getattr(config, "sliding_window", None) or None
+    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
+    return {kind: window if kind == "sliding_attention" else None for kind in sorted(kinds)}
+
+
 def describe(config, name: str) -> str | None:
     """One line for the run's log on how this family's attention is computed, or None for the plain case (plain
     causal attention through packed_spans' fast kernels) where there is nothing to say."""
@@ -665,10 +673,10 @@ def describe(config, name: str) -> str | None:
         return f"attention: {name}" + (" (per-layer packed masks carrying the sliding windows)"
                                        if getattr(config, "sliding_window", None) else "")
     features = []
-    window = getattr(config, "sliding_window", None)
+    windows = layer_windows(config)
+    window = windows.get("sliding_attention")
     if window:
-        kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
-        where = "every layer" if kinds == {"sliding_attention"} else "its sliding_attention layers"
+        where = "every layer" if len(windows) == 1 else "its sliding_attention layers"
         features.append(f"a {window}-token sliding window on {where} (a longer sequence's span gets the window mask)")
     softcap = getattr(config, "attn_logit_softcapping", None)
     if softcap:

@@ -167,15 +167,20 @@ def layer_masks(model: torch.nn.Module, allowed: torch.Tensor, position_ids: tor
     which adds a given mask to its scores. transformers uses a given 4-D mask as it is, so a window it does not
     carry here would be lost. Families with several layer types (Gemma 2/3, gpt-oss, ...) take a dict
     ``{layer type: mask}``; the others one mask."""
+    from posttrain.models.attention import layer_windows
+
     config = _causal_lm(model).config
     windows = layer_windows(config)
-    distance = position_ids[:, None, :, None] - position_ids[:, None, None, :]  # (B, 1, T, T) query - key
+    eager = config._attn_implementation == "eager"
+    if eager:
+        dtype = next(model.parameters()).dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+    if any(w is not None for w in windows.values()):
+        distance = position_ids[:, None, :, None] - position_ids[:, None, None, :]  # (B, 1, T, T) query - key
     masks = {}
     for kind, window in windows.items():
         mask = allowed if window is None else allowed & (distance < window)  # keeps the diagonal: no empty row
-        if config._attn_implementation == "eager":
-            dtype = next(model.parameters()).dtype
-            dtype = dtype if dtype.is_floating_point else torch.float32
+        if eager:
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         masks[kind] = mask
     return masks if len(masks) > 1 else next(iter(masks.values()))
@@ -214,14 +219,6 @@ class LogitMap:
 
 
 IDENTITY = LogitMap()
-
-
-def layer_windows(config) -> dict[str, int | None]:
-    """Each layer type of the model -> its sliding window (None: full causal attention). Without ``layer_types``
-    a model with ``sliding_window`` set (Mistral, Phi-3) windows every layer."""
-    window = getattr(config, "sliding_window", None) or None
-    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
-    return {kind: window if kind == "sliding_attention" else None for kind in sorted(kinds)}
 
 
 def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

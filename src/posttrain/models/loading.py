@@ -151,7 +151,7 @@ def load_causal_lm(
     from posttrain.models import attention
 
     path = resolve_model(spec)
-    config = load_config(spec, trust_remote_code)
+    config = load_config(path, trust_remote_code)
     attn_implementation = attention.resolve(attn_implementation, config)
     if task == "seq_cls":
         require_sequence_classification(config)
