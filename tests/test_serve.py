@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,88 +17,19 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from posttrain.config import ServeConfig, ServeSamplingSection  # noqa: E402
 from posttrain.errors import ConfigError  # noqa: E402
-from posttrain.feedback.store import UnknownCompletion  # noqa: E402
 from posttrain.generation import encode_prompt  # noqa: E402
 from posttrain.serve import resolve_api_keys  # noqa: E402
 from posttrain.serve.app import create_app  # noqa: E402
 from posttrain.serve.decode import Delta, Failed, Finished, Job, RowSampling, TextStream  # noqa: E402
 from posttrain.serve.models import ModelRegistry  # noqa: E402
 from posttrain.serve.worker import GenerationWorker, QueueFull  # noqa: E402
-
-KEY = "test-key"
-HELLO = [{"role": "user", "content": "Say something."}]
-
-
-class FakeStore:
-    """In-memory stand-in with the FeedbackStore interface the server uses."""
-
-    def __init__(self):
-        self.completions: dict[str, dict] = {}
-        self.feedback: list[dict] = []
-        self.lock = threading.Lock()
-
-    def log_completion(self, *, id, model, version, messages, response, sampling, created=None):
-        with self.lock:
-            assert id not in self.completions, f"{id} logged twice"
-            self.completions[id] = {"model": model, "version": version, "messages": messages, "response": response,
-                                    "sampling": sampling, "created": created}
-
-    def add_feedback(self, *, completion_id, kind, value, comment=None):
-        with self.lock:
-            if kind == "rating" and not 1 <= value <= 5:
-                raise ValueError(f"value: a rating is an integer from 1 to 5, got {value!r}")
-            for cid in (completion_id, value) if kind == "preference" else (completion_id,):
-                if cid not in self.completions:
-                    raise UnknownCompletion(cid)
-            self.feedback.append({"completion_id": completion_id, "kind": kind, "value": value, "comment": comment})
-            return len(self.feedback)
-
-
-def _save_lora(model_dir, out, seed):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                                           init_lora_weights=False))
-    lora.save_pretrained(out)
-    return str(out)
+from tests.serving import HELLO, KEY, FakeStore, Server, save_lora  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return _save_lora(tiny_model_dir, root / "a", 1), _save_lora(tiny_model_dir, root / "b", 2)
-
-
-class Server:
-    def __init__(self, app, registry, store, cfg):
-        self.registry, self.store, self.cfg = registry, store, cfg
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        self.http = httpx.Client(base_url=self.url, timeout=60)  # one client: each new one builds an SSL context
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def client(self, key=KEY):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def post(self, path, body=None, key=KEY, **kw):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return self.http.post(path, json=body, headers=headers, **kw)
-
-    def close(self):
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.registry.stop()
+    return save_lora(tiny_model_dir, root / "a", 1), save_lora(tiny_model_dir, root / "b", 2)
 
 
 def _config(tiny_model_dir, adapters, **kw) -> ServeConfig:
@@ -207,10 +137,10 @@ def test_bad_requests_get_4xx_never_500(srv):
     assert "exactly one" in error(srv.post("/v1/feedback", {"completion_id": "x", "thumbs": "up", "rating": 3}), 400)["message"]
     assert error(srv.post("/v1/feedback", {"completion_id": "x", "rating": 7}), 400)["param"] == "rating"
     assert error(srv.post("/v1/feedback", {"completion_id": "x", "thumbs": "sideways"}), 400)["param"] == "thumbs"
-    assert error(srv.post("/v1/admin/versions", {"model": "assistant", "adapter": "/nonexistent", "version": "v9"}),
-                 400)["param"] == "adapter"
-    assert error(srv.post("/v1/admin/versions", {"model": "tiny", "adapter": "/x", "version": "v9"}), 400)
-    assert error(srv.post("/v1/admin/versions", {"model": "assistant", "adapter": "/x", "version": "v9"}, key="no"), 401)
+    with pytest.raises(ConfigError, match="not a PEFT adapter directory"):
+        srv.registry.set_version("assistant", "/nonexistent", "v9")
+    with pytest.raises(ConfigError, match="is the base model"):
+        srv.registry.set_version("tiny", "/x", "v9")
     assert error(srv.http.get("/v1/nowhere", headers=headers, timeout=10), 404)
     assert error(srv.http.get("/v1/chat/completions", headers=headers, timeout=10), 405)
     assert srv.registry.served()["assistant"] == "v1"
@@ -314,13 +244,12 @@ def test_hot_swap_promotion_and_rollback(srv, adapters):
         assert time.time() < deadline, srv.registry.loaded_adapters()
         time.sleep(0.05)
 
-    # Rollback through the admin endpoint.
-    r = srv.post("/v1/admin/versions", {"model": "assistant", "adapter": a_dir, "version": "v1"})
-    assert r.status_code == 200 and r.json() == {"model": "assistant", "version": "v1", "previous_version": "v2"}
+    # Rollback (the admin route does this for registry versions: test_serve_security.py).
+    assert srv.registry.set_version("assistant", a_dir, "v1") == "v2"
     r = _greedy(client, "assistant")
     assert r.system_fingerprint == "v1" and r.choices[0].message.content == text_a
     # A new name can be published the same way.
-    assert srv.post("/v1/admin/versions", {"model": "fresh", "adapter": b_dir, "version": "f1"}).status_code == 200
+    assert srv.registry.set_version("fresh", b_dir, "f1") is None
     assert _greedy(client, "fresh").choices[0].message.content == text_b
 
 

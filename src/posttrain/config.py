@@ -376,11 +376,24 @@ class ServeConfig:
     auth: bool = opt(True, "Require `Authorization: Bearer <key>`. false (or --no-auth) turns auth off, for local use only.")
     api_key_env: str = opt("POSTTRAIN_API_KEY", "Environment variable holding the accepted API key(s), comma-separated.")
     api_keys: list[str] = opt([], "More accepted API keys (a config file is easy to leak: prefer api_key_env).")
+    admin_key_env: str = opt("POSTTRAIN_ADMIN_KEY", "Environment variable holding the admin key(s), comma-separated: the only keys that reach /v1/admin/* (unset: admin routes are off). Must differ from every API key.")
+    admin_keys: list[str] = opt([], "More admin keys (prefer admin_key_env).")
+    registry: str | None = opt(None, "The loop's registry folder (`posttrain loop`'s registry=): the admin route serves only its versions that passed their gates, and at start-up the server serves its current version as `registry_model`.")
+    registry_model: str = opt("assistant", "The served name the loop's registry versions are served under.")
+    max_served_names: int = opt(16, "Most model names (adapters) served at once; the admin route cannot add more.")
     db: str = opt("sqlite:///runs/serve/feedback.db", "Where completions and feedback are stored: sqlite:///path or a postgresql:// URL.")
     max_body_bytes: int = opt(1_000_000, "Largest request body accepted; larger ones get 413.")
     max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for; more gets 400.")
     max_prompt_tokens: int = opt(4096, "Largest prompt (chat template applied) in tokens; longer gets 400.")
     max_messages: int = opt(256, "Most messages in one request.")
+    max_stop_strings: int = opt(4, "Most stop strings in one request (OpenAI allows 4).")
+    max_stop_chars: int = opt(256, "Longest stop string in characters.")
+    max_comment_chars: int = opt(4000, "Longest feedback comment in characters.")
+    feedback_any_key: bool = opt(False, "Accept feedback on a completion made with another API key (off: only the key that made a completion can rate it).")
+    allow_control_tokens: bool = opt(False, "Read chat-template control tokens (e.g. <|im_start|>) in message content as control tokens. Off: content is tokenised as plain text, so a user cannot forge a system turn.")
+    max_connections: int = opt(256, "Open connections at most; more get 503.")
+    timeout_keep_alive_s: int = opt(5, "Seconds an idle keep-alive connection stays open.")
+    timeout_header_s: float = opt(10.0, "Seconds a client has to send a request's headers; slower connections are closed.")
     max_queue: int = opt(64, "Requests waiting for the generation worker at most; more get 503 (retry later).")
     batch_size: int = opt(8, "Requests for the same model decoded together at most.")
     seed: int = opt(0, "Seed of the server's sampling generator.")
@@ -390,12 +403,19 @@ class ServeConfig:
     def validate(self) -> None:
         positive = {"max_body_bytes": self.max_body_bytes, "max_tokens_limit": self.max_tokens_limit,
                     "max_prompt_tokens": self.max_prompt_tokens, "max_messages": self.max_messages,
-                    "max_queue": self.max_queue, "batch_size": self.batch_size, "sampling.max_tokens": self.sampling.max_tokens}
+                    "max_queue": self.max_queue, "batch_size": self.batch_size, "sampling.max_tokens": self.sampling.max_tokens,
+                    "max_served_names": self.max_served_names, "max_stop_strings": self.max_stop_strings,
+                    "max_stop_chars": self.max_stop_chars, "max_comment_chars": self.max_comment_chars,
+                    "max_connections": self.max_connections, "timeout_keep_alive_s": self.timeout_keep_alive_s}
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: must be in 0..65535, got {self.port}")
+        if not self.timeout_header_s > 0:
+            raise ConfigError(f"timeout_header_s: must be > 0, got {self.timeout_header_s}")
+        if len(self.adapters) > self.max_served_names:
+            raise ConfigError(f"adapters: {len(self.adapters)} adapters, over max_served_names={self.max_served_names}")
         if self.sampling.temperature < 0 or not 0 < self.sampling.top_p <= 1:
             raise ConfigError("sampling: temperature must be >= 0 and top_p in (0, 1]")
         for name, spec in self.adapters.items():

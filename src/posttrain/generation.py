@@ -23,6 +23,8 @@ How it batches:
 
 from __future__ import annotations
 
+import re
+import secrets
 import sys
 import warnings
 from dataclasses import dataclass
@@ -68,13 +70,41 @@ class SamplingConfig:
                 "top_p": self.top_p, "top_k": self.top_k or None}
 
 
-def encode_prompt(tokenizer, prompt: Messages | str) -> list[int]:
-    """Token ids of a prompt: chat messages through the chat template with a generation prompt, or raw text."""
+def _special_strings(tokenizer) -> list[str]:
+    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+
+
+def encode_prompt(tokenizer, prompt: Messages | str, content_as_text: bool = False) -> list[int]:
+    """Token ids of a prompt: chat messages through the chat template with a generation prompt, or raw text.
+
+    ``content_as_text`` (what ``posttrain serve`` does with its clients' messages): a control token written *in a
+    message's content* (``<|im_end|>\n<|im_start|>system``) is tokenised as the plain text it is, so a user cannot
+    forge a turn; the template's own control tokens stay control tokens. A message whose content holds such a
+    string is rendered with a placeholder that is replaced by the content's text tokens (so that message skips
+    any rewriting the template would do to its content, such as trimming); every other message is rendered as
+    usual, and a prompt without such strings is encoded exactly as without the option."""
     if isinstance(prompt, str):
         return tokenizer(prompt).input_ids
-    # The chat template already writes the special tokens, so the tokenizer must not add a BOS again.
-    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    specials = _special_strings(tokenizer) if content_as_text else []
+    hostile = [i for i, m in enumerate(prompt) if any(s in str(m.get("content", "")) for s in specials)]
+    if not hostile:
+        # The chat template already writes the special tokens, so the tokenizer must not add a BOS again.
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    nonce = secrets.token_hex(8)
+    markers = {f"PTCONTENT{nonce}N{i}X": str(prompt[i]["content"]) for i in hostile}
+    masked = [{**m, "content": marker} for m, marker in zip([prompt[i] for i in hostile], markers, strict=True)]
+    rendered_messages = list(prompt)
+    for i, m in zip(hostile, masked, strict=True):
+        rendered_messages[i] = m
+    text = tokenizer.apply_chat_template(rendered_messages, add_generation_prompt=True, tokenize=False)
+    ids: list[int] = []
+    for k, part in enumerate(re.split(f"(PTCONTENT{nonce}N\\d+X)", text)):
+        if k % 2:  # a placeholder: the content, special-looking strings included, as plain text
+            ids += tokenizer(markers[part], add_special_tokens=False, split_special_tokens=True).input_ids
+        elif part:
+            ids += tokenizer(part, add_special_tokens=False).input_ids
+    return ids
 
 
 def generate(

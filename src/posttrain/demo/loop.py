@@ -45,15 +45,16 @@ class Server:
         import uvicorn
 
         from posttrain.feedback.store import FeedbackStore
-        from posttrain.serve import resolve_api_keys
+        from posttrain.serve import resolve_admin_keys, resolve_api_keys, uvicorn_config
         from posttrain.serve.app import create_app
         from posttrain.serve.models import ModelRegistry
 
         self.store = FeedbackStore(cfg.db)
         self.registry = ModelRegistry.load(cfg)
         self.registry.start()
-        app = create_app(self.registry, self.store, cfg, resolve_api_keys(cfg))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=cfg.port, log_level="warning"))
+        api_keys = resolve_api_keys(cfg)
+        app = create_app(self.registry, self.store, cfg, api_keys, resolve_admin_keys(cfg, api_keys))
+        self.server = uvicorn.Server(uvicorn_config(app, cfg, host="127.0.0.1", log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     general.write_text("".join(json.dumps(r) + "\n" for r in make_rows(16, "valid", seed=2)))
     questions = make_pairs(args.chats * (args.rounds + 2), "train", seed=2)
     key = secrets.token_hex(16)
-    os.environ["POSTTRAIN_API_KEY"] = key
+    os.environ["POSTTRAIN_API_KEY"] = key  # the scripted users' key
+    os.environ["POSTTRAIN_ADMIN_KEY"] = secrets.token_hex(16)  # the loop's: only it can switch versions
     db = f"sqlite:///{out / 'feedback.db'}"
 
     try:
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         registry = Registry(cfg.registry)
         ensure_initial(cfg, registry)
         port = _free_port()
-        serve_cfg = _build(ServeConfig, {"model": cfg.model, "adapters": {"assistant": {"adapter": registry.adapter_of("v0"), "version": "v0"}},
+        serve_cfg = _build(ServeConfig, {"model": cfg.model, "registry": cfg.registry, "registry_model": "assistant",
                                          "port": port, "db": db, "batch_size": 8, "log_level": "warning"})
         print(f"[serve] posttrain serve on http://127.0.0.1:{port} (API key on): model 'assistant' = v0 (a fresh LoRA = the base model)")
         server = Server(serve_cfg)

@@ -24,7 +24,9 @@ Guarantees:
    items/s with the lock, 330/s without, on the same VM. Completions, the high-rate write, are not serialised this
    way: on PostgreSQL ``iter_completions(since_id)`` can miss a completion committed late with a lower ``seq``.
 4. **Feedback is validated before it is stored**: ``ValueError`` naming the field for a bad value,
-   :class:`UnknownCompletion` for an id that was never logged (both completions of a preference must exist).
+   :class:`UnknownCompletion` for an id that was never logged (both completions of a preference must exist), or
+   one made for someone else: a completion remembers its ``owner`` (the server's id of the API key that asked,
+   never the key), and feedback given with an ``owner`` only finds completions of that owner.
 
 JSON fields (``messages``, ``sampling``, a feedback ``value``) are stored as JSON text, portable across backends.
 """
@@ -50,6 +52,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
 )
@@ -73,6 +76,7 @@ completions = Table(
     Column("response", Text, nullable=False),
     Column("sampling", Text, nullable=False),  # JSON object: temperature, top_p, max_tokens, ...
     Column("created", Float, nullable=False),  # Unix time
+    Column("owner", String(64), nullable=True),  # who asked (guarantee 4); added to older databases on open
     sqlite_autoincrement=True,  # never reuse a rowid: positions only grow
 )
 feedback = Table(
@@ -91,9 +95,10 @@ feedback = Table(
 class UnknownCompletion(PosttrainError):
     """Feedback names a completion id that was never logged."""
 
-    def __init__(self, completion_id: str):
+    def __init__(self, completion_id: str, owned: bool = False):
         self.completion_id = completion_id
-        super().__init__(f"unknown completion id {completion_id!r}: no completion with this id was logged")
+        mine = " for this API key" if owned else ""
+        super().__init__(f"unknown completion id {completion_id!r}: no completion with this id was logged{mine}")
 
 
 def check_feedback(completion_id: str, kind: str, value, comment: str | None) -> str | None:
@@ -156,6 +161,8 @@ class FeedbackStore:
         try:
             with self._write(ordered=True) as conn:  # serialised, so racing processes do not both create tables
                 metadata.create_all(conn)
+                if "owner" not in {c["name"] for c in inspect(conn).get_columns("completions")}:
+                    conn.execute(text("ALTER TABLE completions ADD COLUMN owner VARCHAR(64)"))
         except OperationalError as e:
             self._engine.dispose()
             raise PosttrainError(f"{self.url}: cannot open the feedback database: {e.orig}") from None
@@ -173,8 +180,9 @@ class FeedbackStore:
                 yield conn
 
     def log_completion(self, *, id: str, model: str, version: str, messages: list[dict], response: str,
-                       sampling: dict, created: float | None = None) -> None:
-        """Record a served completion; committed before returning. ``ValueError`` if ``id`` is already logged."""
+                       sampling: dict, created: float | None = None, owner: str | None = None) -> None:
+        """Record a served completion; committed before returning. ``ValueError`` if ``id`` is already logged.
+        ``owner``: who asked (guarantee 4)."""
         if not isinstance(id, str) or not id:
             raise ValueError(f"id: expected a completion id string, got {id!r}")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
@@ -184,26 +192,31 @@ class FeedbackStore:
         if not isinstance(sampling, dict):
             raise ValueError(f"sampling: expected an object of sampling settings, got {type(sampling).__name__}")
         row = {"id": id, "model": model, "version": version, "messages": _dumps(messages), "response": response,
-               "sampling": _dumps(sampling), "created": time.time() if created is None else created}
+               "sampling": _dumps(sampling), "created": time.time() if created is None else created, "owner": owner}
         try:
             with self._write() as conn:
                 conn.execute(insert(completions).values(**row))
         except IntegrityError:
             raise ValueError(f"id: completion {id!r} is already logged") from None
 
-    def add_feedback(self, *, completion_id: str, kind: str, value, comment: str | None = None) -> int:
+    def add_feedback(self, *, completion_id: str, kind: str, value, comment: str | None = None,
+                     owner: str | None = None) -> int:
         """Record feedback on a logged completion; return its id once committed.
 
         ``kind`` and ``value``: ``thumbs`` "up"/"down"; ``rating`` an integer 1..5; ``preference`` the id of the
         other completion, which this one is preferred over; ``correction`` the corrected response text.
+        ``owner``: only completions logged with this owner are found (None: any completion).
         """
         other_id = check_feedback(completion_id, kind, value, comment)
         wanted = [completion_id] + ([other_id] if other_id is not None else [])
         with self._write(ordered=True) as conn:
-            found = set(conn.scalars(select(completions.c.id).where(completions.c.id.in_(wanted))))
+            query = select(completions.c.id).where(completions.c.id.in_(wanted))
+            if owner is not None:
+                query = query.where(completions.c.owner == owner)
+            found = set(conn.scalars(query))
             for cid in wanted:
                 if cid not in found:
-                    raise UnknownCompletion(cid)
+                    raise UnknownCompletion(cid, owned=owner is not None)
             result = conn.execute(insert(feedback).values(
                 completion_id=completion_id, kind=kind, value=_dumps(value), other_completion_id=other_id,
                 comment=comment, created=time.time()))
@@ -290,7 +303,7 @@ def _dumps(value) -> str:
 def _completion_dict(row) -> dict:
     return {"seq": row["seq"], "id": row["id"], "model": row["model"], "version": row["version"],
             "messages": json.loads(row["messages"]), "response": row["response"],
-            "sampling": json.loads(row["sampling"]), "created": row["created"]}
+            "sampling": json.loads(row["sampling"]), "created": row["created"], "owner": row.get("owner")}
 
 
 def _feedback_dict(row) -> dict:

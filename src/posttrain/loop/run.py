@@ -13,11 +13,17 @@ One cycle:
 4. **gates** (:mod:`posttrain.loop.gates`): the candidate must beat the serving version on held-out reward or
    preference accuracy, must not forget (general perplexity, fixed-task accuracy) and must pass the
    reward-hacking guards (answer length change, duplicate answers);
-5. **decide**: promote (the registry's serving version changes and the running server switches to it through
-   ``POST /v1/admin/versions``, no restart, requests in flight finish on the old version) or reject with the
-   reasons. Every decision is in the registry's ``audit.jsonl``.
+5. **decide**: promote or reject with the reasons. A promotion is two-phase (:mod:`posttrain.loop.registry`):
+   the registry records it as pending, the running server switches to it through ``POST /v1/admin/versions``
+   (with the admin key; no restart, requests in flight finish on the old version), and only its answer makes the
+   version ``serving``. Every decision and switch is in the registry's ``audit.jsonl``.
 
-``posttrain rollback VERSION`` makes any earlier promoted version serve again (rejected candidates never can).
+Each cycle (and ``posttrain rollback``) starts by reconciling the registry with the server (:func:`reconcile`):
+a switch left pending by a crash or an unreachable server is finished, and a server restarted on another
+version is switched back to the registry's.
+
+``posttrain rollback VERSION`` makes an earlier version that passed its gates serve again (rejected candidates
+never can; a never-gated candidate only with ``--override --reason``, audited).
 The first run registers ``v0``: ``initial_adapter``, or a freshly initialised LoRA (its B matrices are zero, so
 it answers exactly like the base model).
 """
@@ -47,7 +53,7 @@ class LoopConfig:
     registry: str = opt("runs/loop", "Registry folder: registry.json, versions/, audit.jsonl, cycles/.")
     db: str = opt("sqlite:///runs/serve/feedback.db", "The feedback store the server writes (sqlite:///path or a postgresql URL).")
     server_url: str | None = opt(None, "The running `posttrain serve` (e.g. http://127.0.0.1:8000) to switch on promotion/rollback (null: registry only).")
-    api_key_env: str = opt("POSTTRAIN_API_KEY", "Environment variable with the server's API key.")
+    admin_key_env: str = opt("POSTTRAIN_ADMIN_KEY", "Environment variable with the server's admin key (the server's admin_key_env; API keys cannot switch versions).")
     method: Literal["kto", "dpo"] = opt("kto", "Candidate training: kto (thumbs, ratings, corrections) or dpo (preferences, corrections).")
     min_feedback: int = opt(50, "New feedback items that start a cycle.")
     every_s: float = opt(0.0, "Schedule: also start a cycle when this many seconds have passed since the last one and there is any new feedback (0: count trigger only).")
@@ -162,22 +168,67 @@ def _fresh_lora(model_spec: str, out: Path) -> Path:
     return out
 
 
-def _notify(cfg: LoopConfig, registry: Registry, version: str) -> str:
+def _admin_headers(cfg: LoopConfig) -> dict:
+    key = os.environ.get(cfg.admin_key_env)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def served_version(cfg: LoopConfig) -> str | None:
+    """What the server says ``served_model`` serves now (``GET /v1/models``), or None when it does not serve it."""
+    import httpx
+
+    try:
+        r = httpx.get(cfg.server_url.rstrip("/") + "/v1/models", headers=_admin_headers(cfg), timeout=30)
+    except httpx.HTTPError as e:
+        raise PosttrainError(f"could not reach the server at {cfg.server_url}: {e}") from None
+    if r.status_code != 200:
+        raise PosttrainError(f"the server at {cfg.server_url} answered GET /v1/models with HTTP {r.status_code} "
+                             f"{r.text[:300]}")
+    return {m["id"]: m.get("version") for m in r.json().get("data", [])}.get(cfg.served_model)
+
+
+def switch(cfg: LoopConfig, registry: Registry, version: str) -> str:
+    """The second phase of a promotion or rollback: make the server serve ``version``, then confirm it in the
+    registry. On failure the registry keeps the switch pending (the next :func:`reconcile` retries)."""
     if not cfg.server_url:
+        registry.confirm(version, "registry only (no server_url)")
         return "no server_url: registry updated only"
     import httpx
 
-    key = os.environ.get(cfg.api_key_env)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": cfg.served_model, "adapter": registry.adapter_of(version), "version": version}
+    body = {"model": cfg.served_model, "version": version}
     try:
-        r = httpx.post(cfg.server_url.rstrip("/") + "/v1/admin/versions", json=body, headers=headers, timeout=300)
+        r = httpx.post(cfg.server_url.rstrip("/") + "/v1/admin/versions", json=body, headers=_admin_headers(cfg),
+                       timeout=300)
     except httpx.HTTPError as e:
+        registry.log("switch_failed", version=version, error=str(e)[:300])
         raise PosttrainError(f"could not reach the server at {cfg.server_url} to switch to {version}: {e}; the "
-                             "registry records the decision, run `posttrain rollback` to retry the switch") from None
+                             "registry keeps the switch pending and the next loop cycle or rollback retries it") from None
     if r.status_code != 200:
+        registry.log("switch_failed", version=version, error=f"HTTP {r.status_code} {r.text[:300]}")
         raise PosttrainError(f"the server refused to switch to {version}: HTTP {r.status_code} {r.text[:300]}")
+    registry.confirm(version, f"server {cfg.server_url}")
     return f"server {cfg.server_url} now serves {cfg.served_model} = {version}"
+
+
+def reconcile(cfg: LoopConfig, registry: Registry, log=print) -> str:
+    """Make the registry and the server agree on what serves (module docstring); returns what was done."""
+    registry.reload()
+    wanted = registry.wanted()
+    if wanted is None:
+        return "empty registry"
+    if not cfg.server_url:
+        if registry.pending:
+            registry.confirm(wanted, "registry only (no server_url)")
+            return f"confirmed pending {wanted} (no server_url)"
+        return "in agreement (no server_url)"
+    served = served_version(cfg)
+    if served == wanted:
+        if registry.pending:
+            registry.confirm(wanted, f"reconciled: server {cfg.server_url} already serves it")
+            return f"the server already served pending {wanted}: confirmed"
+        return f"in agreement: {cfg.served_model} = {wanted}"
+    log(f"[loop] reconcile: the server serves {cfg.served_model} = {served}, the registry wants {wanted}: switching")
+    return switch(cfg, registry, wanted)
 
 
 def ensure_initial(cfg: LoopConfig, registry: Registry) -> None:
@@ -187,6 +238,7 @@ def ensure_initial(cfg: LoopConfig, registry: Registry) -> None:
     if adapter is None:
         adapter = str(_fresh_lora(cfg.model, registry.root / "initial-lora"))
     vid = registry.register(adapter, parent=None, note="initial version")
+    # the model that served before the loop existed: it passes by definition, and reconcile serves it
     registry.decide(vid, True, ["initial version"], {})
 
 
@@ -221,22 +273,28 @@ def run_cycle(cfg: LoopConfig, registry: Registry, store, *, log=print, now=time
     from posttrain.models.loading import load_tokenizer
 
     ensure_initial(cfg, registry)
+    try:
+        done = reconcile(cfg, registry, log)
+        if not done.startswith("in agreement"):
+            log(f"[loop] reconcile: {done}")
+    except PosttrainError as e:  # the server is down: the switch stays pending, gating can still go on
+        log(f"[loop] reconcile: {e}; a pending switch stays pending")
+    registry.reload()
     since = int(registry.state.get("last_feedback_id", 0))
     new = store.count_feedback(since)
-    last = float(registry.state.get("last_cycle_time", registry.versions[registry.serving]["created"]))
+    parent = registry.wanted()  # a pending promotion passed its gates: the next candidate builds on it
+    last = float(registry.state.get("last_cycle_time", registry.versions[parent]["created"]))
     scheduled = cfg.every_s > 0 and new > 0 and now() - last >= cfg.every_s
     if new < cfg.min_feedback and not scheduled:
         return {"event": "waiting", "new_feedback": new, "needed": cfg.min_feedback}
-    registry.state["last_cycle_time"] = now()
-    parent = registry.serving
-    cycle = registry.root / "cycles" / f"{registry.next_id()}"
+    registry.update_state(last_cycle_time=now())
+    cycle = registry.root / "cycles" / f"v{len(registry.versions)}"
     cycle.mkdir(parents=True, exist_ok=True)
     data = cycle / f"{cfg.method}.jsonl"
     exported = export_feedback(store, cfg.method, data, since_id=since)
     log(f"[loop] {new} new feedback items since #{since}: " + exported.summary().splitlines()[0])
     if exported.kept == 0:
-        registry.state["last_feedback_id"] = exported.last_id
-        registry.save()
+        registry.update_state(last_feedback_id=exported.last_id)
         registry.log("skip", reason="no training rows in the new feedback", since=since, last=exported.last_id)
         return {"event": "skip", "reason": "no training rows"}
     if cfg.invert_feedback:
@@ -263,11 +321,10 @@ def run_cycle(cfg: LoopConfig, registry: Registry, store, *, log=print, now=time
         del model
     promote, reasons = check(metrics["serving"], metrics["candidate"], cfg.gates)
     registry.decide(vid, promote, reasons, metrics)
-    registry.state["last_feedback_id"] = exported.last_id
-    registry.save()
+    registry.update_state(last_feedback_id=exported.last_id)
     for r in reasons:
         log(f"[loop]   {r}")
-    switched = _notify(cfg, registry, vid) if promote else "not served"
+    switched = switch(cfg, registry, vid) if promote else "not served"
     log(f"[loop] {vid}: {'PROMOTED' if promote else 'REJECTED'} ({switched})")
     return {"event": "promote" if promote else "reject", "version": vid, "parent": parent, "reasons": reasons,
             "metrics": metrics, "data": hashes}
@@ -314,13 +371,17 @@ def main_rollback(argv: list[str]) -> int:
     p.add_argument("version", help="a version id from the registry (e.g. v1)")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value", help="the loop's config (registry, server_url, ...)")
     p.add_argument("--reason", default="", help="why, for the audit log")
+    p.add_argument("--override", action="store_true", help="serve a registered candidate that never went through "
+                   "the gates (needs --reason; audited). A rejected version never serves, override or not.")
     a = p.parse_args(argv)
     path = a.args[0] if a.args and "=" not in a.args[0] else None
     try:
         cfg = build_config(LoopConfig, path, a.args[1:] if path else a.args, "loop options")
+        if not Path(cfg.registry, "registry.json").is_file():
+            raise PosttrainError(f"registry: {cfg.registry}: no registry.json (run `posttrain loop` first)")
         registry = Registry(cfg.registry)
-        registry.rollback(a.version, a.reason)
-        print(f"rollback: {cfg.served_model} = {a.version} ({_notify(cfg, registry, a.version)})")
+        registry.rollback(a.version, a.reason, override=a.override)
+        print(f"rollback: {cfg.served_model} = {a.version} ({switch(cfg, registry, a.version)})")
     except PosttrainError as e:
         print(f"posttrain rollback: error: {e}", file=sys.stderr)
         return 2

@@ -87,6 +87,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens before it already reach top_p.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False  # the most likely token, also when top_p rounds to 0 in the logits' dtype
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -4,7 +4,8 @@
 - :mod:`.models`: the model registry (one base model, PEFT adapters by name, leases, hot swap);
 - :mod:`.worker`: the generation worker thread (bounded queue, batches per adapter);
 - :mod:`.decode`: the batched KV-cache decoding loop that streams text deltas;
-- :mod:`.schemas`: request bodies and OpenAI-style errors.
+- :mod:`.schemas`: request bodies and OpenAI-style errors;
+- :mod:`.protocol`: the HTTP connection guard (header-read timeout).
 """
 
 from __future__ import annotations
@@ -31,6 +32,29 @@ def resolve_api_keys(cfg: ServeConfig) -> list[str] | None:
     return keys
 
 
+def resolve_admin_keys(cfg: ServeConfig, api_keys: list[str] | None) -> list[str]:
+    """The admin keys: ``cfg.admin_keys`` plus ``$cfg.admin_key_env``; empty means the admin routes are off. An
+    admin key that is also an API key is a ConfigError: a user holding it could change what is served."""
+    keys = [k for k in cfg.admin_keys if k]
+    keys += [k.strip() for k in os.environ.get(cfg.admin_key_env, "").split(",") if k.strip()]
+    if set(keys) & set(api_keys or []):
+        raise ConfigError(f"admin keys: an admin key is also an API key; give ${cfg.admin_key_env} keys of their own")
+    return keys
+
+
+def uvicorn_config(app, cfg: ServeConfig, **overrides):
+    """uvicorn's settings for ``app``: the connection limit, keep-alive and header-read timeouts, and a 64 KiB cap
+    on a request's headers."""
+    import uvicorn
+
+    from posttrain.serve.protocol import guarded_h11
+
+    return uvicorn.Config(app, **{
+        "host": cfg.host, "port": cfg.port, "log_level": cfg.log_level, "http": guarded_h11(cfg.timeout_header_s),
+        "limit_concurrency": cfg.max_connections, "timeout_keep_alive": cfg.timeout_keep_alive_s,
+        "h11_max_incomplete_event_size": 64 * 1024, **overrides})
+
+
 def run_serve(cfg: ServeConfig) -> None:
     """Load the models, open the feedback store and serve until interrupted."""
     import uvicorn
@@ -40,18 +64,22 @@ def run_serve(cfg: ServeConfig) -> None:
     from posttrain.serve.models import ModelRegistry
 
     api_keys = resolve_api_keys(cfg)
+    admin_keys = resolve_admin_keys(cfg, api_keys)
     if api_keys is None:
         where = "" if cfg.host in LOOPBACK else f" AND LISTENING ON {cfg.host}, reachable from the network"
-        print(f"posttrain serve: WARNING: auth is off (auth=false): anyone who can connect can generate, give feedback "
-              f"and switch model versions{where}", file=sys.stderr)
+        print(f"posttrain serve: WARNING: auth is off (auth=false): anyone who can connect can generate and give "
+              f"feedback on any completion{where}", file=sys.stderr)
     store = FeedbackStore(cfg.db)
     registry = ModelRegistry.load(cfg)
     registry.start()
-    app = create_app(registry, store, cfg, api_keys)
+    app = create_app(registry, store, cfg, api_keys, admin_keys)
     served = ", ".join(f"{name} ({version})" for name, version in registry.served().items())
-    print(f"posttrain serve: models {served}; completions and feedback go to {cfg.db}", file=sys.stderr)
+    admin = (f"admin routes on (${cfg.admin_key_env}), serving versions of {cfg.registry}" if admin_keys and cfg.registry
+             else "admin routes on, but no registry= to serve versions from" if admin_keys
+             else f"admin routes off (no ${cfg.admin_key_env})")
+    print(f"posttrain serve: models {served}; completions and feedback go to {cfg.db}; {admin}", file=sys.stderr)
     try:
-        uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)).run()
+        uvicorn.Server(uvicorn_config(app, cfg)).run()
     finally:
         registry.stop()
         store.close()

@@ -9,6 +9,10 @@ Hot swap (:meth:`ModelRegistry.set_version`), the promotion and rollback path of
 2. the public name is switched to it under a lock, so the next request admitted gets the new version;
 3. the old adapter is retired, and deleted from the model once its last lease is released (its requests in
    flight, and those already queued, finish on it).
+
+With ``registry=`` (the loop's registry), the server starts by serving the registry's current version (a pending
+promotion or rollback first, since it passed its gates; the registry is then told the switch is done) under
+``registry_model``, instead of whatever ``adapters`` names for it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,27 @@ from posttrain.serve.decode import Event, Finished, Job, RowSampling, decode_bat
 from posttrain.serve.worker import GenerationWorker, QueueFull
 
 BASE_VERSION = "base"
+
+
+def _registry_version(cfg: ServeConfig) -> dict | None:
+    """``{adapter, version}`` the loop's registry wants served at start-up, or None (no registry, or empty)."""
+    if not cfg.registry:
+        return None
+    from posttrain.loop.registry import Registry
+
+    if not Path(cfg.registry).is_dir():
+        raise ConfigError(f"registry: {cfg.registry}: no such folder (the loop's registry=)")
+    loop_registry = Registry(cfg.registry)
+    version = loop_registry.wanted()
+    if version is None:
+        return None
+    servable, why = loop_registry.servable(version)
+    if not servable:
+        raise ConfigError(f"registry: {why}")
+    adapter = loop_registry.adapter_of(version)
+    if adapter is None:
+        raise ConfigError(f"registry: version '{version}' is the base model alone; serve it as the base model")
+    return {"adapter": adapter, "version": version}
 
 
 class UnknownModel(PosttrainError):
@@ -91,9 +116,19 @@ class ModelRegistry:
         base_name = cfg.model_name or Path(cfg.model.rstrip("/")).name
         registry = cls(model, tokenizer, base_name=base_name, batch_size=cfg.batch_size, max_queue=cfg.max_queue,
                        seed=cfg.seed)
-        for name, spec in cfg.adapters.items():
+        adapters = dict(cfg.adapters)
+        from_registry = _registry_version(cfg)
+        if from_registry is not None:
+            adapters[cfg.registry_model] = from_registry
+        for name, spec in adapters.items():
             path, version = (spec, None) if isinstance(spec, str) else (spec["adapter"], spec.get("version"))
             registry.set_version(name, path, str(version) if version is not None else Path(path.rstrip("/")).name)
+        if from_registry is not None:
+            from posttrain.loop.registry import Registry
+
+            loop_registry = Registry(cfg.registry)
+            if loop_registry.pending and loop_registry.pending["version"] == from_registry["version"]:
+                loop_registry.confirm(from_registry["version"], "posttrain serve loaded it at start-up")
         return registry
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -154,9 +189,14 @@ class ModelRegistry:
             raise ConfigError(f"model '{name}' is the base model; serve an adapter under another name")
         if not name or not version:
             raise ConfigError("model and version: must be non-empty")
-        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        config_path = Path(adapter_dir) / "adapter_config.json"
+        if not config_path.is_file():
             raise ConfigError(f"adapter: '{adapter_dir}' is not a PEFT adapter directory (no adapter_config.json)")
-        kind = PeftConfig.from_pretrained(adapter_dir).peft_type.value
+        try:
+            kind = PeftConfig.from_pretrained(adapter_dir).peft_type.value
+        except Exception as e:  # not JSON, `{}`, unknown keys or peft_type: PEFT raises many kinds
+            raise ConfigError(f"adapter: {config_path} is not a valid PEFT adapter config ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
         if kind != "LORA":
             raise ConfigError(f"adapter: '{adapter_dir}' is a {kind} adapter; serve loads LoRA/DoRA adapters only")
         adapter = LoadedAdapter(key=f"adapter_{next(self._keys)}", version=version, path=str(adapter_dir))
@@ -185,7 +225,7 @@ class ModelRegistry:
                 self.model.load_adapter(adapter.path, adapter_name=adapter.key)
             else:
                 self.model = PeftModel.from_pretrained(self.model, adapter.path, adapter_name=adapter.key)
-        except (ValueError, RuntimeError, KeyError, OSError) as e:
+        except Exception as e:  # a broken adapter must not take the server down
             if isinstance(self.model, PeftModel) and adapter.key in self.model.peft_config:
                 self.model.delete_adapter(adapter.key)
             raise ConfigError(f"adapter: could not load '{adapter.path}' onto the base model: {e}") from e

@@ -3,6 +3,10 @@
 Requests follow OpenAI's chat completions API. Fields OpenAI defines but this server cannot honour are accepted
 only with their neutral value (``n: 1``, penalties 0, no tools, no logprobs) and rejected otherwise, so a client
 is never silently given something other than what it asked for; fields OpenAI does not define are rejected.
+
+Types are strict: ``max_tokens: "5"`` or ``true`` is a 400, not 5 or 1, and non-finite floats are refused. Before
+validation, :func:`check_json` refuses JSON nested deeper than :data:`MAX_DEPTH` and strings holding lone UTF-16
+surrogates (``"\ud800"``: valid JSON, but no UTF-8 text, so neither the tokenizer nor the store can take it).
 """
 
 from __future__ import annotations
@@ -43,8 +47,37 @@ def parse(model: type[BaseModel], body: object) -> BaseModel:
         raise APIError(400, f"{field}: {text}" if field else text, param=field, code="invalid_value") from None
 
 
+MAX_DEPTH = 32  # JSON nesting a request may have (a chat request needs 4)
+
+
+def check_json(value: object, max_depth: int = MAX_DEPTH) -> None:
+    """A 400 naming the field for nesting deeper than ``max_depth`` or a string that is not valid Unicode text
+    (a lone surrogate). Iterative: a hostile depth cannot exhaust the stack."""
+    todo: list[tuple[object, tuple, int]] = [(value, (), 0)]
+    while todo:
+        item, path, depth = todo.pop()
+        field = ".".join(map(str, path)) or None
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"{field or 'body'}: not valid Unicode text (a lone surrogate such as \\ud800)",
+                               param=field, code="invalid_value") from None
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth >= max_depth:
+            raise APIError(400, f"{field or 'body'}: JSON nested deeper than {max_depth} levels", param=field,
+                           code="invalid_value")
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in children:
+            if isinstance(key, str):
+                todo.append((key, path, depth + 1))  # keys are text too
+            todo.append((child, (*path, key), depth + 1))
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):
@@ -72,15 +105,15 @@ class ChatRequest(_Strict):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
     logprobs: bool | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
@@ -101,8 +134,8 @@ class ChatRequest(_Strict):
             raise ValueError("tools: tool calling is not supported by posttrain serve")
         if self.response_format not in (None, {"type": "text"}):
             raise ValueError("response_format: only {type: text} is supported by posttrain serve")
-        if isinstance(self.stop, list) and (len(self.stop) > 4 or not all(self.stop)):
-            raise ValueError("stop: at most 4 non-empty stop strings")
+        if isinstance(self.stop, list) and not all(self.stop):
+            raise ValueError("stop: stop strings must not be empty")
         if self.stop == "":
             raise ValueError("stop: must not be empty")
         return self
@@ -137,6 +170,8 @@ class FeedbackRequest(_Strict):
 
 
 class VersionRequest(_Strict):
-    model: str = Field(min_length=1)
-    adapter: str = Field(min_length=1)
-    version: str = Field(min_length=1)
+    """``POST /v1/admin/versions``: serve a version of the loop's registry (never a path: module app.py)."""
+
+    model: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=128)
+    reason: str = Field(default="", max_length=1000)
