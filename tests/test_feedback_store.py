@@ -57,7 +57,8 @@ def test_round_trip(store):
     assert store.get_completion("a") == {
         "seq": 1, "id": "a", "model": "smollm2-135m", "version": "v1",
         "messages": [{"role": "user", "content": "What is two plus two?"}], "response": "Five.",
-        "sampling": {"temperature": 0.7, "max_tokens": 64}, "created": store.get_completion("a")["created"]}
+        "sampling": {"temperature": 0.7, "max_tokens": 64}, "created": store.get_completion("a")["created"],
+        "owner": None}
     assert store.get_completion("nope") is None
     with pytest.raises(ValueError, match="'a' is already logged"):
         _log(store, "a", "again", "again")
@@ -315,3 +316,34 @@ def test_feedback_on_a_disconnected_stream_is_skipped_with_its_reason(store, tmp
     assert result.used == 1 and result.skipped == {"its completion was cut off by a client disconnect": 1}
     rows = [json.loads(line) for line in (tmp_path / "kto.jsonl").read_text().splitlines()]
     assert [r["completion"][0]["content"] for r in rows] == ["Red."]
+
+
+def test_feedback_with_an_owner_finds_only_that_owners_completions(store):
+    for cid, owner in (("mine", "key-a"), ("theirs", "key-b"), ("anyone", None)):
+        store.log_completion(id=cid, model="m", version="v1", messages=[{"role": "user", "content": "q"}],
+                             response="r", sampling={}, owner=owner)
+    assert store.get_completion("mine")["owner"] == "key-a"
+    with pytest.raises(UnknownCompletion, match="for this API key"):
+        store.add_feedback(completion_id="mine", kind="thumbs", value="up", owner="key-b")
+    with pytest.raises(UnknownCompletion, match="theirs"):
+        store.add_feedback(completion_id="mine", kind="preference", value="theirs", owner="key-a")
+    assert store.add_feedback(completion_id="mine", kind="thumbs", value="up", owner="key-a")
+    assert store.add_feedback(completion_id="theirs", kind="rating", value=2)  # no owner given: any completion
+    assert [f["completion_id"] for f in store.iter_feedback()] == ["mine", "theirs"]
+
+
+def test_a_database_from_before_owners_gets_the_column_on_open(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the completions table as earlier versions created it
+        db.execute("CREATE TABLE completions (seq INTEGER PRIMARY KEY AUTOINCREMENT, id VARCHAR(128) NOT NULL UNIQUE, "
+                   "model VARCHAR(256) NOT NULL, version VARCHAR(256) NOT NULL, messages TEXT NOT NULL, "
+                   "response TEXT NOT NULL, sampling TEXT NOT NULL, created FLOAT NOT NULL)")
+        db.execute("INSERT INTO completions (id, model, version, messages, response, sampling, created) "
+                   "VALUES ('old', 'm', 'v0', '[]', 'r', '{}', 0)")
+    with FeedbackStore(f"sqlite:///{path}") as s:
+        assert s.get_completion("old")["owner"] is None
+        s.log_completion(id="new", model="m", version="v1", messages=[], response="r", sampling={}, owner="k")
+        assert s.get_completion("new")["owner"] == "k"
+        assert s.add_feedback(completion_id="old", kind="thumbs", value="down")
