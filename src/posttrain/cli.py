@@ -44,7 +44,9 @@ EXAMPLES = {
     "merge": "posttrain merge adapter=runs/sft output_dir=runs/sft-merged",
     "eval": "posttrain eval adapter=runs/sft data=heldout.jsonl",
     "plan": "posttrain plan model=7b device_memory_gb=24\n  posttrain plan table=true batch_size=1",
-    "serve": "POSTTRAIN_API_KEY=secret posttrain serve 'adapters={assistant: runs/dpo}'\n  posttrain serve --no-auth port=8080",
+    "serve": "POSTTRAIN_API_KEY=secret posttrain serve 'adapters={assistant: runs/dpo}'\n"
+             "  POSTTRAIN_API_KEY=secret POSTTRAIN_ADMIN_KEY=other posttrain serve registry=runs/loop   # the loop's gated versions\n"
+             "  posttrain serve --no-auth port=8080",
 }
 
 
