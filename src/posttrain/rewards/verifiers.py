@@ -21,7 +21,7 @@ from functools import lru_cache
 import jsonschema
 
 from posttrain.errors import ConfigError
-from posttrain.rewards.sandbox import run_python
+from posttrain.rewards.sandbox import run_tests
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_MARKER = re.compile(r"####|\banswer\**\s*:[\s*]*", re.IGNORECASE)  # also **Answer:** and **Answer**:
@@ -196,8 +196,12 @@ def extract_code(completion: str) -> str:
 
 def code_tests(prompt, completion: str, tests, timeout: float = 10.0, memory_mb: int = 512,
                language: str = "python", **row) -> float:
-    """1.0 if the completion's code followed by ``tests`` (a string, or a list of statements such as asserts)
-    exits with status 0 in the sandbox within ``timeout`` seconds and ``memory_mb`` MiB, else 0.0."""
+    """1.0 if the completion's code and then ``tests`` (a string, or a list of statements such as asserts) run to
+    their end in the sandbox's test harness within ``timeout`` seconds and ``memory_mb`` MiB, else 0.0.
+
+    A pass is what the harness reports after the tests finished, not an exit status: code that exits early
+    (``sys.exit(0)``, ``os._exit(0)``) fails, and the code cannot fork, load ctypes, connect, or touch files
+    outside its folder (:mod:`posttrain.rewards.sandbox` says what the sandbox is and is not)."""
     if language != "python":
         raise ConfigError(f"code_tests: language {language!r} is not supported; expected 'python'")
     if isinstance(tests, list | tuple):
@@ -206,8 +210,8 @@ def code_tests(prompt, completion: str, tests, timeout: float = 10.0, memory_mb:
         # Empty tests would pass any code that runs; that is a data bug, not a reward.
         raise ConfigError(f"code_tests: the row's tests are {tests!r}; expected Python source (or a list of "
                           "statements) such as \"assert add(1, 2) == 3\"")
-    result = run_python(extract_code(completion) + "\n" + str(tests), timeout=float(timeout), memory_mb=int(memory_mb))
-    return float(result.returncode == 0 and not result.timed_out)
+    result = run_tests(extract_code(completion), str(tests), timeout=float(timeout), memory_mb=int(memory_mb))
+    return float(result.passed)
 
 
 VERIFIERS = {fn.__name__: fn for fn in (exact_match, numeric_match, regex_match, json_schema, code_tests)}
