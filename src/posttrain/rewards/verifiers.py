@@ -196,12 +196,15 @@ def extract_code(completion: str) -> str:
 
 def code_tests(prompt, completion: str, tests, timeout: float = 10.0, memory_mb: int = 512,
                language: str = "python", **row) -> float:
-    """1.0 if the completion's code and then ``tests`` (a string, or a list of statements such as asserts) run to
-    their end in the sandbox's test harness within ``timeout`` seconds and ``memory_mb`` MiB, else 0.0.
+    """1.0 if the completion's code and then ``tests`` (a string, or a list of statements such as asserts) run
+    to their end under the sandbox's test harness within ``timeout`` seconds and ``memory_mb`` MiB, else 0.0.
 
-    A pass is what the harness reports after the tests finished, not an exit status: code that exits early
-    (``sys.exit(0)``, ``os._exit(0)``) fails, and the code cannot fork, load ctypes, connect, or touch files
-    outside its folder (:mod:`posttrain.rewards.sandbox` says what the sandbox is and is not)."""
+    A pass is the harness's report that both finished, not an exit status: code that ends the process early
+    (``sys.exit(0)``, ``os._exit(0)``, ``raise SystemExit``) fails. The code cannot start processes, load
+    ctypes or touch files outside its folder; :mod:`posttrain.rewards.sandbox` says what the sandbox is and is
+    not. The code shares the tests' namespace, so write tests that compare with builtin types
+    (``r = add(1, 2); assert type(r) is int and r == 3``): an object whose ``__eq__`` is always True passes
+    ``assert add(1, 2) == 3``."""
     if language != "python":
         raise ConfigError(f"code_tests: language {language!r} is not supported; expected 'python'")
     if isinstance(tests, list | tuple):
@@ -210,7 +213,7 @@ def code_tests(prompt, completion: str, tests, timeout: float = 10.0, memory_mb:
         # Empty tests would pass any code that runs; that is a data bug, not a reward.
         raise ConfigError(f"code_tests: the row's tests are {tests!r}; expected Python source (or a list of "
                           "statements) such as \"assert add(1, 2) == 3\"")
-    result = run_tests(extract_code(completion), str(tests), timeout=float(timeout), memory_mb=int(memory_mb))
+    result = run_tests(extract_code(completion), tests, timeout=float(timeout), memory_mb=int(memory_mb))
     return float(result.passed)
 
 
