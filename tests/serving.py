@@ -43,18 +43,6 @@ class FakeStore:
             return len(self.feedback)
 
 
-def _save_lora(model_dir, out, seed):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                                           init_lora_weights=False))
-    lora.save_pretrained(out)
-    return str(out)
-
-
 def save_lora(model_dir, out, seed):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

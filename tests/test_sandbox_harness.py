@@ -1,5 +1,5 @@
 """code_tests' harness (issue 19, finding 3): a pass is what the harness reports after the tests ran to their end,
-and the fence refuses processes, ctypes, sockets and files outside the work directory."""
+through code_tests, and files outside the work directory; tests/test_sandbox.py has the fence's other events."""
 
 from __future__ import annotations
 
@@ -41,20 +41,6 @@ def test_the_token_is_nowhere_the_code_can_read_it():
     assert result.run.stdout == ""  # nothing token-like in stdin, argv, env or its files (so the tests ran)
     r = run_tests(ADD + "open('../harness.py').read()\n", TESTS, timeout=10, memory_mb=512)
     assert not r.passed and "reading '../harness.py' is not allowed" in r.reason  # nor beside its folder
-
-
-@pytest.mark.parametrize("attempt, refused", [
-    ("import os\nif os.fork() == 0: os._exit(0)", "os.fork"),
-    ("import subprocess; subprocess.run(['true'])", "subprocess.Popen"),
-    ("import os; os.system('true')", "os.system"),
-    ("import os; os.execv('/bin/true', ['true'])", "os.exec"),
-    ("import os, signal; os.kill(os.getppid(), signal.SIGTERM)", "os.kill"),
-    ("import ctypes", "ctypes"),
-    ("import socket; socket.create_connection(('127.0.0.1', 9))", "socket.connect"),
-])
-def test_processes_ctypes_and_sockets_are_refused(attempt, refused):
-    result = run_tests(ADD + attempt + "\n", TESTS, timeout=10, memory_mb=512)
-    assert not result.passed and refused in result.reason, result.reason
 
 
 def test_files_outside_the_work_folder_are_neither_read_nor_changed(tmp_path):
