@@ -359,7 +359,7 @@ def run_posttrain(spec: RunSpec) -> dict:
         "lora.target_modules=all-linear", "packing=true", "precision=auto", "gradient_checkpointing=false",
     ]
     cfg = load_config("sft", None, overrides)
-    from posttrain.engine.trainer import resolve_mixed_precision
+    from posttrain.runtime import resolve_mixed_precision
 
     # what precision=auto trains in: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
     dtype = "bf16" if resolve_mixed_precision("auto") == "bf16" else "fp32"

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.config import load_config
-from posttrain.engine.trainer import keep_cpu_heap
 from posttrain.errors import TrainingDiverged
+from posttrain.runtime import keep_cpu_heap
 from posttrain.stages import sft
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -334,11 +334,11 @@ def test_engine_optimizer_is_fused_adamw_and_steps_like_foreach():
 
 def test_auto_precision_follows_the_engine(monkeypatch):
     """plan's precision=auto is the engine's: bf16 on a GPU and on a CPU with native bf16, else fp32."""
-    from posttrain.engine import trainer
+    from posttrain import runtime
 
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     assert plan.resolve_precision("auto", "cpu") == "fp32" and plan.resolve_precision("auto", "cuda") == "bf16"
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert plan.resolve_precision("auto", "cpu") == "bf16"
     assert plan.resolve_precision("fp32", "cpu") == "fp32"
 

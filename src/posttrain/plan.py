@@ -662,7 +662,7 @@ class MemoryEstimate:
 
 def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":  # as the engine: bf16 autocast on GPUs and on CPUs with native bf16, else fp32
-        from posttrain.engine.trainer import cpu_has_native_bf16
+        from posttrain.runtime import cpu_has_native_bf16
 
         return "bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32"
     return precision

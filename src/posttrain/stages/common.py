@@ -29,7 +29,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from posttrain.engine.trainer import keep_cpu_heap, resolve_mixed_precision
+    from posttrain.runtime import keep_cpu_heap, resolve_mixed_precision
 
     # Several runs in one process (tests, the demo) may ask for different precisions: accelerate keeps a
     # process-wide state, so drop it (the distributed PartialState stays).
