@@ -35,10 +35,11 @@ from posttrain.serve.worker import GenerationWorker, QueueFull
 BASE_VERSION = "base"
 
 
-def _registry_version(cfg: ServeConfig) -> dict | None:
-    """``{adapter, version}`` the loop's registry wants served at start-up, or None (no registry, or empty)."""
+def _registry_version(cfg: ServeConfig):
+    """(the loop's registry, ``{adapter, version}`` it wants served at start-up); the second is None with no
+    registry or an empty one."""
     if not cfg.registry:
-        return None
+        return None, None
     from posttrain.loop.registry import Registry
 
     if not Path(cfg.registry).is_dir():
@@ -46,14 +47,14 @@ def _registry_version(cfg: ServeConfig) -> dict | None:
     loop_registry = Registry(cfg.registry)
     version = loop_registry.wanted()
     if version is None:
-        return None
+        return loop_registry, None
     servable, why = loop_registry.servable(version)
     if not servable:
         raise ConfigError(f"registry: {why}")
     adapter = loop_registry.adapter_of(version)
     if adapter is None:
         raise ConfigError(f"registry: version '{version}' is the base model alone; serve it as the base model")
-    return {"adapter": adapter, "version": version}
+    return loop_registry, {"adapter": adapter, "version": version}
 
 
 class UnknownModel(PosttrainError):
@@ -117,16 +118,13 @@ class ModelRegistry:
         registry = cls(model, tokenizer, base_name=base_name, batch_size=cfg.batch_size, max_queue=cfg.max_queue,
                        seed=cfg.seed)
         adapters = dict(cfg.adapters)
-        from_registry = _registry_version(cfg)
+        loop_registry, from_registry = _registry_version(cfg)
         if from_registry is not None:
             adapters[cfg.registry_model] = from_registry
         for name, spec in adapters.items():
             path, version = (spec, None) if isinstance(spec, str) else (spec["adapter"], spec.get("version"))
             registry.set_version(name, path, str(version) if version is not None else Path(path.rstrip("/")).name)
         if from_registry is not None:
-            from posttrain.loop.registry import Registry
-
-            loop_registry = Registry(cfg.registry)
             if loop_registry.pending and loop_registry.pending["version"] == from_registry["version"]:
                 loop_registry.confirm(from_registry["version"], "posttrain serve loaded it at start-up")
         return registry
