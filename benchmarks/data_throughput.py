@@ -70,8 +70,8 @@ def _planted_path(path: Path) -> Path:
 def run_dedup(path: Path) -> dict:
     import hashlib
 
-    from posttrain.data.audit import parse_row
-    from posttrain.data.dedup import NearDuplicateIndex, normalize_for_dedup
+    from posttrain.curate.dedup import NearDuplicateIndex, normalize_for_dedup
+    from posttrain.curate.rows import parse_row
     from posttrain.data.io import read_records
 
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def run_dedup(path: Path) -> dict:
 
 
 def run_clean(path: Path, out: Path) -> dict:
-    from posttrain.data.clean import CleanConfig, clean
+    from posttrain.curate.clean import CleanConfig, clean
 
     t0 = time.perf_counter()
     res = clean(path, out, CleanConfig())

@@ -24,7 +24,7 @@ Two parts (``--parts``):
   micro-batches per optimizer step, generating every completion of the step in one rollout.
 - ``rollout``: no training. On one model (the base model under a fresh LoRA adapter, as both trainers generate),
   the same prompts, ``n`` samples each, the same ``max_new_tokens`` and temperature: posttrain's
-  :class:`~posttrain.rl.rollout.RolloutEngine` against ``model.generate(num_return_sequences=n, do_sample=True)``
+  :class:`~posttrain.rl.rollout.RolloutSampler` against ``model.generate(num_return_sequences=n, do_sample=True)``
   (a) one prompt at a time in a loop and (b) over all prompts at once, left-padded (what TRL does).
 
 Measured per optimizer step after the first ``--warmup`` steps: wall seconds (rollout, rewards, reference pass,
@@ -133,7 +133,8 @@ def _trainable_params(model) -> int:
 
 
 def run_posttrain(spec: RunSpec) -> dict:
-    from posttrain.config import load_config, to_dict
+    from posttrain.commands import load_config
+    from posttrain.config import to_dict
     from posttrain.stages import grpo
 
     per_step = spec.prompts_per_step * spec.num_generations
@@ -292,7 +293,7 @@ def run_rollout(spec: RunSpec) -> dict:
 
     from posttrain.data.prompts import prompt_token_ids
     from posttrain.models.loading import load_tokenizer
-    from posttrain.rl.rollout import RolloutEngine, Sampling
+    from posttrain.rl.rollout import RolloutSampler, Sampling
     from posttrain.rl.run import eos_token_ids
 
     device = spec.device
@@ -316,7 +317,7 @@ def run_rollout(spec: RunSpec) -> dict:
 
     def engine(ps: list[list[int]], samples: int, max_new_tokens: int) -> int:
         generator = torch.Generator(device=device).manual_seed(spec.seed)
-        out = RolloutEngine(tokenizer, prompts_per_batch=len(ps), eos_token_ids=eos).generate(
+        out = RolloutSampler(tokenizer, prompts_per_batch=len(ps), eos_token_ids=eos).generate(
             model, ps, samples, Sampling(max_new_tokens=max_new_tokens, temperature=temperature), generator)
         return sum(len(c.token_ids) for c in out)
 

@@ -40,12 +40,13 @@ def percentile(values: list[float], q: float) -> float:
 def serve_load(model: str, clients: list[int], requests: int, max_tokens: int, batch_size: int, db: str) -> list[dict]:
     import httpx
 
-    from posttrain.config import ServeConfig, _build
+    from posttrain.commands.serve import ServeConfig
+    from posttrain.config import build
     from posttrain.demo.loop import Server, _free_port
 
     key = secrets.token_hex(8)
     os.environ["POSTTRAIN_API_KEY"] = key
-    cfg = _build(ServeConfig, {"model": model, "port": _free_port(), "db": db, "batch_size": batch_size,
+    cfg = build(ServeConfig, {"model": model, "port": _free_port(), "db": db, "batch_size": batch_size,
                                "max_queue": max(64, max(clients) * 2), "log_level": "warning"})
     server = Server(cfg)
     name = server.registry.base_name

@@ -347,7 +347,7 @@ def _step_records(trained: list[int], seconds: list[float], losses: list[float])
 
 
 def run_posttrain(spec: RunSpec) -> dict:
-    from posttrain.config import load_config
+    from posttrain.commands import load_config
     from posttrain.stages import sft
 
     overrides = [

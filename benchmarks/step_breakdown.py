@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from torch.profiler import profile
 
-    from posttrain.config import load_config
+    from posttrain.commands import load_config
+    from posttrain.data.batching import collate_packed, pack_examples
     from posttrain.data.dataset import load_sft_dataset
-    from posttrain.data.packing import collate_packed, pack_examples
+    from posttrain.engine.setup import load_tokenizer_for
     from posttrain.losses import sft_loss
     from posttrain.models.adapters import build_model
     from posttrain.models.forward import target_logps
     from posttrain.models.loading import resolve_model
-    from posttrain.stages.common import load_tokenizer_for
 
     scratch = Path(tempfile.mkdtemp(prefix="posttrain-breakdown-"))
     train = scratch / "train.jsonl"

@@ -44,10 +44,10 @@ def test_generate_command(tiny_model_dir, tiny_adapter, capsys):
 
 
 def test_eval_command(tiny_model_dir, tiny_adapter, capsys):
-    from posttrain import commands
-    from posttrain.config import load_config
+    from posttrain.commands import eval as eval_command
+    from posttrain.commands import load_config
 
-    result = commands.run_eval(load_config("eval", None, [f"model={tiny_model_dir}", f"adapter={tiny_adapter}",
+    result = eval_command.run(load_config("eval", None, [f"model={tiny_model_dir}", f"adapter={tiny_adapter}",
                                                           f"data={DATA}", "num_samples=2", "sampling.max_new_tokens=4"]))
     assert result["rows"] == 12 and result["tokens"] > 0
     assert result["perplexity"] == pytest.approx(torch.exp(torch.tensor(result["loss"])).item(), rel=1e-4)
@@ -75,7 +75,7 @@ def test_bad_row_is_reported_before_the_model_loads(tmp_path, capsys, monkeypatc
     def no_model(*a, **k):
         raise AssertionError("the model must not load before the data is validated")
 
-    monkeypatch.setattr("posttrain.stages.common.build_model", no_model)
+    monkeypatch.setattr("posttrain.engine.setup.build_model", no_model)
     rc = main(["sft", f"data.train={bad}", f"output_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err

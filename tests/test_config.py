@@ -1,7 +1,9 @@
 import pytest
 
 from posttrain.cli import main
-from posttrain.config import SFTConfig, help_table, load_config
+from posttrain.commands import load_config
+from posttrain.commands.sft import SFTConfig
+from posttrain.config import help_table
 from posttrain.errors import ConfigError
 
 

@@ -8,8 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from posttrain.data.collate import collate_sft
-from posttrain.data.packing import collate_packed, pack_examples
+from posttrain.data.batching import collate_packed, collate_sft, pack_examples
 from posttrain.losses import sft_loss
 from posttrain.models.forward import target_logps
 from tests.test_packing_and_lean_loss import random_examples

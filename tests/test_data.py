@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from posttrain.data.collate import collate_sft
+from posttrain.data.batching import collate_sft
 from posttrain.data.dataset import load_sft_dataset
 from posttrain.data.formats import SFTExample, normalize_sft
 from posttrain.data.io import read_records

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from posttrain.data.audit import audit, write_reports
+from posttrain.curate.audit import audit, write_reports
 
 PARAGRAPH = ("The committee met on Tuesday to review the annual budget for the regional library network, which "
              "serves eleven towns and several schools. Members discussed the cost of new shelving, longer opening "
@@ -111,7 +111,7 @@ def test_clean_config_errors_name_the_key(sft_file, tmp_path):
 def test_contamination_ignores_a_shared_template_but_finds_an_embedded_eval_item(tmp_path):
     """A templated task shares its instruction with every eval row: that is not contamination. A training row
     that quotes one eval item inside a longer text is, with the share of that item's n-grams it holds."""
-    from posttrain.data.audit import EvalIndex
+    from posttrain.curate.contamination import EvalIndex
 
     instruction = "Extract the name, the age, the job and the city of the person below as a JSON object."
     people = [("Olga Horvat", 65, "data analyst", "Lima"), ("Ingrid Schmidt", 35, "dentist", "Lagos"),

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from posttrain.data.accuracy import code_problems, json_problem, reference_problem
-from posttrain.data.audit import audit, write_reports
-from posttrain.data.clean import CleanConfig, clean
-from posttrain.data.consistency import detect_language, style_features
+from posttrain.curate.accuracy import code_problems, json_problem, reference_problem
+from posttrain.curate.audit import audit, write_reports
+from posttrain.curate.clean import CleanConfig, clean
+from posttrain.curate.consistency import detect_language, style_features
 from posttrain.errors import ConfigError
 
 # Twenty distinct English prompt/answer pairs in plain prose: no markdown, no first person, no exclamation,

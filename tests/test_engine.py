@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.config import load_config
+from posttrain.commands import load_config
 from posttrain.errors import TrainingDiverged
 from posttrain.runtime import keep_cpu_heap
 from posttrain.stages import sft
@@ -146,3 +146,26 @@ def test_keep_cpu_heap_leaves_an_explicit_choice_alone(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.setenv("POSTTRAIN_CPU_MALLOC", "default")
     assert keep_cpu_heap() is False
+
+
+def test_the_engine_checks_an_objective_once_against_its_protocol():
+    from posttrain.engine.trainer import check_objective
+
+    class Offline:
+        def count(self, batch):
+            return 1
+
+        def loss(self, model, batch):
+            return None, {}
+
+    plugged = check_objective(Offline())
+    assert (plugged.rollouts, plugged.unit, plugged.perplexity, plugged.updates_per_step) == (False, "tok", True, 1)
+
+    class HalfRollout(Offline):
+        def rollout(self, model, examples, step):
+            return [], {}
+
+    with pytest.raises(TypeError, match="RolloutObjective: it lacks updates_per_step, evaluate, state_dict, load_state_dict"):
+        check_objective(HalfRollout())
+    with pytest.raises(TypeError, match="lacks count"):
+        check_objective(object())

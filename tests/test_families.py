@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.data.collate import collate_sft
+from posttrain.data.batching import collate_packed, collate_sft, pack_examples
 from posttrain.data.groups import collate_groups
-from posttrain.data.packing import collate_packed, pack_examples
 from posttrain.data.preference import collate_sequences
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.errors import PosttrainError
@@ -160,7 +159,7 @@ def test_the_matrix_fails_when_a_packed_path_drops_a_feature(mutation, family_di
 def test_full_finetune_gradients_of_packed_rows_equal_the_eager_forward(family, family_dirs):
     """posttrain's training model (fused norms, packed spans, lean head) against plain transformers eager, one
     example at a time: the loss and every parameter's gradient."""
-    from posttrain.config import load_config
+    from posttrain.commands import load_config
     from posttrain.losses import shift_labels
     from posttrain.models.adapters import build_model
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from posttrain.config import load_config
+from posttrain.commands import load_config
 from posttrain.errors import ConfigError
 from posttrain.models.adapters import build_model
 from tests.families import build_family
@@ -16,7 +16,7 @@ from tests.families import build_family
 MOE = ["qwen3_moe", "gpt_oss"]
 
 
-def _build(model_dir, *overrides):
+def build(model_dir, *overrides):
     cfg = load_config("sft", None, [f"model={model_dir}", "data.train=unused.jsonl", "precision=fp32", *overrides])
     return build_model(cfg)[0]
 
@@ -31,14 +31,14 @@ def _adapted(model) -> set[str]:
 
 
 def test_phi3_fused_projections_are_adapted_by_all_linear_and_by_name(family_dirs):
-    assert _adapted(_build(family_dirs("phi3"))) == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+    assert _adapted(build(family_dirs("phi3"))) == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                                      "mlp.down_proj"}
-    assert _adapted(_build(family_dirs("phi3"), "lora.target_modules=[qkv_proj]")) == {"self_attn.qkv_proj"}
+    assert _adapted(build(family_dirs("phi3"), "lora.target_modules=[qkv_proj]")) == {"self_attn.qkv_proj"}
 
 
 @pytest.mark.parametrize("family", MOE)
 def test_moe_all_linear_adapts_attention_and_never_the_router(family, family_dirs):
-    model = _build(family_dirs(family))
+    model = build(family_dirs(family))
     assert _adapted(model) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)  # experts, routers, norms frozen
@@ -49,7 +49,7 @@ def test_moe_target_experts_adapts_each_expert_and_merges_exactly(family, family
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = _build(family_dirs(family), "lora.target_experts=true")
+    model = build(family_dirs(family), "lora.target_experts=true")
     assert _adapted(model) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                "mlp.experts"}
     assert not any("router" in n or ".gate." in n for n, p in model.named_parameters() if p.requires_grad)
@@ -73,9 +73,9 @@ def test_moe_target_experts_adapts_each_expert_and_merges_exactly(family, family
 
 def test_target_experts_is_refused_where_it_cannot_apply(family_dirs):
     with pytest.raises(ConfigError, match="no experts"):
-        _build(family_dirs("llama"), "lora.target_experts=true")
+        build(family_dirs("llama"), "lora.target_experts=true")
     with pytest.raises(ConfigError, match="DoRA"):
-        _build(family_dirs("qwen3_moe"), "lora.target_experts=true", "lora.dora=true")
+        build(family_dirs("qwen3_moe"), "lora.target_experts=true", "lora.dora=true")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_router_loss_is_transformers_own_loss_term(moe_with_router_loss):
     labelled loss (mean token NLL + coef * load-balancing loss), and so do the gradients."""
     from transformers import AutoModelForCausalLM
 
-    from posttrain.data.collate import collate_sft
+    from posttrain.data.batching import collate_sft
     from posttrain.data.tokenize import TokenizedExample
     from posttrain.models import router
     from posttrain.models.forward import target_logps

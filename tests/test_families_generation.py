@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.models.loading import load_causal_lm
-from posttrain.rl.rollout import RolloutEngine, Sampling, completion_logps_reference
+from posttrain.rl.rollout import RolloutSampler, Sampling, completion_logps_reference
 from posttrain.serve.decode import Delta, Finished, Job, RowSampling, decode_batch
 from tests.families import FAMILIES, WINDOW
 
@@ -30,7 +30,7 @@ def test_rollout_and_serve_decoding_equal_greedy_generate(family, family_dirs, t
     model = load_causal_lm(str(family_dirs(family))).eval()
     expected = [_greedy(model, p) for p in PROMPTS]
 
-    engine = RolloutEngine(tokenizer, eos_token_ids=[])  # no EOS: every row runs NEW tokens
+    engine = RolloutSampler(tokenizer, eos_token_ids=[])  # no EOS: every row runs NEW tokens
     got = engine.generate(model, PROMPTS, 2, Sampling(max_new_tokens=NEW, temperature=0.0))
     for i, prompt in enumerate(PROMPTS):
         for c in got[2 * i : 2 * i + 2]:

@@ -74,7 +74,7 @@ def test_generate_eval_merge_and_serve_answer_for_every_family(family, family_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from posttrain.config import ServeConfig, ServeSamplingSection
+    from posttrain.commands.serve import ServeConfig, ServeSamplingSection
     from posttrain.serve.app import create_app
     from posttrain.serve.models import ModelRegistry
     from tests.test_serve import FakeStore

@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from posttrain.data.collate import collate_sft
+from posttrain.data.batching import collate_sft
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.losses import causal_lm_loss, sft_loss
 from posttrain.models import forward as fw
@@ -342,7 +342,7 @@ def _tiny_adapter_model(tiny_model_dir, method: str, mixed_precision: str, compu
                         lora_b_std: float = 0.0):
     """The tiny Llama with ``method`` as the engine builds it; ``lora_b_std`` > 0 draws lora_B (zero at init, which
     would hide the adapter branch and its input gradient)."""
-    from posttrain.config import SFTConfig
+    from posttrain.commands.sft import SFTConfig
     from posttrain.models import adapters
 
     cfg = SFTConfig(model=str(tiny_model_dir), method=method, attn_implementation="sdpa")

@@ -54,7 +54,7 @@ def test_grpo_shared_and_separate_layouts_train_identically(tiny_model_dir, tmp_
     import importlib
     import json
 
-    from posttrain.config import load_config
+    from posttrain.commands import load_config
 
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Count to {i}."}], "answer": str(i)}) + "\n"

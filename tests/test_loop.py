@@ -255,7 +255,8 @@ def _add_more(store, start, stop):
 
 
 def test_cycle_promotes_switches_the_server_and_rollback_switches_back(tmp_path, tiny_model_dir, monkeypatch):
-    from posttrain.loop.run import main_rollback, run_cycle
+    from posttrain.commands.rollback import main as main_rollback
+    from posttrain.loop.run import run_cycle
 
     server = AdminServer(serving="v0")
     monkeypatch.setenv("POSTTRAIN_ADMIN_KEY", "k-123")

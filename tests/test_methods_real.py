@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.config import load_config
+from posttrain.commands import load_config
 from posttrain.models.loading import resolve_model
 from posttrain.stages import sft
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.data.collate import collate_sft
-from posttrain.data.packing import best_fit_decreasing, collate_packed, pack_examples
+from posttrain.data.batching import best_fit_decreasing, collate_packed, collate_sft, pack_examples
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.losses import causal_lm_loss, sft_loss
 from posttrain.models.forward import target_logps

@@ -7,14 +7,14 @@ import random
 import numpy as np
 import pytest
 
-from posttrain.data.dedup import (
+from posttrain.curate.dedup import (
     NearDuplicateIndex,
     exact_duplicates,
     lsh_bands,
     normalize_for_dedup,
     shingles,
 )
-from posttrain.data.pii import KINDS, PIIMatch, find_pii, luhn_valid, redact
+from posttrain.curate.pii import KINDS, PIIMatch, find_pii, luhn_valid, redact
 
 
 def _span(text: str, value: str, kind: str) -> PIIMatch:

@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain import plan
+from posttrain.commands.plan import PlanConfig
+from posttrain.commands.plan import run as run_plan
 from posttrain.errors import ConfigError
-from posttrain.plan import KNOWN_SHAPES, GiB, ModelShape, PlanConfig, estimate, run_plan
+from posttrain.plan import memory, report, shapes
+from posttrain.plan.memory import estimate
+from posttrain.plan.shapes import KNOWN_SHAPES, GiB, ModelShape
 from tests.families import FAMILIES
 
 # h=8, f=16, 2 layers, 2 heads of 4 dims sharing 1 KV head, vocab 10, tied embeddings.
@@ -32,23 +35,23 @@ def test_parameter_counts_by_hand():
     # + tied embedding 10x8 + norms (2 per layer + final) x 8
     assert TINY.num_params == 1152 + 80 + 40
     # LoRA r=2 adds r*(in+out) per linear: q 32, k 24, v 24, o 32, gate 48, up 48, down 48 = 256 per layer
-    assert plan.trainable_params(TINY, "lora", **ADAPTERS) == 512
-    assert plan.trainable_params(TINY, "prompt", **ADAPTERS) == 3 * 8  # virtual tokens x h
-    assert plan.trainable_params(TINY, "prefix", **ADAPTERS) == 3 * 2 * 2 * 4  # tokens x layers x (k, v) x kv dim
-    assert plan.trainable_params(TINY, "lora", **{**ADAPTERS, "lora_targets": "q_proj,v_proj"}) == 2 * (32 + 24)
+    assert memory.trainable_params(TINY, "lora", **ADAPTERS) == 512
+    assert memory.trainable_params(TINY, "prompt", **ADAPTERS) == 3 * 8  # virtual tokens x h
+    assert memory.trainable_params(TINY, "prefix", **ADAPTERS) == 3 * 2 * 2 * 4  # tokens x layers x (k, v) x kv dim
+    assert memory.trainable_params(TINY, "lora", **{**ADAPTERS, "lora_targets": "q_proj,v_proj"}) == 2 * (32 + 24)
 
 
 def test_smollm2_counts_match_the_real_model():
     shape = KNOWN_SHAPES["smollm2-135m"]
     assert shape.num_params == 134_515_008
     # what `posttrain sft` prints for the embedded model
-    assert plan.trainable_params(shape, "lora", lora_r=16, lora_targets="all-linear", num_virtual_tokens=20) == 4_884_480
-    assert plan.trainable_params(shape, "prefix", lora_r=16, lora_targets="all-linear", num_virtual_tokens=20) == 230_400
+    assert memory.trainable_params(shape, "lora", lora_r=16, lora_targets="all-linear", num_virtual_tokens=20) == 4_884_480
+    assert memory.trainable_params(shape, "prefix", lora_r=16, lora_targets="all-linear", num_virtual_tokens=20) == 230_400
 
 
 def test_layer_activation_bytes_by_hand():
     def per_layer(method, precision, masked, q_len=4, kv_len=4):
-        return plan.layer_activation_bytes(TINY, method, precision=precision, q_len=q_len, kv_len=kv_len,
+        return memory.layer_activation_bytes(TINY, method, precision=precision, q_len=q_len, kv_len=kv_len,
                                            masked=masked, lora_r=2, lora_targets="all-linear")
 
     # full, fp32, no mask: norm inputs 2*8*4 (the fused norm keeps no normalised x) + linear inputs
@@ -71,33 +74,33 @@ def test_layer_activation_bytes_by_hand():
 def test_activation_totals_by_hand():
     kw = dict(batch_size=1, seq_len=5, precision="fp32", gradient_checkpointing=False, packing=False, **ADAPTERS)
     # prompt: 5 + 3 virtual positions, per token 2 layers x 360 + final (norm input 8*4 + head rows 8*4)
-    assert plan.activation_bytes(TINY, "prompt", **kw) == 8 * (2 * 360 + 64)
+    assert memory.activation_bytes(TINY, "prompt", **kw) == 8 * (2 * 360 + 64)
     # gradient checkpointing: each layer keeps its fp32 input (8*4), plus one layer recomputed
-    assert plan.activation_bytes(TINY, "prompt", **{**kw, "gradient_checkpointing": True}) == 8 * (2 * 32 + 360 + 64)
+    assert memory.activation_bytes(TINY, "prompt", **{**kw, "gradient_checkpointing": True}) == 8 * (2 * 32 + 360 + 64)
 
 
 def test_weights_logits_and_peak_by_hand():
-    assert plan.weight_bytes(TINY, "full", "fp32") == 1272 * 4
-    assert plan.weight_bytes(TINY, "full", "bf16") == 1272 * 4
-    assert plan.autocast_copy_bytes(TINY, "full", "bf16", 1272) == (1152 + 80) * 2  # bf16 linears + head
-    assert plan.autocast_copy_bytes(TINY, "lora", "bf16", 512) == 512 * 2
-    assert plan.autocast_copy_bytes(TINY, "full", "fp32", 1272) == 0
-    assert plan.weight_bytes(TINY, "lora", "bf16") == 1272 * 2
-    assert plan.weight_bytes(TINY, "qlora", "bf16") == 1152 * 0.5 + 120 * 2  # NF4 linears, the rest in bf16
-    assert plan.weight_bytes(TINY, "qlora", "fp32") == 1152 * 0.5 + 120 * 4  # NF4 linears, the rest in fp32
+    assert memory.weight_bytes(TINY, "full", "fp32") == 1272 * 4
+    assert memory.weight_bytes(TINY, "full", "bf16") == 1272 * 4
+    assert memory.autocast_copy_bytes(TINY, "full", "bf16", 1272) == (1152 + 80) * 2  # bf16 linears + head
+    assert memory.autocast_copy_bytes(TINY, "lora", "bf16", 512) == 512 * 2
+    assert memory.autocast_copy_bytes(TINY, "full", "fp32", 1272) == 0
+    assert memory.weight_bytes(TINY, "lora", "bf16") == 1272 * 2
+    assert memory.weight_bytes(TINY, "qlora", "bf16") == 1152 * 0.5 + 120 * 2  # NF4 linears, the rest in bf16
+    assert memory.weight_bytes(TINY, "qlora", "fp32") == 1152 * 0.5 + 120 * 4  # NF4 linears, the rest in fp32
     # 2 x 4 positions (< chunk) x vocab 10: a frozen head (LoRA) 2 fp32 copies; full FT's trained head 3 fp32
     # copies in its recomputed backward, plus the head's fp32 gradient; bf16 adds the bf16 logits for full FT
-    assert plan.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="fp32", loss_chunk_size=1024) == 640
-    assert plan.logits_bytes(TINY, "full", batch_size=2, seq_len=4, precision="fp32", loss_chunk_size=1024) == 960 + 320
-    assert plan.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="bf16", loss_chunk_size=3) == 3 * 10 * 8
-    assert plan.logits_bytes(TINY, "full", batch_size=2, seq_len=4, precision="bf16", loss_chunk_size=3) == 3 * 10 * 14 + 320
+    assert memory.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="fp32", loss_chunk_size=1024) == 640
+    assert memory.logits_bytes(TINY, "full", batch_size=2, seq_len=4, precision="fp32", loss_chunk_size=1024) == 960 + 320
+    assert memory.logits_bytes(TINY, "lora", batch_size=2, seq_len=4, precision="bf16", loss_chunk_size=3) == 3 * 10 * 8
+    assert memory.logits_bytes(TINY, "full", batch_size=2, seq_len=4, precision="bf16", loss_chunk_size=3) == 3 * 10 * 14 + 320
 
     est = estimate(TINY, "full", device="cpu", precision="fp32", batch_size=1, seq_len=4, packing=False, **ADAPTERS)
     assert est.activations == 4 * (2 * 488 + 64)  # final norm: input and head rows, 8*4 each
     assert est.logits == 4 * 10 * 12 + 320
     assert est.grad_accumulation == 2 * 10 * 8 * 4  # tied, trained embedding: its second gradient and the sum
     assert estimate(TINY, "lora", device="cpu", precision="fp32", batch_size=1, seq_len=4, **ADAPTERS).grad_accumulation == 0
-    static = est.weights + est.optimizer_state + plan.CPU_RUNTIME_BYTES
+    static = est.weights + est.optimizer_state + memory.CPU_RUNTIME_BYTES
     assert est.total == static + max(est.activations + est.logits, est.gradients + est.grad_accumulation)  # fused AdamW: no step buffers
 
 
@@ -114,22 +117,20 @@ def test_flops_by_hand():
 
 def test_bad_settings_name_the_key():
     with pytest.raises(ConfigError, match="lora_targets"):
-        plan.lora_target_set("q_proj,lm_head")
+        memory.lora_target_set("q_proj,lm_head")
     with pytest.raises(ConfigError, match="seq_len"):
         PlanConfig(seq_len=0).validate()
     with pytest.raises(ConfigError, match="model"):
-        plan.load_shape("no-such-model")
+        shapes.load_shape("no-such-model")
     with pytest.raises(ConfigError, match="precision: expected one of auto, bf16, fp32"):
         estimate(TINY, "lora", precision="fp16")
 
 
-def test_packing_methods_and_head_blocks_match_the_engine():
+def test_head_blocks_match_the_engine():
     from posttrain.models import forward
-    from posttrain.models.adapters import PACKING_METHODS
 
-    assert plan.PACKING_METHODS == PACKING_METHODS
-    assert plan.FROZEN_HEAD_BLOCK_ROWS == forward._HEAD_BLOCK_ROWS
-    assert plan.TRAINED_HEAD_CHUNK_ROWS == forward._TRAINED_HEAD_CHUNK_ROWS
+    assert memory.FROZEN_HEAD_BLOCK_ROWS == forward._HEAD_BLOCK_ROWS
+    assert memory.TRAINED_HEAD_CHUNK_ROWS == forward._TRAINED_HEAD_CHUNK_ROWS
 
 
 # --------------------------------------------------------------------------------------------- published figures
@@ -141,7 +142,7 @@ def test_qlora_fits_65b_on_one_48gb_gpu():
     assert estimate(shape, "qlora", **kw).total < 48 * GiB
     assert estimate(shape, "lora", **kw).total > 80 * GiB  # the bf16 base alone is ~130 GB
     assert estimate(shape, "full", **kw).total > 80 * GiB
-    table, _ = plan.fit_table(PlanConfig(batch_size=1, seq_len=512))
+    table, _ = report.fit_table(PlanConfig(batch_size=1, seq_len=512))
     row = next(line.split() for line in table.splitlines() if line.split()[:2] == ["65b", "qlora"])
     assert row[-2] in ("yes", "gc")  # the 48 GB column
 
@@ -188,7 +189,7 @@ def _saved_activation_bytes(model, batch, bf16: bool) -> int:
 )
 def test_activation_count_matches_what_autograd_saves(tiny_model_dir, method, precision, packed):
     """The per-layer count is the tensors the HF Llama block keeps for backward, on the tiny random Llama."""
-    from posttrain.config import SFTConfig
+    from posttrain.commands.sft import SFTConfig
     from posttrain.models.adapters import build_model
 
     # The planner models transformers' sdpa with a block-diagonal mask for packed rows, an upper bound for the
@@ -198,9 +199,9 @@ def test_activation_count_matches_what_autograd_saves(tiny_model_dir, method, pr
         cfg.qlora.compute_dtype = "bfloat16"
     model, report = build_model(cfg, mixed_precision="bf16" if precision == "bf16" else "no")
     model.train()
-    shape = plan.load_shape(str(tiny_model_dir))
+    shape = shapes.load_shape(str(tiny_model_dir))
     kw = dict(lora_r=cfg.lora.r, lora_targets="all-linear", num_virtual_tokens=cfg.prompt.num_virtual_tokens)
-    assert report.trainable == plan.trainable_params(shape, method, **kw)
+    assert report.trainable == memory.trainable_params(shape, method, **kw)
 
     batch_size, seq_len = (2, 48) if packed else (1, 48)  # one unpacked row runs without a mask
     torch.manual_seed(0)
@@ -211,13 +212,13 @@ def test_activation_count_matches_what_autograd_saves(tiny_model_dir, method, pr
         batch["attention_mask"] = causal[None, None].expand(batch_size, 1, seq_len, seq_len).clone()
         batch["position_ids"] = torch.arange(seq_len)[None].expand(batch_size, seq_len).clone()
     measured = _saved_activation_bytes(model, batch, precision == "bf16")
-    predicted = plan.activation_bytes(shape, method, batch_size=batch_size, seq_len=seq_len, precision=precision,
+    predicted = memory.activation_bytes(shape, method, batch_size=batch_size, seq_len=seq_len, precision=precision,
                                       gradient_checkpointing=False, packing=packed, **kw)
     assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
 
 
 def test_shape_from_a_model_directory(tiny_model_dir):
-    shape = plan.load_shape(str(tiny_model_dir))
+    shape = shapes.load_shape(str(tiny_model_dir))
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert (shape.hidden_size, shape.num_layers, shape.num_kv_heads) == (64, 2, 2)
     assert shape.params_on_disk is not None and shape.checkpoint_bytes_per_param == 4
@@ -282,7 +283,7 @@ def measured_peaks(tmp_path_factory) -> dict[str, int]:
     data = tmp / "long.jsonl"
     _long_chat_rows(data)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    pending, running, peaks = list(plan.METHODS), [], {}
+    pending, running, peaks = list(memory.METHODS), [], {}
     while pending or running:
         while pending and len(running) < (os.cpu_count() or 1):
             method = pending.pop(0)
@@ -310,7 +311,7 @@ def test_predicted_peak_is_within_15_percent_of_measured_rss(measured_peaks, met
 def test_engine_optimizer_is_fused_adamw_and_steps_like_foreach():
     """The planner counts no optimizer-step buffers because the engine's AdamW is the fused one (in place); its
     update must be AdamW's: same as torch's foreach AdamW, decay on matrices only."""
-    from posttrain.config import TrainConfig
+    from posttrain.commands.base import TrainConfig
     from posttrain.engine.trainer import build_optimizer
 
     torch.manual_seed(0)
@@ -337,10 +338,10 @@ def test_auto_precision_follows_the_engine(monkeypatch):
     from posttrain import runtime
 
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert plan.resolve_precision("auto", "cpu") == "fp32" and plan.resolve_precision("auto", "cuda") == "bf16"
+    assert memory.resolve_precision("auto", "cpu") == "fp32" and memory.resolve_precision("auto", "cuda") == "bf16"
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert plan.resolve_precision("auto", "cpu") == "bf16"
-    assert plan.resolve_precision("fp32", "cpu") == "fp32"
+    assert memory.resolve_precision("auto", "cpu") == "bf16"
+    assert memory.resolve_precision("fp32", "cpu") == "fp32"
 
 
 # --------------------------------------------------------------------------------------------- the families
@@ -348,53 +349,53 @@ def test_auto_precision_follows_the_engine(monkeypatch):
 def test_family_shapes_and_lora_counts_match_the_built_model(family, family_dirs):
     """Every family's local config.json is planned: LoRA's trainable count (phi3's fused projections, MoE
     attention only or with its experts) equals what build_model trains."""
-    from posttrain.config import SFTConfig
+    from posttrain.commands.sft import SFTConfig
     from posttrain.models.adapters import build_model
 
     model_dir = family_dirs(family)
-    shape = plan.load_shape(str(model_dir))
+    shape = shapes.load_shape(str(model_dir))
     assert shape.model_type == json.loads((model_dir / "config.json").read_text())["model_type"]
     options = [False, True] if shape.num_experts else [False]
     for experts in options:
         cfg = SFTConfig(model=str(model_dir), method="lora")
         cfg.lora.target_experts = experts
         _, report = build_model(cfg)
-        assert report.trainable == plan.trainable_params(shape, "lora", lora_r=16, lora_targets="all-linear",
+        assert report.trainable == memory.trainable_params(shape, "lora", lora_r=16, lora_targets="all-linear",
                                                          num_virtual_tokens=20, lora_experts=experts), family
 
 
 def test_moe_and_window_terms_by_hand():
     """Qwen3-30B-A3B: every parameter counted (30.5B; the model card says 30.5B, 3.3B active with the
     embeddings); gpt-oss-20b: 20.9B (21B), its 128-token windows halve the attention FLOPs of its sliding layers."""
-    qwen = plan.load_shape("Qwen/Qwen3-30B-A3B")
+    qwen = shapes.load_shape("Qwen/Qwen3-30B-A3B")
     assert qwen.num_experts == 128 and qwen.experts_per_token == 8 and qwen.sliding_layers == 0
     assert round(qwen.num_params / 1e9, 1) == 30.5
     embeddings = 2 * qwen.vocab_size * qwen.hidden_size
     assert qwen.active_params + embeddings == pytest.approx(3.3e9, rel=0.02)  # 3.35B counted
-    oss = plan.load_shape("gpt-oss-20b")  # the name after the owner is enough
+    oss = shapes.load_shape("gpt-oss-20b")  # the name after the owner is enough
     assert (oss.sliding_window, oss.sliding_layers, oss.exact_attention) == (128, 12, True)
     assert round(oss.num_params / 1e9, 1) == 20.9
-    windowed = plan.flops_per_step(oss, "lora", batch_size=1, seq_len=4096, num_virtual_tokens=0, trainable=0,
+    windowed = memory.flops_per_step(oss, "lora", batch_size=1, seq_len=4096, num_virtual_tokens=0, trainable=0,
                                    gradient_checkpointing=False)
-    dense = plan.flops_per_step(ModelShape(**{**oss.__dict__, "sliding_window": None, "sliding_layers": 0}), "lora",
+    dense = memory.flops_per_step(ModelShape(**{**oss.__dict__, "sliding_window": None, "sliding_layers": 0}), "lora",
                                 batch_size=1, seq_len=4096, num_virtual_tokens=0, trainable=0,
                                 gradient_checkpointing=False)
     attention = 4 * oss.num_heads * oss.head_dim * 4096 * 4096 * (4 if oss.exact_attention else 3)
     assert dense - windowed == pytest.approx(12 * attention * (1 - 128 / 4096), rel=1e-9)
     # QLoRA quantizes the attention only: the experts are not linear layers
-    assert plan.weight_bytes(qwen, "qlora", "bf16") > 0.9 * plan.weight_bytes(qwen, "lora", "bf16")
+    assert memory.weight_bytes(qwen, "qlora", "bf16") > 0.9 * memory.weight_bytes(qwen, "lora", "bf16")
 
 
-@pytest.mark.parametrize("hub_id", list(plan.HUB_CONFIGS))
+@pytest.mark.parametrize("hub_id", list(shapes.HUB_CONFIGS))
 def test_known_hub_ids_plan_without_the_network(hub_id, capsys):
     run_plan(PlanConfig(model=hub_id, device_memory_gb=80))
     assert hub_id in capsys.readouterr().out
 
 
 def test_unknown_target_names_are_checked_against_the_family(family_dirs):
-    shape = plan.load_shape(str(family_dirs("phi3")))
+    shape = shapes.load_shape(str(family_dirs("phi3")))
     with pytest.raises(ConfigError, match="qkv_proj"):
-        plan.trainable_params(shape, "lora", lora_r=8, lora_targets=["q_proj"], num_virtual_tokens=0)
+        memory.trainable_params(shape, "lora", lora_r=8, lora_targets=["q_proj"], num_virtual_tokens=0)
 
 
 PLANNED_WITHIN_10_PERCENT = ["llama_untied", "qwen2", "qwen3", "qwen3_moe", "mistral", "phi3", "granite", "smollm3"]
@@ -409,11 +410,11 @@ CASES = [("lora", "fp32", False), ("lora", "bf16", False), ("full", "fp32", Fals
 def test_family_activations_match_what_autograd_saves(family, method, precision, experts, family_dirs):
     """The activation model on the families' own blocks (QK-norm, fused projections, experts). Gemma 2/3 and
     OLMo 2 keep more than planned under bf16 and gpt-oss's sinks cannot run SDPA: docs/plan.md says by how much."""
-    from posttrain.config import SFTConfig
+    from posttrain.commands.sft import SFTConfig
     from posttrain.models.adapters import build_model
 
     model_dir = family_dirs(family)
-    shape = plan.load_shape(str(model_dir))
+    shape = shapes.load_shape(str(model_dir))
     cfg = SFTConfig(model=str(model_dir), method=method, attn_implementation="sdpa")
     cfg.lora.target_experts = experts
     model, _ = build_model(cfg, mixed_precision="bf16" if precision == "bf16" else "no")
@@ -424,7 +425,7 @@ def test_family_activations_match_what_autograd_saves(family, method, precision,
     batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(48)[None].expand(2, 48).clone(),
              "attention_mask": causal[None, None].expand(2, 1, 48, 48).clone()}
     measured = _saved_activation_bytes(model, batch, precision == "bf16")
-    predicted = plan.activation_bytes(shape, method, batch_size=2, seq_len=48, precision=precision,
+    predicted = memory.activation_bytes(shape, method, batch_size=2, seq_len=48, precision=precision,
                                       gradient_checkpointing=False, packing=True, lora_r=16, lora_targets="all-linear",
                                       num_virtual_tokens=20, lora_experts=experts)
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import load_config
+from posttrain.commands import load_config
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.config import load_config
+from posttrain.commands import load_config
 from posttrain.data.preference import collate_pairs, load_pair_dataset
 from posttrain.models.forward import sequence_logps, sequence_scores
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.config import load_config
+from posttrain.commands import load_config
 from posttrain.errors import ConfigError
 
 REWARD = '''

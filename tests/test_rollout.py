@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from posttrain.errors import ConfigError
-from posttrain.rl.rollout import RolloutEngine, Sampling, completion_logps_reference, filter_logits
+from posttrain.rl.rollout import RolloutSampler, Sampling, completion_logps_reference, filter_logits
 
 MAX_NEW = 12
 TEXTS = ["Hello there, how are you today?", "Hi", "The quick brown fox jumps"]  # 8, 1 and 5 tokens: unsorted
@@ -90,7 +90,7 @@ def assert_logps_match(model, prompts, completions, temperature):
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 50, 0.9)])
 def test_sampled_logprobs_equal_a_plain_forward(model, tok, prompts, temperature, top_k, top_p):
     """Left-padded batch of 3 prompts x 3 samples; log-probs are log softmax(logits / T) before truncation."""
-    engine = RolloutEngine(tok)
+    engine = RolloutSampler(tok)
     sampling = Sampling(max_new_tokens=8, temperature=temperature, top_k=top_k, top_p=top_p)
     out = engine.generate(model, prompts, 3, sampling, generator=torch.Generator().manual_seed(1))
     assert len(out) == 9
@@ -109,7 +109,7 @@ def test_sampled_logprobs_equal_a_plain_forward(model, tok, prompts, temperature
 
 
 def test_greedy_equals_generate_for_each_prompt(model, tok, prompts, greedy):
-    engine = RolloutEngine(tok)
+    engine = RolloutSampler(tok)
     out = engine.generate(model, prompts, 2, Sampling(max_new_tokens=MAX_NEW, temperature=0))
     for i, ref in enumerate(greedy):
         assert len(set(ref)) > 3, "the tiny model should not just repeat one token"
@@ -125,7 +125,7 @@ def test_greedy_equals_generate_for_each_prompt(model, tok, prompts, greedy):
 def test_temperature_shapes_the_sampling_distribution(model, tok, prompts, greedy):
     # Sampling draws from softmax(logits / T): as T -> 0 that is the argmax, so T = 1e-4 reproduces greedy decoding
     # (drawing from softmax(logits) instead would not), while T = 1 samples differ from it.
-    engine = RolloutEngine(tok)
+    engine = RolloutSampler(tok)
     cold = engine.generate(model, prompts, 2, Sampling(max_new_tokens=MAX_NEW, temperature=1e-4),
                            generator=torch.Generator().manual_seed(0))
     assert [c.token_ids for c in cold] == [g for g in greedy for _ in range(2)]
@@ -135,7 +135,7 @@ def test_temperature_shapes_the_sampling_distribution(model, tok, prompts, greed
 
 
 def test_same_seed_same_completions_different_seed_differs(model, tok, prompts):
-    engine = RolloutEngine(tok)
+    engine = RolloutSampler(tok)
     sampling = Sampling(max_new_tokens=8, temperature=1.0)
 
     def run(seed):
@@ -149,7 +149,7 @@ def test_same_seed_same_completions_different_seed_differs(model, tok, prompts):
 
 def test_completions_are_grouped_in_the_callers_prompt_order(model, tok, prompts, greedy):
     # prompts_per_batch 2: sorted by length the order is [1, 2, 0] -> chunks [1, 2] and [0].
-    engine = RolloutEngine(tok, prompts_per_batch=2)
+    engine = RolloutSampler(tok, prompts_per_batch=2)
     n = 3
     out = engine.generate(model, prompts, n, Sampling(max_new_tokens=MAX_NEW, temperature=0))
     assert [c.prompt_index for c in out] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -173,7 +173,7 @@ def test_eos_ends_a_row_and_the_others_continue(model, tok, prompts, greedy):
     others = set(greedy[0]) | set(greedy[1])
     k = next(k for k in range(2, MAX_NEW - 2) if greedy[2][k] not in others and greedy[2][k] not in greedy[2][:k])
     eos = greedy[2][k]
-    engine = RolloutEngine(tok, eos_token_ids=[eos])
+    engine = RolloutSampler(tok, eos_token_ids=[eos])
     rows_per_forward = []
     hook = model.model.embed_tokens.register_forward_pre_hook(lambda _m, args: rows_per_forward.append(args[0].shape[0]))
     try:
@@ -199,10 +199,10 @@ def test_eos_while_sampling_keeps_logprobs_right(model, tok, prompts):
     # Up to the first finished row the draws equal an EOS-free probe with the same seed, so a token that one probe
     # row draws at step 1 and no other row draws in steps 0-1 ends that row at 2 tokens while others go on.
     # Two later probe tokens are added as EOS too (after a row leaves, the draws change: their effect varies).
-    probe = RolloutEngine(tok).generate(model, prompts, 3, Sampling(max_new_tokens=8), generator=torch.Generator().manual_seed(7))
+    probe = RolloutSampler(tok).generate(model, prompts, 3, Sampling(max_new_tokens=8), generator=torch.Generator().manual_seed(7))
     first = next(c.token_ids[1] for c in probe if sum(c.token_ids[1] in d.token_ids[:2] for d in probe) == 1)
     eos_ids = sorted({first, probe[4].token_ids[4], probe[8].token_ids[6]})
-    engine = RolloutEngine(tok, eos_token_ids=eos_ids)
+    engine = RolloutSampler(tok, eos_token_ids=eos_ids)
     out = engine.generate(model, prompts, 3, Sampling(max_new_tokens=8), generator=torch.Generator().manual_seed(7))
     assert min(len(c.token_ids) for c in out) == 2 and max(len(c.token_ids) for c in out) > 2
     for c in out:
@@ -227,7 +227,7 @@ def _ascii_word_stop(tok, ids: list[int]) -> tuple[str, int]:
 def test_stop_string_cuts_the_text(model, tok, prompts, greedy):
     stop, k = _ascii_word_stop(tok, greedy[0])
     full = tok.decode(greedy[0], skip_special_tokens=True)
-    engine = RolloutEngine(tok)
+    engine = RolloutSampler(tok)
     out = engine.generate(model, prompts, 1, Sampling(max_new_tokens=MAX_NEW, temperature=0, stop=[stop]))
     c = out[0]
     assert c.finish_reason == "stop"
@@ -252,7 +252,7 @@ def test_stop_string_spanning_two_tokens(model, tok, prompts, greedy):
     else:
         raise AssertionError("no usable boundary in the greedy output")
     full = tok.decode(ids, skip_special_tokens=True)
-    out = RolloutEngine(tok).generate(model, [prompts[2]], 1, Sampling(max_new_tokens=MAX_NEW, temperature=0, stop=[stop]))
+    out = RolloutSampler(tok).generate(model, [prompts[2]], 1, Sampling(max_new_tokens=MAX_NEW, temperature=0, stop=[stop]))
     assert out[0].finish_reason == "stop"
     assert out[0].token_ids == ids[: k + 2]
     assert out[0].text == full[: full.find(stop)].strip()
@@ -260,7 +260,7 @@ def test_stop_string_spanning_two_tokens(model, tok, prompts, greedy):
 
 
 def test_no_stop_without_eos_or_stop_string(model, tok, prompts, greedy):
-    out = RolloutEngine(tok, eos_token_ids=[]).generate(
+    out = RolloutSampler(tok, eos_token_ids=[]).generate(
         model, prompts, 1, Sampling(max_new_tokens=MAX_NEW, temperature=0, stop=["\x00never\x00", ""]))
     assert [c.token_ids for c in out] == greedy
     assert all(c.finish_reason == "length" for c in out)
@@ -332,7 +332,7 @@ def lora_model(tiny_model_dir):
 def test_lora_generates_with_the_adapter_applied(lora_model, tok, prompts):
     base_weight = lora_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
     lora_model.train()
-    engine = RolloutEngine(tok)
+    engine = RolloutSampler(tok)
     out = engine.generate(lora_model, prompts, 1, Sampling(max_new_tokens=MAX_NEW, temperature=0))
     assert lora_model.training  # the caller's mode is restored
     lora_model.eval()
@@ -359,7 +359,7 @@ def test_prompt_tuning_is_rejected(tiny_model_dir, tok, prompts):
 
     peft_model = get_peft_model(_load(tiny_model_dir), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     with pytest.raises(ConfigError, match="prompt/prefix"):
-        RolloutEngine(tok).generate(peft_model, prompts, 1, Sampling(max_new_tokens=2))
+        RolloutSampler(tok).generate(peft_model, prompts, 1, Sampling(max_new_tokens=2))
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -384,4 +384,4 @@ def test_sampling_accepts_edge_values():
 
 def test_engine_needs_a_pad_token():
     with pytest.raises(ConfigError, match="pad token"):
-        RolloutEngine(types.SimpleNamespace(pad_token_id=None, eos_token_id=2))
+        RolloutSampler(types.SimpleNamespace(pad_token_id=None, eos_token_id=2))

@@ -15,7 +15,7 @@ import torch
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from posttrain.config import ServeConfig, ServeSamplingSection  # noqa: E402
+from posttrain.commands.serve import ServeConfig, ServeSamplingSection  # noqa: E402
 from posttrain.errors import ConfigError  # noqa: E402
 from posttrain.generation import encode_prompt  # noqa: E402
 from posttrain.serve import resolve_api_keys  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("uvicorn")
 
-from posttrain.config import ServeConfig, ServeSamplingSection  # noqa: E402
+from posttrain.commands.serve import ServeConfig, ServeSamplingSection  # noqa: E402
 from posttrain.errors import ConfigError  # noqa: E402
 from posttrain.generation import encode_prompt  # noqa: E402
 from posttrain.loop.registry import Registry  # noqa: E402

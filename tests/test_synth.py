@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.data.synth import (
+from posttrain.curate.synth import (
     Journal,
     SynthConfig,
     clean_instruction,
@@ -185,9 +185,9 @@ class ScriptedTeacher:
 def sft_config(tmp_path, **kw) -> SynthConfig:
     seeds = write_jsonl(tmp_path / "seeds.jsonl", SEEDS)
     values = {"seeds": str(seeds), "output": str(tmp_path / "out" / "sft.jsonl"), "teacher": {"batch_size": 2}, **kw}
-    from posttrain.config import _build
+    from posttrain.config import build
 
-    cfg = _build(SynthConfig, values)
+    cfg = build(SynthConfig, values)
     cfg.validate("sft")
     return cfg
 
@@ -317,9 +317,9 @@ def test_preference_pairs_best_and_worst_and_skips_ties(tmp_path, tokenizer):
 
 
 def _cfg_pref(tmp_path, prompts, **kw) -> SynthConfig:
-    from posttrain.config import _build
+    from posttrain.config import build
 
-    cfg = _build(SynthConfig, {"prompts": str(prompts), "output": str(tmp_path / "prefs.jsonl"),
+    cfg = build(SynthConfig, {"prompts": str(prompts), "output": str(tmp_path / "prefs.jsonl"),
                                "rewards": [{"function": "numeric_match"}], **kw})
     cfg.validate("preference")
     return cfg
@@ -347,7 +347,7 @@ def test_journal_tolerates_a_line_cut_by_a_crash(tmp_path):
 def test_cli_synth_sft_end_to_end(tmp_path, tiny_model_dir):
     """The CLI with a local (tiny random) teacher: proposals are gibberish, so most are skipped, but every
     item is accounted for and the files exist."""
-    from posttrain.data.audit import main
+    from posttrain.commands.data import main
 
     seeds = write_jsonl(tmp_path / "seeds.jsonl", SEEDS)
     out = tmp_path / "o" / "sft.jsonl"
@@ -364,7 +364,7 @@ def test_embedded_teacher_makes_pairs_that_dpo_trains_on(tmp_path):
     """Done-when of issue 6: the embedded model as teacher produces a preference set the DPO stage accepts."""
     import importlib
 
-    from posttrain.config import load_config
+    from posttrain.commands import load_config
     from posttrain.demo.arith_task import make_rows
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", make_rows(4, "train", 0))

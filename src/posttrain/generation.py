@@ -70,6 +70,11 @@ class SamplingConfig:
                 "top_p": self.top_p, "top_k": self.top_k or None}
 
 
+def sampling_from(section) -> SamplingConfig:
+    """The sampling settings of a config's ``sampling`` section (max_new_tokens, temperature, top_p, top_k)."""
+    return SamplingConfig(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                          top_p=section.top_p, top_k=section.top_k)
+
 def _special_strings(tokenizer) -> list[str]:
     return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
 

@@ -1,12 +1,27 @@
 """What the hardware is, for the planner, the config and the engine alike: CPU bf16 support, the precision
-``auto`` resolves to, and the CPU heap setting. It imports nothing of posttrain above ``errors`` and
-``models.native``, so every layer can depend on it without depending on each other."""
+``auto`` resolves to, the CPU heap setting, and where posttrain caches files. It imports nothing of posttrain but ``errors``, so
+every layer can depend on it without depending on each other."""
 
 from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
 
 import torch
 
 from posttrain.errors import ConfigError
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the Linux kernel reports them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                           if line.startswith("flags")), []))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -15,8 +30,6 @@ def cpu_has_native_bf16() -> bool:
     Without them bf16 matmuls fall back to a slow path: on this project's AVX2 CI machine a 1024^2 bf16
     matmul runs at ~0.5 GFLOP/s against ~20 for fp32, so bf16 autocast would be ~40x slower, not faster.
     """
-    from posttrain.models.native import cpu_flags
-
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
@@ -28,10 +41,8 @@ def keep_cpu_heap() -> bool:
     """On Linux/glibc, serve CPU tensors below 32 MB from malloc's heap and do not trim it after every step.
 
     glibc's defaults hand big blocks back to the kernel (mmap threshold and heap trimming that adapt as blocks
-    are freed), so a step's activations and the head's 25 MB fp32 blocks were fresh pages again and again:
-    140-190k minor page faults and 0.3-1.1 s of system time per LoRA step of SmolLM2-135M on the 2-core CPU,
-    about zero with these settings; trained tok/s 1.085-1.09x in two alternating benchmark pairs at the same
-    peak RSS (docs/benchmarks.md). The same as ``MALLOC_MMAP_THRESHOLD_=33554432
+    are freed), so a step's activations and the head's 25 MB fp32 blocks would be fresh pages on every step
+    (page faults and speed measured in docs/benchmarks.md, "Measurements behind the code"). The same as ``MALLOC_MMAP_THRESHOLD_=33554432
     MALLOC_TRIM_THRESHOLD_=2147483647``, applied at run time. Skipped, returning False, when either variable is
     already set (the user's choice wins), when ``POSTTRAIN_CPU_MALLOC=default``, or without glibc's
     ``mallopt``. Returns True when applied."""
@@ -61,3 +72,12 @@ def resolve_mixed_precision(precision: str) -> str:
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def cache_dir() -> Path:
+    """Root of posttrain's cache: ``$POSTTRAIN_CACHE`` or ``~/.cache/posttrain``."""
+    env = os.environ.get("POSTTRAIN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "posttrain"

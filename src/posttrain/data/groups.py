@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.data.packing import best_fit_decreasing
+from posttrain.data.batching import plan_rows
 from posttrain.losses import IGNORE_INDEX
 
 PREFIX = -2  # sequence_ids of shared prompt positions (context for several sequences, never a target)
@@ -37,10 +37,7 @@ def collate_groups(groups: list[tuple[list[int], list[list[int]]]], pad_id: int,
     """``groups``: (prompt ids, [completion ids, ...]) with the same number of completions each. See module docstring."""
     assert groups, "collate_groups needs at least one group"
     lengths = [group_length(p, cs) for p, cs in groups]
-    if capacity is None:
-        rows = [[g] for g in range(len(groups))]
-    else:
-        rows = [sorted(b) for b in best_fit_decreasing(lengths, max(capacity, max(lengths)))]
+    rows = plan_rows(lengths, None if capacity is None else max(capacity, max(lengths)))
     width = max(sum(lengths[g] for g in row) for row in rows)
     n_rows = len(rows)
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.data.batching import collate_sequences
 from posttrain.data.dataset import DataReport, load_rows
 from posttrain.data.formats import SFTExample, normalize_prompt_completion
-from posttrain.data.packing import best_fit_decreasing
 from posttrain.data.tokenize import TokenizedExample, tokenize_sft
-from posttrain.losses import IGNORE_INDEX
 
 
 @dataclass
@@ -137,57 +136,6 @@ def load_unpaired_dataset(path: str | Path, tokenizer: PreTrainedTokenizerBase, 
 
 
 # ------------------------------------------------------------------------------------------ batching
-def collate_sequences(seqs: list[TokenizedExample], pad_id: int, pack_capacity: int | None = None) -> dict[str, torch.Tensor]:
-    """Several independent sequences as one batch, one forward pass for all of them.
-
-    Unpacked (``pack_capacity`` None): one right-padded row per sequence, 2-D attention mask. Packed: sequences
-    share rows of ``pack_capacity`` tokens (best-fit decreasing) under a block-diagonal causal mask with
-    restarting position ids, so none attends to another.
-
-    Besides ``input_ids``/``attention_mask``/``labels`` (and ``position_ids`` when packed) the batch holds
-    ``sequence_ids`` (rows, T): which of ``seqs`` each position belongs to (-1 for padding), and
-    ``last_index`` (S, 2): the (row, column) of each sequence's last token that is not ``pad_id``, where a
-    sequence-classification head reads its score (transformers' own rule, so scores match at inference).
-    """
-    assert seqs, "collate_sequences needs at least one sequence"
-    if pack_capacity is None:
-        rows = [[i] for i in range(len(seqs))]
-    else:
-        rows = [sorted(b) for b in best_fit_decreasing([len(s.input_ids) for s in seqs], pack_capacity)]
-    width = max(sum(len(seqs[i].input_ids) for i in row) for row in rows)
-    n_rows = len(rows)
-    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
-    labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
-    sequence_ids = torch.full((n_rows, width), -1, dtype=torch.long)
-    last_index = torch.zeros((len(seqs), 2), dtype=torch.long)
-    for r, row in enumerate(rows):
-        start = 0
-        for i in row:
-            seq = seqs[i]
-            n = len(seq.input_ids)
-            ids = torch.tensor(seq.input_ids, dtype=torch.long)
-            input_ids[r, start:start + n] = ids
-            labels[r, start:start + n] = torch.where(torch.tensor(seq.loss_mask, dtype=torch.bool), ids, IGNORE_INDEX)
-            labels[r, start] = IGNORE_INDEX  # nothing predicts a sequence's first token
-            position_ids[r, start:start + n] = torch.arange(n)
-            sequence_ids[r, start:start + n] = i
-            not_pad = [k for k, t in enumerate(seq.input_ids) if t != pad_id]
-            last_index[i] = torch.tensor([r, start + (not_pad[-1] if not_pad else n - 1)])
-            start += n
-        position_ids[r, start:] = torch.arange(n, n + width - start)  # padding continues the last sequence
-    batch = {"input_ids": input_ids, "labels": labels, "sequence_ids": sequence_ids, "last_index": last_index}
-    if pack_capacity is None:
-        batch["attention_mask"] = (sequence_ids >= 0).long()
-    else:
-        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-        same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
-        attention = same & causal & (sequence_ids[:, :, None] >= 0)
-        attention |= torch.eye(width, dtype=torch.bool)[None] & (sequence_ids[:, :, None] < 0)  # no all-masked row
-        batch["attention_mask"] = attention[:, None]
-        batch["position_ids"] = position_ids
-    return batch
-
 
 def collate_pairs(pairs: list[PairExample], pad_id: int, pack_capacity: int | None = None) -> dict[str, torch.Tensor]:
     """B pairs -> one batch of 2B sequences: chosen are sequences 0..B-1, rejected B..2B-1.

@@ -78,3 +78,20 @@ def load_prompt_dataset(path: str | Path, tokenizer: PreTrainedTokenizerBase, *,
     rows, report = load_rows(path, convert, max_length=max_prompt_length, overflow="drop", skip_invalid=skip_invalid)
     report.prompts_only = True
     return [PromptExample(prompt, seqs[0].input_ids, extra) for seqs, (prompt, extra) in rows], report
+
+
+def prompts_from_file(path: str) -> list[list[dict]]:
+    """Conversations to answer from a data file: the rows' prompts, without their reference answers."""
+    from posttrain.data.formats import normalize_sft
+    from posttrain.data.io import read_records
+    from posttrain.errors import DataError
+
+    prompts = []
+    for rec in read_records(path):
+        if rec.error:
+            raise DataError(rec.where, rec.error)
+        try:
+            prompts.append(normalize_sft(rec.data).prompt_messages())
+        except ValueError as e:
+            raise DataError(rec.where, str(e)) from e
+    return prompts

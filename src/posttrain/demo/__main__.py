@@ -74,8 +74,8 @@ def _stages(text: str) -> list[str]:
 def curate(train: Path, against: Path, tokenizer) -> Path:
     """The data-first step of every stage: `posttrain data audit` and `posttrain data clean` on its training file
     (checked against its held-out split for contamination); the stage then trains on the cleaned file."""
-    from posttrain.data.audit import audit, write_reports
-    from posttrain.data.clean import CleanConfig, clean
+    from posttrain.curate.audit import audit, write_reports
+    from posttrain.curate.clean import CleanConfig, clean
 
     result = audit(train, tokenizer=tokenizer, against=against, progress=False)
     report, _, _ = write_reports(result, train.with_name(train.name + ".audit"))
@@ -93,7 +93,7 @@ def curate(train: Path, against: Path, tokenizer) -> Path:
 
 def run_sft(args, out: Path, tokenizer) -> dict:
     """The JSON-record SFT stage (steps 1-4); returns its summary."""
-    from posttrain.config import load_config
+    from posttrain.commands import load_config
     from posttrain.demo.json_task import evaluate, make_rows
     from posttrain.models.loading import load_causal_lm
     from posttrain.stages import sft
@@ -149,7 +149,7 @@ def preference_data(args, out: Path, tokenizer) -> tuple[Path, list[dict]]:
 
 def run_dpo(args, out: Path, tokenizer, data: Path, test_rows: list[dict]) -> tuple[dict, object]:
     """SFT adapter -> DPO; greedy answers to the held-out questions judged by the check before and after."""
-    from posttrain.config import load_config
+    from posttrain.commands import load_config
     from posttrain.demo.concise_task import MAX_WORDS, evaluate, question_of
     from posttrain.errors import PosttrainError
     from posttrain.models.adapters import load_for_inference
@@ -198,7 +198,7 @@ def show_dpo(summary: dict, detail) -> None:
 
 def run_rm(args, out: Path, data: Path, test_rows: list[dict], dpo_detail) -> dict:
     """A LoRA reward model on the base model, scored on the held-out pairs (and on the DPO stage's answers)."""
-    from posttrain.config import load_config
+    from posttrain.commands import load_config
     from posttrain.data.formats import normalize_prompt_completion
     from posttrain.rewards.model import load_reward_model
     from posttrain.stages import rm
@@ -249,7 +249,7 @@ def _agreement(scores: list[float], passed: list[bool]) -> float:
 
 def run_rl(args, out: Path) -> dict:
     """GRPO on the arithmetic task; held-out reward (= accuracy: the verifier scores 0 or 1) before and after."""
-    from posttrain.config import load_config
+    from posttrain.commands import load_config
     from posttrain.demo.arith_task import make_rows
     from posttrain.stages import grpo
 

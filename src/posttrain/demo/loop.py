@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from posttrain.config import ServeConfig, _build
+    from posttrain.commands.serve import ServeConfig
+    from posttrain.config import build
     from posttrain.demo.concise_task import make_pairs
     from posttrain.demo.json_task import make_rows
     from posttrain.errors import PosttrainError
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         registry = Registry(cfg.registry)
         ensure_initial(cfg, registry)
         port = _free_port()
-        serve_cfg = _build(ServeConfig, {"model": cfg.model, "registry": cfg.registry, "registry_model": "assistant",
+        serve_cfg = build(ServeConfig, {"model": cfg.model, "registry": cfg.registry, "registry_model": "assistant",
                                          "port": port, "db": db, "batch_size": 8, "log_level": "warning"})
         print(f"[serve] posttrain serve on http://127.0.0.1:{port} (API key on): model 'assistant' = v0 (a fresh LoRA = the base model)")
         server = Server(serve_cfg)

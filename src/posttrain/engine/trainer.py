@@ -23,13 +23,13 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.config import TrainConfig, to_dict
+from posttrain.config import to_dict
 from posttrain.engine.checkpoint import (
     checkpoint_dir,
     load_checkpoint,
@@ -42,28 +42,74 @@ from posttrain.errors import ConfigError, TrainingDiverged
 from posttrain.models import router
 from posttrain.runtime import resolve_mixed_precision
 
+if TYPE_CHECKING:
+    from posttrain.commands.base import TrainConfig
+
 
 class Objective(Protocol):
-    """What a stage plugs into the engine.
-
-    Optional attributes: ``unit`` (what count() counts, shown as units/s; default "tok"), ``perplexity``
-    (False: eval loss is not a token NLL, so no perplexity), ``progress_keys`` (metrics on the progress bar).
-
-    Optional methods, for stages that make their own training data each step (RL):
-
-    - ``rollout(model, examples, step) -> (updates, metrics)``: given this process's share of the step's examples
-      (prompts), return a list of updates, each a list of micro-batches (one optimizer step each; PPO epochs and
-      minibatches are several updates per step), plus metrics of the rollout (already means). May raise
-      :class:`StopTraining`. ``updates_per_step`` (attribute) says how many updates every step has.
-    - ``evaluate(model, examples) -> metrics``: replaces the eval loss (RL evaluates by generating).
-    - ``state_dict()`` / ``load_state_dict(state)``: JSON-able state kept in checkpoints (guard monitors).
-    """
+    """What an offline stage (sft, rm, dpo, kto) plugs into the engine: the summed loss of a batch and the units
+    that normalise it. Optional attributes, defaulted by :func:`check_objective`: ``unit`` (what ``count``
+    counts, shown as units/s; "tok"), ``perplexity`` (False when the eval loss is not a token NLL; True),
+    ``progress_keys`` (metrics shown on the progress bar; none)."""
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Normalisation units in a batch (loss tokens, pairs, ...)."""
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(summed loss, summed metrics) of a batch; metrics are divided by the step's units when logged."""
+
+
+class RolloutObjective(Objective, Protocol):
+    """What an RL stage (grpo, ppo) plugs in: it makes its own training data every step."""
+
+    updates_per_step: int
+    """Optimizer updates every step has (PPO's epochs x minibatches, GRPO's num_iterations)."""
+
+    def rollout(self, model: torch.nn.Module, examples: list[Any], step: int) -> tuple[list[list[dict]], dict[str, float]]:
+        """Given this process's share of the step's examples (prompts): the updates, each a list of micro-batches
+        (one optimizer step each), and the rollout's metrics (already means). May raise :class:`StopTraining`."""
+
+    def evaluate(self, model: torch.nn.Module, examples: list[Any]) -> dict[str, float]:
+        """Held-out metrics (RL evaluates by generating); replaces the eval loss."""
+
+    def state_dict(self) -> dict:
+        """JSON-able state kept in checkpoints (the guard monitor's)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s state on resume."""
+
+
+ROLLOUT_MEMBERS = ("updates_per_step", "rollout", "evaluate", "state_dict", "load_state_dict")
+
+
+@dataclass(frozen=True)
+class Plugged:
+    """An objective as :meth:`Engine.fit` uses it: checked once, optional attributes resolved."""
+
+    objective: Any
+    rollouts: bool
+    unit: str
+    perplexity: bool
+    progress_keys: tuple[str, ...]
+    updates_per_step: int
+
+
+def check_objective(objective: Any) -> Plugged:
+    """Check ``objective`` against :class:`Objective`, or :class:`RolloutObjective` when it has any rollout
+    member (then it must have all of them); a missing member is a programming error, raised as TypeError."""
+    name = type(objective).__name__
+    missing = [m for m in ("count", "loss") if not callable(getattr(objective, m, None))]
+    rollouts = any(hasattr(objective, m) for m in ROLLOUT_MEMBERS)
+    if rollouts:
+        missing += [m for m in ROLLOUT_MEMBERS if not hasattr(objective, m)]
+    if missing:
+        kind = "RolloutObjective" if rollouts else "Objective"
+        raise TypeError(f"{name} is not an engine {kind}: it lacks {', '.join(missing)}")
+    updates = int(getattr(objective, "updates_per_step", 1))
+    if updates < 1:
+        raise TypeError(f"{name}.updates_per_step must be >= 1, got {updates}")
+    return Plugged(objective, rollouts, getattr(objective, "unit", "tok"), bool(getattr(objective, "perplexity", True)),
+                   tuple(getattr(objective, "progress_keys", ())), updates)
 
 
 def means(sums: dict[str, float], units: float) -> dict[str, float]:
@@ -222,11 +268,13 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self, objective: Objective) -> dict[str, float]:
-        """Loss over the whole eval set (sharded over processes), as a units-weighted mean."""
+        """Loss over the whole eval set (sharded over processes), as a units-weighted mean; a rollout objective's
+        own evaluation instead."""
         if not self.eval_examples:
             return {}
         model = self.model
-        if hasattr(objective, "evaluate"):
+        plugged = check_objective(objective)
+        if plugged.rollouts:
             return objective.evaluate(model, self.eval_examples)
         model.eval()
         mine = list(range(self.rank, len(self.eval_examples), self.world))
@@ -245,7 +293,7 @@ class Engine:
         units, values = totals[0], dict(zip(keys, totals[1:]))
         model.train()
         out = means(values, units)
-        if "loss" in out and getattr(objective, "perplexity", True):
+        if "loss" in out and plugged.perplexity:
             out["perplexity"] = math.exp(min(out["loss"], 50.0))
         out["units"] = units
         return out
@@ -255,8 +303,8 @@ class Engine:
         unwrapped = acc.unwrap_model(self.model)
         state = {"step": step, "tokens_seen": tokens_seen, "total_steps": self.total_steps,
                  "world_size": self.world, "global_batch": self.global_batch}
-        if hasattr(self._objective, "state_dict"):
-            state["objective"] = self._objective.state_dict()
+        if self._objective is not None and self._objective.rollouts:
+            state["objective"] = self._objective.objective.state_dict()
         path = None
         if acc.is_main_process:
             path = save_checkpoint(
@@ -276,6 +324,17 @@ class Engine:
         indices = stream.take(step * self.global_batch, self.global_batch)
         per_rank = self.cfg.batch_size * self.cfg.grad_accum
         return [self.train_examples[i] for i in indices[self.rank * per_rank : (self.rank + 1) * per_rank]]
+
+    def _step_updates(self, plugged: Plugged, stream: DataStream, step: int) -> tuple[list[list[dict]], dict[str, float]]:
+        """Step ``step``'s updates (lists of micro-batches, on the device) and its rollout metrics: the stream's
+        micro-batches for an offline objective, or what a rollout objective makes from the step's examples."""
+        if not plugged.rollouts:
+            return [[self._to_device(b) for b in self._micro_batches(stream, step)]], {}
+        updates, metrics = plugged.objective.rollout(self.model, self._step_examples(stream, step), step)
+        keys = sorted(metrics)
+        if self.world > 1 and keys:  # every process rolled out as many prompts: mean of means
+            metrics = {k: v / self.world for k, v in zip(keys, self._sum_across([metrics[k] for k in keys]))}
+        return [[self._to_device(b) for b in u] for u in updates], metrics
 
     def _update(self, objective: Objective, micro: list[dict[str, torch.Tensor]], params, optimizer, scheduler):
         """One optimizer step over ``micro`` (globally normalised, see module docstring).
@@ -315,9 +374,8 @@ class Engine:
 
     def fit(self, objective: Objective, on_step: Callable[[int, dict], None] | None = None) -> FitResult:
         cfg, acc = self.cfg, self.accelerator
-        self._objective = objective
-        rollouts = hasattr(objective, "rollout")
-        updates_per_step = int(getattr(objective, "updates_per_step", 1))
+        plugged = self._objective = check_objective(objective)
+        updates_per_step = plugged.updates_per_step
         raw_optimizer = build_optimizer(self.model, cfg)
         scheduler = build_scheduler(raw_optimizer, cfg, self.total_steps * updates_per_step)
         stream = DataStream(len(self.train_examples), cfg.seed)
@@ -333,7 +391,7 @@ class Engine:
                     "the data position would not line up. Use the same batch settings."
                 )
             start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
-            if "objective" in state and hasattr(objective, "load_state_dict"):
+            if "objective" in state and plugged.rollouts:
                 objective.load_state_dict(state["objective"])
             if acc.is_main_process:
                 print(f"resumed from {resume_from} at step {start_step}")
@@ -355,21 +413,13 @@ class Engine:
 
         for step in range(start_step, self.total_steps):
             t_step = time.perf_counter()
-            rollout_metrics: dict[str, float] = {}
-            if rollouts:
-                try:
-                    updates, rollout_metrics = objective.rollout(self.model, self._step_examples(stream, step), step)
-                except StopTraining as stop:
-                    result.stopped = str(stop)
-                    result.steps = step
-                    bar.write(f"stopped at step {step + 1}: {stop}")
-                    break
-                keys = sorted(rollout_metrics)
-                if self.world > 1 and keys:  # every process rolled out as many prompts: mean of means
-                    rollout_metrics = {k: v / self.world for k, v in zip(keys, self._sum_across([rollout_metrics[k] for k in keys]))}
-                updates = [[self._to_device(b) for b in u] for u in updates]
-            else:
-                updates = [[self._to_device(b) for b in self._micro_batches(stream, step)]]
+            try:
+                updates, rollout_metrics = self._step_updates(plugged, stream, step)
+            except StopTraining as stop:
+                result.stopped = str(stop)
+                result.steps = step
+                bar.write(f"stopped at step {step + 1}: {stop}")
+                break
             record: dict[str, float] = {}
             losses, step_units = [], 0.0
             try:
@@ -408,8 +458,8 @@ class Engine:
                 record["epoch"] = done * self.global_batch / len(self.train_examples)
                 logger.log(done, record)
                 shown = {"loss": f"{loss:.4f}"}
-                shown.update({_short(k): f"{record[k]:.3f}" for k in getattr(objective, "progress_keys", ()) if k in record})
-                shown.update({"lr": f"{lr:.2e}", f"{getattr(objective, 'unit', 'tok')}/s": f"{record['units_per_s']:.1f}"})
+                shown.update({_short(k): f"{record[k]:.3f}" for k in plugged.progress_keys if k in record})
+                shown.update({"lr": f"{lr:.2e}", f"{plugged.unit}/s": f"{record['units_per_s']:.1f}"})
                 bar.set_postfix(shown)
             if on_step is not None:
                 on_step(done, record)

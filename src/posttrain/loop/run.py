@@ -33,13 +33,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from posttrain.config import _build, build_config, opt, section
+from posttrain.config import build, build_config, opt, section
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.loop.gates import GatesSection, check
 from posttrain.loop.registry import Registry, sha256_file
@@ -99,7 +98,7 @@ def evaluate_version(model, tokenizer, g: GatesSection, cache: dict | None = Non
 
     def prompts_of(path):
         if path not in cache:
-            from posttrain.data.synth import _load_prompts
+            from posttrain.curate.synth import _load_prompts
 
             cache[path] = _load_prompts(path)
         return cache[path]
@@ -140,7 +139,7 @@ def evaluate_version(model, tokenizer, g: GatesSection, cache: dict | None = Non
                 right += int((logps[: len(chunk)] > logps[len(chunk) :]).sum())
             metrics["preference_accuracy"] = right / len(pairs)
         if g.general_data:
-            from posttrain.data.collate import collate_sft
+            from posttrain.data.batching import collate_sft
             from posttrain.data.dataset import load_sft_dataset
             from posttrain.models.forward import target_logps
 
@@ -159,10 +158,10 @@ def evaluate_version(model, tokenizer, g: GatesSection, cache: dict | None = Non
 # --------------------------------------------------------------------------------------------- the cycle
 def _fresh_lora(model_spec: str, out: Path) -> Path:
     """A LoRA adapter whose B matrices are zero: it answers exactly like the base model."""
-    from posttrain.config import SFTConfig
+    from posttrain.commands.sft import SFTConfig
     from posttrain.models.adapters import build_model
 
-    cfg = _build(SFTConfig, {"model": model_spec, "method": "lora"})  # no data needed: nothing is trained
+    cfg = build(SFTConfig, {"model": model_spec, "method": "lora"})  # no data needed: nothing is trained
     model, _ = build_model(cfg)
     model.save_pretrained(out)
     return out
@@ -267,7 +266,7 @@ def run_cycle(cfg: LoopConfig, registry: Registry, store, *, log=print, now=time
     """One trigger check and, if it fires, one curate/train/gate/decide cycle; returns what happened."""
     import importlib
 
-    from posttrain.config import load_config
+    from posttrain.commands import load_config
     from posttrain.feedback.export import export_feedback
     from posttrain.models.adapters import load_for_inference
     from posttrain.models.loading import load_tokenizer
@@ -329,60 +328,3 @@ def run_cycle(cfg: LoopConfig, registry: Registry, store, *, log=print, now=time
     return {"event": "promote" if promote else "reject", "version": vid, "parent": parent, "reasons": reasons,
             "metrics": metrics, "data": hashes}
 
-
-def main_loop(argv: list[str]) -> int:
-    import argparse
-
-    from posttrain.config import help_table
-    from posttrain.feedback.store import FeedbackStore
-
-    p = argparse.ArgumentParser(prog="posttrain loop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="keys (key=value, dotted for sections):\n" + "\n".join(
-                                    f"  {k} = {d}: {h}" for k, d, h in help_table(LoopConfig)))
-    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value")
-    p.add_argument("--once", action="store_true", help="check the trigger once, run at most one cycle, and exit")
-    a = p.parse_args(argv)
-    path = a.args[0] if a.args and "=" not in a.args[0] else None
-    try:
-        cfg = load_loop_config(path, a.args[1:] if path else a.args)
-        registry = Registry(cfg.registry)
-        store = FeedbackStore(cfg.db)
-        while True:
-            outcome = run_cycle(cfg, registry, store)
-            if outcome["event"] == "waiting":
-                print(f"[loop] {outcome['new_feedback']} of {outcome['needed']} new feedback items; serving "
-                      f"{registry.serving}" + ("" if a.once else f"; next check in {cfg.poll_s:.0f} s"))
-            if a.once:
-                return 0
-            time.sleep(cfg.poll_s)
-    except PosttrainError as e:
-        print(f"posttrain loop: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nposttrain loop: stopped", file=sys.stderr)
-        return 130
-
-
-def main_rollback(argv: list[str]) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="posttrain rollback", description="Serve an earlier version again: the registry "
-                                "records it (audit.jsonl) and a running server switches without restart.")
-    p.add_argument("version", help="a version id from the registry (e.g. v1)")
-    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value", help="the loop's config (registry, server_url, ...)")
-    p.add_argument("--reason", default="", help="why, for the audit log")
-    p.add_argument("--override", action="store_true", help="serve a registered candidate that never went through "
-                   "the gates (needs --reason; audited). A rejected version never serves, override or not.")
-    a = p.parse_args(argv)
-    path = a.args[0] if a.args and "=" not in a.args[0] else None
-    try:
-        cfg = build_config(LoopConfig, path, a.args[1:] if path else a.args, "loop options")
-        if not Path(cfg.registry, "registry.json").is_file():
-            raise PosttrainError(f"registry: {cfg.registry}: no registry.json (run `posttrain loop` first)")
-        registry = Registry(cfg.registry)
-        registry.rollback(a.version, a.reason, override=a.override)
-        print(f"rollback: {cfg.served_model} = {a.version} ({switch(cfg, registry, a.version)})")
-    except PosttrainError as e:
-        print(f"posttrain rollback: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -10,17 +10,17 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.methods import ADAPTER_METHODS
 from posttrain.models.loading import load_causal_lm, resolve_model
 
-ADAPTER_METHODS = ("lora", "qlora", "prompt", "prefix")
-# Methods whose adapters act per token, so packed examples stay independent. Prompt and prefix tuning add
-# virtual positions per row, which packed examples would share.
-PACKING_METHODS = ("full", "lora", "qlora")
+if TYPE_CHECKING:
+    from posttrain.commands.base import TrainConfig
+
 
 
 @dataclass
@@ -51,8 +51,8 @@ def _human_bytes(n: int) -> str:
 
 def _compute_dtype(name: str, mixed_precision: str = "no") -> torch.dtype:
     """QLoRA's 4-bit matmul dtype. ``auto`` follows the run's precision: under bf16 (fp16) autocast, on a GPU or
-    a CPU with native bf16, the matmuls run in it too. On an AVX512-BF16 CPU a QLoRA forward+backward ran 1.18x
-    faster in bf16 than with fp32 dequantization under the same autocast (in-process A/B, 4 of 4 pairs)."""
+    a CPU with native bf16, the matmuls run in it too (faster than fp32 dequantization under the same autocast:
+    docs/benchmarks.md, "Measurements behind the code")."""
     if name == "auto":
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -291,3 +291,11 @@ def load_for_inference(model_spec: str, adapter: str | None, trust_remote_code: 
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model
+
+
+def load_model_and_tokenizer(model_spec: str, adapter: str | None, trust_remote_code: bool = False):
+    """(model, tokenizer) for inference: :func:`load_for_inference` and the base model's tokenizer."""
+    from posttrain.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
+    return load_for_inference(model_spec, adapter, trust_remote_code), tokenizer

@@ -30,8 +30,8 @@ from posttrain.models import router
 DEFAULT_CHUNK = 1024
 _HEAD_BLOCK_ROWS = 128  # rows per block inside a frozen head's chunk (see _FrozenHeadLogps.forward)
 # Rows per checkpointed chunk of a trained head (full fine-tuning), at most: its backward holds three fp32
-# (rows x V) tensors, fresh memory for the OS to fault in on every call when they are 200 MB (1024 rows of a
-# 49k vocabulary). 256 rows: a full-FT bf16 step on the CPU 1.10x faster (in-process A/B, 4 of 4 pairs, same loss).
+# (rows x V) tensors, which at 1024 rows of a 49k vocabulary are 200 MB of fresh memory for the OS to fault in on
+# every call (the A/B that chose 256: docs/benchmarks.md, "Measurements behind the code").
 _TRAINED_HEAD_CHUNK_ROWS = 256
 
 
@@ -248,8 +248,8 @@ class _FrozenHeadLogps(torch.autograd.Function):
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         jac = torch.empty(hidden.shape[0], weight.shape[1], dtype=weight.dtype, device=hidden.device) if grad else None
         # rows in blocks: the fp32 (rows x V) temporaries of a 1024-row chunk are 200 MB each, fresh memory the
-        # OS must fault in on every call; 128-row blocks (25 MB) stay in the allocator's reuse (CPU: a 1024-row
-        # chunk 1.2-1.3x faster in a microbenchmark, a LoRA step 1.03x; bit-identical results)
+        # OS must fault in on every call; 128-row blocks (25 MB) stay in the allocator's reuse, with bit-identical
+        # results (timings: docs/benchmarks.md, "Measurements behind the code")
         for start in range(0, hidden.shape[0], _HEAD_BLOCK_ROWS):
             end = min(start + _HEAD_BLOCK_ROWS, hidden.shape[0])
             logits = logit_map.apply(F.linear(hidden[start:end], weight, bias).float(), inplace=True)  # (rows, V)

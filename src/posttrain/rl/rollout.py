@@ -1,6 +1,6 @@
 """The rollout engine: ``generate(prompts, n, sampling) -> completions`` with token ids and log-probs.
 
-One interface for every RL stage (:class:`RolloutEngine`). The transformers backend runs its own batched
+One interface for every RL stage (:class:`RolloutSampler`). The transformers backend runs its own batched
 decoding loop with a KV cache instead of ``model.generate`` because RL needs three things generate does not do
 cheaply:
 
@@ -100,7 +100,7 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return inner
 
 
-class RolloutEngine:
+class RolloutSampler:
     """Samples completions from a causal LM (or a PeftModel with LoRA) with the transformers backend."""
 
     def __init__(self, tokenizer, *, prompts_per_batch: int = 16, eos_token_ids: list[int] | None = None):

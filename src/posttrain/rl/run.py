@@ -9,15 +9,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from posttrain.config import RLConfig
 from posttrain.data.prompts import PromptExample, load_prompt_dataset
+from posttrain.engine.setup import build, finish, load_tokenizer_for, make_accelerator, reference_for, say
+from posttrain.methods import can_pack
+from posttrain.models.loading import eos_token_ids
 from posttrain.models.reference import drop_reference_adapter, unwrap
 from posttrain.rewards.registry import RewardSet
 from posttrain.rl.guards import GuardMonitor, parse_rules
-from posttrain.stages.common import build, finish, load_tokenizer_for, make_accelerator, reference_for, say
+
+if TYPE_CHECKING:
+    from posttrain.commands.base import RLConfig
 
 
 @dataclass
@@ -44,8 +49,6 @@ class RLResult:
 
 
 def setup_rl(cfg: RLConfig, value_head: bool = False) -> RLSetup:
-    from posttrain.models.adapters import PACKING_METHODS
-
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer_for(cfg)
     kw = dict(max_prompt_length=cfg.max_prompt_length, skip_invalid=cfg.data.skip_invalid)
@@ -69,34 +72,27 @@ def setup_rl(cfg: RLConfig, value_head: bool = False) -> RLSetup:
     setup = build(cfg, tokenizer, accelerator)
     model = setup.model
     reference = reference_for(cfg, model, accelerator)
-    capacity = cfg.max_prompt_length + cfg.sampling.max_new_tokens if cfg.packing and cfg.method in PACKING_METHODS else None
+    capacity = cfg.max_prompt_length + cfg.sampling.max_new_tokens if cfg.packing and can_pack(cfg.method) else None
     return RLSetup(accelerator, tokenizer, model, train, eval_rows, rewards, guard_rewards, monitor, reference, capacity)
 
 
 def objective_parts(s: RLSetup) -> dict:
     """The keyword arguments every RL objective takes from the setup."""
     return dict(tokenizer=s.tokenizer, reference=s.reference, rewards=s.rewards, guard_rewards=s.guard_rewards,
-                monitor=s.monitor, capacity=s.capacity, accelerator=s.accelerator, eval_examples=s.eval)
+                monitor=s.monitor, capacity=s.capacity, accelerator=s.accelerator, eval_examples=s.eval,
+                eos_ids=eos_token_ids(s.tokenizer, s.model))
 
 
 def fit_rl(cfg: RLConfig, s: RLSetup, objective, what: str):
     """Run the engine on ``objective`` (``what`` describes the algorithm's settings); returns (engine, fit)."""
     from posttrain.engine.trainer import Engine
 
-    objective.engine.eos_ids = eos_token_ids(s.tokenizer, s.model)
     engine = Engine(cfg, s.model, s.train, lambda rows: rows, s.eval, s.accelerator)
     say(s.accelerator, f"training {engine.total_steps} steps of {engine.global_batch} prompts x {cfg.num_generations} "
                        f"completions, {what} ({s.accelerator.num_processes} process(es), precision "
                        f"{s.accelerator.mixed_precision})")
     return engine, engine.fit(objective)
 
-
-def eos_token_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(unwrap(model), "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if i is not None)
 
 
 def finish_rl(cfg: RLConfig, s: RLSetup, engine, fit, objective, title: str, extra_save=None) -> RLResult:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from posttrain.config import ServeConfig
 from posttrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from posttrain.commands.serve import ServeConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -43,6 +43,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,7 +52,6 @@ from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from posttrain.config import ServeConfig
 from posttrain.errors import PosttrainError
 from posttrain.feedback.store import UnknownCompletion
 from posttrain.generation import encode_prompt
@@ -60,6 +60,9 @@ from posttrain.serve.decode import Delta, Event, Failed, Finished, Job, RowSampl
 from posttrain.serve.models import Lease, ModelRegistry, UnknownModel
 from posttrain.serve.schemas import APIError, ChatRequest, FeedbackRequest, VersionRequest, check_json, parse
 from posttrain.serve.worker import QueueFull
+
+if TYPE_CHECKING:
+    from posttrain.commands.serve import ServeConfig
 
 log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there

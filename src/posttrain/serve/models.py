@@ -24,13 +24,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from posttrain.config import ServeConfig
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.serve.decode import Event, Finished, Job, RowSampling, decode_batch
 from posttrain.serve.worker import GenerationWorker, QueueFull
+
+if TYPE_CHECKING:
+    from posttrain.commands.serve import ServeConfig
 
 BASE_VERSION = "base"
 
@@ -88,7 +91,7 @@ class ModelRegistry:
     """Model names -> versions, the leases on them, and the generation worker that owns the model."""
 
     def __init__(self, model, tokenizer, *, base_name: str, batch_size: int = 8, max_queue: int = 64, seed: int = 0):
-        from posttrain.rl.run import eos_token_ids
+        from posttrain.models.loading import eos_token_ids
 
         self.model = model.eval()
         self.tokenizer = tokenizer

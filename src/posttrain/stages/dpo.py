@@ -8,18 +8,14 @@ in :mod:`posttrain.losses`, and the reference strategies in :mod:`posttrain.mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from posttrain.config import DPOConfig
 from posttrain.data.preference import PairExample, collate_pairs, load_pair_dataset
-from posttrain.engine.trainer import Engine, FitResult
-from posttrain.losses import dpo_loss
-from posttrain.models.forward import sequence_logps
-from posttrain.models.reference import Reference, drop_reference_adapter, precomputed_logps
-from posttrain.stages.common import (
+from posttrain.engine.setup import (
+    TrainResult,
+    attach_reference_logps,
     build,
     finish,
     load_tokenizer_for,
@@ -29,6 +25,13 @@ from posttrain.stages.common import (
     reference_for,
     say,
 )
+from posttrain.engine.trainer import Engine
+from posttrain.losses import dpo_loss
+from posttrain.models.forward import sequence_logps
+from posttrain.models.reference import Reference, drop_reference_adapter
+
+if TYPE_CHECKING:
+    from posttrain.commands.dpo import DPOConfig
 
 
 class DPOObjective:
@@ -61,23 +64,20 @@ class DPOObjective:
         )
 
 
-@dataclass
-class DPOResult:
-    output_dir: Path
-    fit: FitResult
-    model: torch.nn.Module
 
 
-def attach_precomputed(cfg, model, accelerator, pairs: list[PairExample], pad_id: int, capacity, split: str) -> None:
-    """Store the initial model's log-probs of every pair's chosen and rejected sequence in the pairs."""
-    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    values = precomputed_logps(cfg, model, accelerator, seqs, pad_id=pad_id, pack_capacity=capacity, split=split)
+def pair_sequences(pairs: list[PairExample]) -> list:
+    """Every chosen sequence, then every rejected one (the order of a pair batch)."""
+    return [p.chosen for p in pairs] + [p.rejected for p in pairs]
+
+
+def store_pair_logps(pairs: list[PairExample], values) -> None:
     n = len(pairs)
     for i, pair in enumerate(pairs):
         pair.ref_chosen, pair.ref_rejected = float(values[i]), float(values[n + i])
 
 
-def train(cfg: DPOConfig) -> DPOResult:
+def train(cfg: DPOConfig) -> TrainResult:
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer_for(cfg)
     train_pairs, eval_pairs = load_train_eval(cfg, tokenizer, accelerator, load_pair_dataset)
@@ -87,10 +87,8 @@ def train(cfg: DPOConfig) -> DPOResult:
     setup = build(cfg, tokenizer, accelerator)
     model = setup.model
     reference = reference_for(cfg, model, accelerator, needed=cfg.loss != "simpo")
-    if reference.kind == "precomputed":
-        attach_precomputed(cfg, model, accelerator, train_pairs, pad_id, capacity, "train")
-        if eval_pairs:
-            attach_precomputed(cfg, model, accelerator, eval_pairs, pad_id, capacity, "eval")
+    attach_reference_logps(cfg, model, accelerator, reference, {"train": train_pairs, "eval": eval_pairs},
+                           pad_id=pad_id, capacity=capacity, sequences=pair_sequences, store=store_pair_logps)
 
     def collate(pairs: list[PairExample]):
         return collate_pairs(pairs, pad_id, capacity)
@@ -101,4 +99,4 @@ def train(cfg: DPOConfig) -> DPOResult:
     fit = engine.fit(DPOObjective(cfg, reference))
     drop_reference_adapter(engine.model)
     out = finish(engine, fit, tokenizer, cfg, accelerator, "adapter" if cfg.method != "full" else "model")
-    return DPOResult(output_dir=out, fit=fit, model=engine.model)
+    return TrainResult(output_dir=out, fit=fit, model=engine.model)

@@ -9,17 +9,21 @@ the unit is completion tokens or completions, per ``loss_norm``), the rollout ob
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from posttrain.config import GRPOConfig
 from posttrain.losses import group_advantages, grpo_loss, rloo_advantages
 from posttrain.models.forward import target_logps
 from posttrain.models.reference import eval_mode, unwrap
-from posttrain.rl.objective import RolloutObjective
+from posttrain.rl.objective import RLObjective
 from posttrain.rl.run import RLResult, finish_rl, fit_rl, objective_parts, setup_rl
 
+if TYPE_CHECKING:
+    from posttrain.commands.grpo import GRPOConfig
 
-class GRPOObjective(RolloutObjective):
+
+class GRPOObjective(RLObjective):
     def __init__(self, cfg: GRPOConfig, **kw):
         super().__init__(cfg, **kw)
         self.unit = "tok" if cfg.loss_norm == "token" else "seqs"

@@ -8,18 +8,14 @@ completion), in a separate no-gradient forward, as in Ethayarajh et al. 2024 sec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from posttrain.config import KTOConfig
 from posttrain.data.preference import UnpairedExample, collate_sequences, load_unpaired_dataset
-from posttrain.engine.trainer import Engine, FitResult
-from posttrain.losses import kto_loss, kto_reference_point
-from posttrain.models.forward import sequence_logps
-from posttrain.models.reference import Reference, drop_reference_adapter, precomputed_logps
-from posttrain.stages.common import (
+from posttrain.engine.setup import (
+    TrainResult,
+    attach_reference_logps,
     build,
     finish,
     load_tokenizer_for,
@@ -29,6 +25,13 @@ from posttrain.stages.common import (
     reference_for,
     say,
 )
+from posttrain.engine.trainer import Engine
+from posttrain.losses import kto_loss, kto_reference_point
+from posttrain.models.forward import sequence_logps
+from posttrain.models.reference import Reference, drop_reference_adapter
+
+if TYPE_CHECKING:
+    from posttrain.commands.kto import KTOConfig
 
 KL_PREFIX = "kl_"
 
@@ -84,24 +87,9 @@ class KTOObjective:
                         desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
 
 
-@dataclass
-class KTOResult:
-    output_dir: Path
-    fit: FitResult
-    model: torch.nn.Module
 
 
-def attach_precomputed(cfg, model, accelerator, examples: list[UnpairedExample], pad_id: int, capacity, split: str) -> None:
-    seqs = [e.sequence for e in examples] + ([e.kl_sequence for e in examples] if cfg.kl_estimate else [])
-    values = precomputed_logps(cfg, model, accelerator, seqs, pad_id=pad_id, pack_capacity=capacity, split=split)
-    n = len(examples)
-    for i, ex in enumerate(examples):
-        ex.ref = float(values[i])
-        if cfg.kl_estimate:
-            ex.ref_kl = float(values[n + i])
-
-
-def train(cfg: KTOConfig) -> KTOResult:
+def train(cfg: KTOConfig) -> TrainResult:
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer_for(cfg)
     train_rows, eval_rows = load_train_eval(cfg, tokenizer, accelerator, load_unpaired_dataset)
@@ -116,10 +104,18 @@ def train(cfg: KTOConfig) -> KTOResult:
     setup = build(cfg, tokenizer, accelerator)
     model = setup.model
     reference = reference_for(cfg, model, accelerator)
-    if reference.kind == "precomputed":
-        attach_precomputed(cfg, model, accelerator, train_rows, pad_id, capacity, "train")
-        if eval_rows:
-            attach_precomputed(cfg, model, accelerator, eval_rows, pad_id, capacity, "eval")
+    def sequences(examples: list[UnpairedExample]) -> list:
+        return [e.sequence for e in examples] + ([e.kl_sequence for e in examples] if cfg.kl_estimate else [])
+
+    def store(examples: list[UnpairedExample], values) -> None:
+        n = len(examples)
+        for i, ex in enumerate(examples):
+            ex.ref = float(values[i])
+            if cfg.kl_estimate:
+                ex.ref_kl = float(values[n + i])
+
+    attach_reference_logps(cfg, model, accelerator, reference, {"train": train_rows, "eval": eval_rows},
+                           pad_id=pad_id, capacity=capacity, sequences=sequences, store=store)
 
     def collate(examples: list[UnpairedExample]):
         return collate_kto(examples, pad_id, capacity, cfg.kl_estimate)
@@ -130,4 +126,4 @@ def train(cfg: KTOConfig) -> KTOResult:
     fit = engine.fit(KTOObjective(cfg, reference))
     drop_reference_adapter(engine.model)
     out = finish(engine, fit, tokenizer, cfg, accelerator, "adapter" if cfg.method != "full" else "model")
-    return KTOResult(output_dir=out, fit=fit, model=engine.model)
+    return TrainResult(output_dir=out, fit=fit, model=engine.model)

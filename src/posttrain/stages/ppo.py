@@ -14,14 +14,18 @@ and is not part of the PEFT adapter or the transformers model, which load as usu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from posttrain.config import PPOConfig
 from posttrain.losses import IGNORE_INDEX, gae, ppo_loss, whiten
 from posttrain.models.forward import _causal_lm, target_logps_and_values
 from posttrain.models.reference import eval_mode, unwrap
-from posttrain.rl.objective import RolloutObjective, flat_order
+from posttrain.rl.objective import RLObjective, flat_order
 from posttrain.rl.run import RLResult, finish_rl, fit_rl, objective_parts, setup_rl
+
+if TYPE_CHECKING:
+    from posttrain.commands.ppo import PPOConfig
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -59,7 +63,7 @@ def flatten(values: torch.Tensor, batch: dict[str, torch.Tensor], lengths: list[
     return torch.cat([values[i, : lengths[i]] for i in flat_order(batch)])
 
 
-class PPOObjective(RolloutObjective):
+class PPOObjective(RLObjective):
     unit = "tok"
 
     def __init__(self, cfg: PPOConfig, value_head: torch.nn.Linear, **kw):

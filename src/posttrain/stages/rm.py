@@ -10,20 +10,13 @@ forward pass (packed without cross-attention when the method allows). Units are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from posttrain.config import RMConfig
 from posttrain.data.preference import PairExample, collate_pairs, load_pair_dataset
-from posttrain.engine.trainer import Engine, FitResult
-from posttrain.errors import ConfigError
-from posttrain.losses import bradley_terry_loss
-from posttrain.models.adapters import build_model
-from posttrain.models.forward import sequence_scores
-from posttrain.models.loading import load_config, require_sequence_classification
-from posttrain.stages.common import (
+from posttrain.engine.setup import (
+    TrainResult,
     finish,
     load_tokenizer_for,
     load_train_eval,
@@ -31,6 +24,15 @@ from posttrain.stages.common import (
     pack_capacity,
     say,
 )
+from posttrain.engine.trainer import Engine
+from posttrain.errors import ConfigError
+from posttrain.losses import bradley_terry_loss
+from posttrain.models.adapters import build_model
+from posttrain.models.forward import sequence_scores
+from posttrain.models.loading import load_config, require_sequence_classification
+
+if TYPE_CHECKING:
+    from posttrain.commands.rm import RMConfig
 
 
 class RewardObjective:
@@ -50,14 +52,8 @@ class RewardObjective:
         return bradley_terry_loss(scores[:b], scores[b:], center_coefficient=self.cfg.center_rewards)
 
 
-@dataclass
-class RMResult:
-    output_dir: Path
-    fit: FitResult
-    model: torch.nn.Module
 
-
-def train(cfg: RMConfig) -> RMResult:
+def train(cfg: RMConfig) -> TrainResult:
     if cfg.adapter and cfg.method != "full":
         raise ConfigError(
             "adapter: a reward model's adapter sits on a sequence-classification model, so it cannot continue a "
@@ -84,4 +80,4 @@ def train(cfg: RMConfig) -> RMResult:
                      f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})")
     fit = engine.fit(RewardObjective(cfg))
     out = finish(engine, fit, tokenizer, cfg, accelerator, "reward model")
-    return RMResult(output_dir=out, fit=fit, model=engine.model)
+    return TrainResult(output_dir=out, fit=fit, model=engine.model)

@@ -11,20 +11,14 @@ Departures from a textbook SFT loop:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from posttrain.config import SFTConfig
-from posttrain.data.collate import collate_sft
+from posttrain.data.batching import collate_packed, collate_sft, pack_examples, packing_efficiency
 from posttrain.data.dataset import load_sft_dataset
-from posttrain.data.packing import collate_packed, pack_examples, packing_efficiency
-from posttrain.engine.trainer import Engine, FitResult
-from posttrain.losses import count_loss_tokens, sft_loss
-from posttrain.models.adapters import PACKING_METHODS
-from posttrain.models.forward import target_logps
-from posttrain.stages.common import (
+from posttrain.engine.setup import (
+    TrainResult,
     build,
     load_tokenizer_for,
     load_train_eval,
@@ -32,6 +26,13 @@ from posttrain.stages.common import (
     save_final,
     say,
 )
+from posttrain.engine.trainer import Engine
+from posttrain.losses import count_loss_tokens, sft_loss
+from posttrain.methods import can_pack
+from posttrain.models.forward import target_logps
+
+if TYPE_CHECKING:
+    from posttrain.commands.sft import SFTConfig
 
 
 class SFTObjective:
@@ -48,21 +49,15 @@ class SFTObjective:
         return sft_loss(logps)
 
 
-@dataclass
-class SFTResult:
-    output_dir: Path
-    fit: FitResult
-    model: torch.nn.Module  # the trained model (unwrapped), as saved
 
-
-def train(cfg: SFTConfig) -> SFTResult:
+def train(cfg: SFTConfig) -> TrainResult:
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer_for(cfg)
     loader = functools.partial(load_sft_dataset, loss_on=cfg.data.loss_on)
     train_rows, eval_rows = load_train_eval(cfg, tokenizer, accelerator, loader)
 
     pad_id = tokenizer.pad_token_id
-    if cfg.packing and cfg.method in PACKING_METHODS:
+    if cfg.packing and can_pack(cfg.method):
         n_rows = len(train_rows)
         train_rows = pack_examples(train_rows, cfg.max_length)
         eval_rows = pack_examples(eval_rows, cfg.max_length) if eval_rows else eval_rows
@@ -88,4 +83,4 @@ def train(cfg: SFTConfig) -> SFTResult:
     if fit.eval_metrics:
         summary += f", eval loss {fit.eval_metrics['loss']:.4f} (perplexity {fit.eval_metrics['perplexity']:.2f})"
     say(accelerator, f"{summary}; saved to {out}")
-    return SFTResult(output_dir=out, fit=fit, model=engine.model)
+    return TrainResult(output_dir=out, fit=fit, model=engine.model)

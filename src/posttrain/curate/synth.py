@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from posttrain.config import build_config, opt, section
-from posttrain.data.clean import CleanConfig
+from posttrain.curate.clean import CleanConfig
 from posttrain.errors import ConfigError, DataError
 
 SELF_INSTRUCT_MAX_SIMILARITY = 0.7  # Wang et al. 2023, section 2.3
@@ -186,12 +186,12 @@ class EndpointTeacher:
 
 class LocalTeacher:
     def __init__(self, t: TeacherSection, sampling: SynthSampling):
-        from posttrain.commands import _load
-        from posttrain.rl.rollout import RolloutEngine, Sampling
-        from posttrain.rl.run import eos_token_ids
+        from posttrain.models.adapters import load_model_and_tokenizer
+        from posttrain.models.loading import eos_token_ids
+        from posttrain.rl.rollout import RolloutSampler, Sampling
 
-        self.model, self.tokenizer = _load(t.model, t.adapter, t.trust_remote_code)
-        self.engine = RolloutEngine(self.tokenizer, prompts_per_batch=t.batch_size,
+        self.model, self.tokenizer = load_model_and_tokenizer(t.model, t.adapter, t.trust_remote_code)
+        self.sampler = RolloutSampler(self.tokenizer, prompts_per_batch=t.batch_size,
                                     eos_token_ids=eos_token_ids(self.tokenizer, self.model))
         self.sampling = Sampling(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p)
         self.errors: Counter = Counter()
@@ -204,7 +204,7 @@ class LocalTeacher:
         # One batched call seeded by its first item: the drivers cut batches at the same items on a resumed run.
         gen = torch.Generator().manual_seed(seeds[0] if seeds else 0)
         ids = [prompt_token_ids(self.tokenizer, conv) for conv in conversations]
-        texts = [c.text for c in self.engine.generate(self.model, ids, n, self.sampling, gen)]
+        texts = [c.text for c in self.sampler.generate(self.model, ids, n, self.sampling, gen)]
         return [texts[i * n : (i + 1) * n] for i in range(len(conversations))]
 
     def close(self):
@@ -262,7 +262,7 @@ class Journal:
 
 # --------------------------------------------------------------------------------------------- sft
 def _seed_instructions(path: str) -> list[str]:
-    from posttrain.data.diversity import instruction_text
+    from posttrain.curate.diversity import instruction_text
     from posttrain.data.formats import normalize_sft
     from posttrain.data.io import read_records
 
@@ -414,7 +414,7 @@ def synth_preference(cfg: SynthConfig, teacher: Teacher, rewards, journal: Journ
 def run_synth(mode: Literal["sft", "preference"], cfg: SynthConfig, *, teacher: Teacher | None = None,
               rewards=None, progress: bool = True) -> dict:
     """Generate (resuming from OUTPUT.partial.jsonl), then filter into OUTPUT; returns the counts."""
-    from posttrain.data.clean import clean
+    from posttrain.curate.clean import clean
 
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

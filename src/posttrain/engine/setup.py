@@ -1,4 +1,5 @@
-"""Parts every training stage shares: setup order, model building, the final save.
+"""Setting up and finishing a training run, shared by every stage and by rl/: the accelerator, the tokenizer,
+the model, the data, the reference, the final save.
 
 Setup order matters for the user: the tokenizer loads and every data row is validated BEFORE the model
 loads, so a bad row costs seconds, not a model load (or hours of training).
@@ -8,12 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from posttrain.config import TrainConfig
+from posttrain.methods import can_pack
 from posttrain.models.adapters import ParamReport, build_model, is_peft
 from posttrain.models.loading import load_tokenizer
+
+if TYPE_CHECKING:
+    from posttrain.commands.base import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    """What a training stage returns: where it saved, the engine's fit, and the trained model (unwrapped)."""
+
+    output_dir: Path
+    fit: object
+    model: torch.nn.Module
 
 
 @dataclass
@@ -87,9 +101,7 @@ def load_train_eval(cfg: TrainConfig, tokenizer, accelerator, loader):
 
 def pack_capacity(cfg: TrainConfig, accelerator) -> int | None:
     """Row capacity for packing the sequences of a batch together, or None when the method cannot pack."""
-    from posttrain.models.adapters import PACKING_METHODS
-
-    if cfg.packing and cfg.method in PACKING_METHODS:
+    if cfg.packing and can_pack(cfg.method):
         return cfg.max_length
     if cfg.packing:
         say(accelerator, f"packing: off for method {cfg.method} (its virtual tokens would be shared across packed sequences)")
@@ -117,3 +129,17 @@ def reference_for(cfg: TrainConfig, model: torch.nn.Module, accelerator, needed:
     if reference.kind == "precomputed" and not getattr(model, "is_loaded_in_4bit", False):
         model.to(accelerator.device)
     return reference
+
+
+def attach_reference_logps(cfg: TrainConfig, model: torch.nn.Module, accelerator, reference, splits: dict[str, list], *,
+                           pad_id: int, capacity: int | None, sequences, store) -> None:
+    """With a precomputed reference, compute the initial model's log-probs of every split's rows once (cached in
+    output_dir): ``sequences(rows)`` lists the rows' sequences, ``store(rows, values)`` keeps the values in them."""
+    from posttrain.models.reference import precomputed_logps
+
+    if reference.kind != "precomputed":
+        return
+    for split, rows in splits.items():
+        if rows:
+            store(rows, precomputed_logps(cfg, model, accelerator, sequences(rows), pad_id=pad_id,
+                                          pack_capacity=capacity, split=split))

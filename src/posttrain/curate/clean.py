@@ -1,25 +1,25 @@
 """``posttrain data clean FILE -o OUT [--config clean.yaml] [--against EVAL]``: keep the rows worth training on.
 
 Applies, in this order, the filters selected in the config (defaults below), each a check from the audit
-(:mod:`posttrain.data.audit`), so what ``audit`` reports is what ``clean`` removes:
+(:mod:`posttrain.curate.audit`), so what ``audit`` reports is what ``clean`` removes:
 
 1. invalid rows (unparseable, or rejected by the trainers' own validation);
 2. rows longer than ``max_length`` tokens (when set);
 3. contamination: rows holding at least half of some ``--against`` eval row's identifying word 8-grams of one paragraph (audit.EvalIndex);
 4. exact duplicates (after case/whitespace normalisation), then near duplicates (MinHash LSH); the first
    occurrence is kept; then, with ``semantic_dedup: true``, semantic duplicates (cosine >= ``semantic_threshold``
-   between all-MiniLM-L6-v2 sentence embeddings, :mod:`posttrain.data.embed`). Semantic dedup is off by default:
+   between all-MiniLM-L6-v2 sentence embeddings, :mod:`posttrain.curate.embed`). Semantic dedup is off by default:
    embedding runs at 7-50 rows/s on a CPU core (256- to 40-token rows), and each kept row holds a 1.5 KB embedding
    in memory;
 5. boilerplate/refusal responses (``boilerplate: drop``);
 6. broken code blocks (``broken_code: drop``): an unclosed fence, a ```python block that ``ast.parse`` rejects, a
-   ```json block that is not JSON (:mod:`posttrain.data.accuracy`; nothing is executed);
+   ```json block that is not JSON (:mod:`posttrain.curate.accuracy`; nothing is executed);
 7. invalid JSON where JSON is expected (``invalid_json: drop``): the prompt asks for JSON, or the response starts
    like JSON, and it does not parse;
 8. responses contradicting the row's ``reference`` (else ``answer``, else ``ground_truth``) column
    (``reference_mismatch: drop``): a different final number, or a short textual reference missing;
 9. languages (``languages: [en, ...]``; default: all kept): rows whose prompt or response is confidently detected
-   (:mod:`posttrain.data.consistency`, offline ``py3langid``) in another language; texts too short to tell are kept;
+   (:mod:`posttrain.curate.consistency`, offline ``py3langid``) in another language; texts too short to tell are kept;
 10. PII: ``redact`` (default: e-mails, phones, keys, cards and IPs replaced by ``[EMAIL]``...), ``drop`` or ``keep``.
 
 Writes OUT (the kept rows, as JSONL, in input order) and ``OUT.rejects.jsonl``: one line per dropped row with its
@@ -28,7 +28,7 @@ command reports success.
 
 Memory: rows are streamed (:func:`posttrain.data.io.read_records`) and written as they are decided, so no row is
 held after its turn. What grows with the input is the dedup state: a 16-byte digest per distinct row and about
-1 KB per row kept by the near-duplicate index (:class:`~posttrain.data.dedup.NearDuplicateIndex`), whatever the
+1 KB per row kept by the near-duplicate index (:class:`~posttrain.curate.dedup.NearDuplicateIndex`), whatever the
 rows' length; with ``semantic_dedup``, a 1.5 KB embedding per kept row; with ``--against``, the eval set's n-grams.
 """
 
@@ -69,7 +69,7 @@ def load_clean_config(path: str | None) -> CleanConfig:
 
 
 def _redact_value(value, kinds=None):
-    from posttrain.data.pii import redact
+    from posttrain.curate.pii import redact
 
     if isinstance(value, str):
         return redact(value, kinds)
@@ -86,8 +86,8 @@ def _with_embeddings(records: Iterable, enabled: bool, batch: int = 64) -> Itera
     if not enabled:
         yield from ((record, None) for record in records)
         return
-    from posttrain.data.audit import parse_row
-    from posttrain.data.embed import Embedder
+    from posttrain.curate.embed import Embedder
+    from posttrain.curate.rows import parse_row
 
     embedder = Embedder(progress=False)
 
@@ -114,12 +114,13 @@ def _with_embeddings(records: Iterable, enabled: bool, batch: int = 64) -> Itera
 def clean(path: str | Path, out: str | Path, cfg: CleanConfig, *, against: str | Path | None = None,
           tokenizer=None, progress: bool = True) -> dict:
     """Filter ``path`` into ``out`` and ``out.rejects.jsonl``; returns counts by reason (see module docstring)."""
-    from posttrain.data.accuracy import check_row
-    from posttrain.data.audit import BOILERPLATE, CONTAMINATION_N, EvalIndex, parse_row
-    from posttrain.data.consistency import known_languages, language_outside, target_turns
-    from posttrain.data.dedup import NearDuplicateIndex, normalize_for_dedup
+    from posttrain.curate.accuracy import check_row
+    from posttrain.curate.consistency import known_languages, language_outside, target_turns
+    from posttrain.curate.contamination import CONTAMINATION_N, EvalIndex
+    from posttrain.curate.dedup import NearDuplicateIndex, normalize_for_dedup
+    from posttrain.curate.pii import find_pii
+    from posttrain.curate.rows import BOILERPLATE, parse_row
     from posttrain.data.io import read_records
-    from posttrain.data.pii import find_pii
     from posttrain.data.tokenize import ChatTemplateError, tokenize_sft
 
     if cfg.languages is not None:
@@ -138,7 +139,7 @@ def clean(path: str | Path, out: str | Path, cfg: CleanConfig, *, against: str |
     if cfg.semantic_dedup:
         if not 0.0 < cfg.semantic_threshold <= 1.0:
             raise ConfigError(f"semantic_threshold: expected a cosine in (0, 1], got {cfg.semantic_threshold}")
-        from posttrain.data.embed import SemanticDuplicateIndex
+        from posttrain.curate.embed import SemanticDuplicateIndex
 
         semantic = SemanticDuplicateIndex(cfg.semantic_threshold)
     read = kept = 0

@@ -1,6 +1,6 @@
 """Accuracy signals that are cheap to check: the audit's ``accuracy`` section, and three of ``clean``'s filters.
 
-Each check reads the responses training pushes the model toward (:func:`posttrain.data.consistency.target_turns`:
+Each check reads the responses training pushes the model toward (:func:`posttrain.curate.consistency.target_turns`:
 trained assistant turns, a pair's chosen reply, a desirable unpaired completion). Nothing is executed.
 
 1. **Contradicts the reference** (:func:`reference_problem`): when the row has a ``reference`` column (else

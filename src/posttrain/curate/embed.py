@@ -109,7 +109,7 @@ class SemanticDuplicateIndex:
 
     A row whose cosine similarity to every kept row is below ``threshold`` is kept; otherwise it is reported
     with the most similar kept row and not kept, so later rows are compared with first occurrences only (as
-    :class:`posttrain.data.dedup.NearDuplicateIndex` does). Similarities are computed blockwise: memory is
+    :class:`posttrain.curate.dedup.NearDuplicateIndex` does). Similarities are computed blockwise: memory is
     one ``(batch, block)`` matrix plus the kept embeddings (4 bytes x 384 per kept row, 1.5 GB per million).
 
     Args:

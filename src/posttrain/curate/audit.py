@@ -7,25 +7,25 @@ the trainers use, so a row the audit calls valid is a row training accepts. Chec
 - **schema**: invalid rows with their file:line and reason;
 - **token lengths** with the model's tokenizer: distribution, and how many rows ``--max-length`` would truncate;
 - **duplicates**: exact (after case/whitespace normalisation) and near (MinHash LSH over word 5-grams,
-  :mod:`posttrain.data.dedup`);
-- **PII**: e-mails, phones, API keys, Luhn-valid card numbers, IPs (:mod:`posttrain.data.pii`);
+  :mod:`posttrain.curate.dedup`);
+- **PII**: e-mails, phones, API keys, Luhn-valid card numbers, IPs (:mod:`posttrain.curate.pii`);
 - **boilerplate**: refusal and "As an AI language model" phrases in responses;
-- **consistency** (:mod:`posttrain.data.consistency`): shares of responses using markdown, person and tone markers,
+- **consistency** (:mod:`posttrain.curate.consistency`): shares of responses using markdown, person and tone markers,
   the response/prompt length ratio, and the features mixed between two styles (10-90%), with rows of the minority
   style; summary.json ``consistency``;
-- **language** (:mod:`posttrain.data.consistency`, offline ``py3langid``): the language distribution of responses,
+- **language** (:mod:`posttrain.curate.consistency`, offline ``py3langid``): the language distribution of responses,
   rows not in the majority language, and prompts answered in another language; summary.json ``language``;
-- **accuracy signals** (:mod:`posttrain.data.accuracy`): responses contradicting a ``reference``/``answer``/
+- **accuracy signals** (:mod:`posttrain.curate.accuracy`): responses contradicting a ``reference``/``answer``/
   ``ground_truth`` column, broken code blocks (unclosed fences, Python that ``ast.parse`` rejects, bad JSON
   blocks), and invalid JSON where the prompt or the response's start says JSON; summary.json ``accuracy``;
 - **preference pairs**: chosen longer than rejected (length bias, a known cause of reward hacking), and pairs that
   appear elsewhere with chosen and rejected swapped;
 - **contamination** (``--against EVAL``): rows holding at least half of the word 8-grams of some paragraph
   of an eval row (n-grams shared by many eval rows, i.e. their template, are ignored; :class:`EvalIndex`);
-- **semantic duplicates**: rows whose sentence embeddings (all-MiniLM-L6-v2, :mod:`posttrain.data.embed`) have
+- **semantic duplicates**: rows whose sentence embeddings (all-MiniLM-L6-v2, :mod:`posttrain.curate.embed`) have
   cosine >= ``--semantic-threshold`` (0.9) with an earlier row, among rows not already exact or near duplicates;
   at most ``--embed-max`` rows are embedded (a uniform sample beyond that, and the report says so);
-- **diversity** (:mod:`posttrain.data.diversity`): distinct-1/2 of responses, the most repeated instruction
+- **diversity** (:mod:`posttrain.curate.diversity`): distinct-1/2 of responses, the most repeated instruction
   openings, and k-means topic clusters of the embeddings with their distinctive words.
 
 Writes ``report.md``, ``report.html`` (self-contained, the length histogram and cluster sizes embedded) and ``summary.json``.
@@ -34,7 +34,7 @@ Writes ``report.md``, ``report.html`` (self-contained, the length histogram and 
 Memory: the rows are streamed (:func:`posttrain.data.io.read_records`) and every check runs in that one pass; no
 row's text is kept once the pass moves on. What is kept grows with the number of rows, in compact form: per valid
 row, a 16-byte digest with its ``where`` (exact duplicates), a MinHash signature and band links, about 1 KB
-(:class:`~posttrain.data.dedup.NearDuplicateIndex`), its token lengths, per response its style features and
+(:class:`~posttrain.curate.dedup.NearDuplicateIndex`), its token lengths, per response its style features and
 length ratio and its detected languages (the consistency tallies, with ``where``), and with embeddings on, an
 8-byte stream position if it is not a duplicate; per preference pair, a 16-byte digest and ``where`` (swapped
 pairs). Also kept: the distinct word 1- and 2-grams of the responses (distinct-n; these grow with the vocabulary
@@ -50,16 +50,16 @@ import hashlib
 import html
 import io
 import json
-import re
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.data.accuracy import AccuracyTally, accuracy_markdown
-from posttrain.data.consistency import LanguageTally, StyleTally, consistency_markdown, target_turns
-from posttrain.data.dedup import NearDuplicateIndex, normalize_for_dedup
-from posttrain.data.diversity import (
+from posttrain.curate.accuracy import AccuracyTally, accuracy_markdown
+from posttrain.curate.consistency import LanguageTally, StyleTally, consistency_markdown, target_turns
+from posttrain.curate.contamination import CONTAMINATION_N, EvalIndex
+from posttrain.curate.dedup import NearDuplicateIndex, normalize_for_dedup
+from posttrain.curate.diversity import (
     PATTERN_FLAG_SHARE,
     DistinctNgrams,
     flagged_patterns,
@@ -68,33 +68,16 @@ from posttrain.data.diversity import (
     top_patterns,
     topic_clusters,
 )
-from posttrain.data.formats import SFTExample, normalize_sft
+from posttrain.curate.pii import find_pii
+from posttrain.curate.rows import BOILERPLATE, Row, parse_row
 from posttrain.data.io import read_records
-from posttrain.data.pii import find_pii
-from posttrain.data.preference import normalize_pair, normalize_unpaired
 from posttrain.errors import DataError
 
-BOILERPLATE = re.compile(
-    r"as an ai( language model)?|i'?m sorry,? but i (can(no|')t|am unable)|i cannot (help|assist|provide)"
-    r"|i am unable to|i don'?t have (personal )?(opinions|feelings)|as a large language model",
-    re.IGNORECASE,
-)
-CONTAMINATION_N = 8
-CONTAMINATION_SHARE = 0.5  # of an eval row's identifying n-grams; see EvalIndex
-TEMPLATE_SHARE, TEMPLATE_MIN_ROWS = 0.05, 2
 MAX_EXAMPLES = 5
 SEMANTIC_THRESHOLD = 0.9  # why 0.9: see _semantic_and_diversity
 EMBED_MAX = 5000  # rows embedded at most: 2-12 minutes on one CPU core (measured 50 rows/s at 40 tokens, 7 at 256)
 
 
-@dataclass
-class Row:
-    where: str
-    kind: str  # sft | pair | unpaired
-    text: str  # everything the model would see, for duplicate/PII/contamination checks
-    responses: list[str]
-    examples: list[SFTExample]
-    key: tuple | None = None  # (prompt, chosen, rejected) for pairs
 
 
 @dataclass
@@ -159,112 +142,19 @@ class AuditResult:
         return out
 
 
-def _content(value) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "\n".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
-    return ""
 
 
-def parse_row(where: str, data: dict) -> Row:
-    """The row's kind, validated by the trainers' own functions (``ValueError`` naming the field otherwise)."""
-    if "chosen" in data or "rejected" in data:
-        chosen, rejected = normalize_pair(data)
-        prompt = _content(data.get("prompt"))
-        c, r = _content(data["chosen"]), _content(data["rejected"])
-        return Row(where, "pair", f"{prompt}\n{c}\n{r}", [c, r], [chosen, rejected], key=(prompt, c, r))
-    if "label" in data:
-        example, _ = normalize_unpaired(data)
-        completion = _content(data["completion"])
-        return Row(where, "unpaired", f"{_content(data['prompt'])}\n{completion}", [completion], [example])
-    example = normalize_sft(data)
-    if example.kind == "chat":
-        responses = [m["content"] for m in example.messages if m["role"] == "assistant"]
-        text = "\n".join(m["content"] for m in example.messages)
-    elif example.kind == "prompt_completion":
-        responses, text = [example.completion], f"{example.prompt}\n{example.completion}"
-    else:
-        responses, text = [example.text], example.text
-    return Row(where, "sft", text, responses, [example])
 
 
-def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    words = re.findall(r"\w+", text.casefold())
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def _strings(value) -> list[str]:
-    """Every string inside a row's values (message contents, prompt, completion, chosen, ...)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return []
 
 
-class EvalIndex:
-    """The eval set's word ``CONTAMINATION_N``-grams, for finding eval items inside training rows.
 
-    Each eval row is cut into segments: the paragraphs (blank-line separated) of each of its fields or messages,
-    so a question, its input and its answer are judged apart. A training row is contaminated when it holds at
-    least ``CONTAMINATION_SHARE`` of one segment's identifying n-grams: a verbatim or lightly edited copy of that
-    part of the item, whatever else the training row holds. An n-gram found in more than ``TEMPLATE_SHARE`` of the
-    eval rows (and in at least ``TEMPLATE_MIN_ROWS``) is the set's shared instruction, system prompt or answer
-    format, not an item's content, and is ignored; without this every row of a templated task would match.
-    Segments shorter than ``CONTAMINATION_N`` words cannot be checked. (Word n-gram overlap is the method of
-    the GPT-3 and Llama 2 contamination studies; a per-item share decides in Llama 2's, there over tokens.)
-    Unreadable or invalid eval rows are skipped."""
 
-    def __init__(self, against: str | Path):
-        self.against = str(against)
-        segments: list[tuple[int, set]] = []
-        self.where: list[str] = []
-        counts: Counter = Counter()
-        for record in read_records(against):
-            if record.data is None:
-                continue
-            try:
-                parse_row(record.where, record.data)
-            except ValueError:
-                continue
-            row_grams: set = set()
-            for text in _strings(record.data):
-                for paragraph in re.split(r"\n\s*\n", text):
-                    grams = _ngrams(paragraph, CONTAMINATION_N)
-                    if grams:
-                        segments.append((len(self.where), grams))
-                        row_grams |= grams
-            self.where.append(record.where)
-            counts.update(row_grams)
-        limit = max(TEMPLATE_MIN_ROWS - 1, TEMPLATE_SHARE * len(self.where))
-        self.index: dict[tuple, list[int]] = {}
-        self.owner: list[int] = []
-        self.size: list[int] = []
-        for row, grams in segments:
-            own = [g for g in grams if counts[g] <= limit]
-            if not own:
-                continue  # all template
-            for g in own:
-                self.index.setdefault(g, []).append(len(self.size))
-            self.owner.append(row)
-            self.size.append(len(own))
 
-    def __bool__(self) -> bool:
-        return bool(self.index)
 
-    def match(self, text: str) -> tuple[str, float] | None:
-        """(the eval row's location, the share of its segment's n-grams in ``text``) of the best match, if any
-        segment reaches ``CONTAMINATION_SHARE``."""
-        hits: Counter = Counter()
-        for g in _ngrams(text, CONTAMINATION_N):
-            hits.update(self.index.get(g, ()))
-        best = max(((n / self.size[i], i) for i, n in hits.items()), default=None)
-        if best is None or best[0] < CONTAMINATION_SHARE:
-            return None
-        return self.where[self.owner[best[1]]], best[0]
+
 
 
 @dataclass
@@ -333,7 +223,7 @@ def _semantic_and_diversity(result: AuditResult, tally: _DiversityTally, path: s
         return
     import numpy as np
 
-    from posttrain.data.embed import Embedder, SemanticDuplicateIndex
+    from posttrain.curate.embed import Embedder, SemanticDuplicateIndex
 
     eligible = len(tally.eligible)
     sample = tally.held
@@ -538,108 +428,9 @@ def write_reports(result: AuditResult, out_dir: str | Path) -> tuple[Path, Path,
     return out / "report.md", out / "report.html", out / "summary.json"
 
 
-def main(argv: list[str]) -> int:
-    """``posttrain data audit FILE [--against EVAL] [--max-length N] [--model M] [--out DIR]``."""
-    import argparse
-    import sys
-
-    from posttrain.errors import PosttrainError
-
-    parser = argparse.ArgumentParser(prog="posttrain data", description="Data toolkit: audit a dataset before training on it, clean it, or synthesise more with a teacher.")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    a = sub.add_parser("audit", help="report schema errors, lengths, duplicates, PII, boilerplate, style, language, "
-                       "accuracy signals, pair biases, contamination",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("file")
-    a.add_argument("--against", help="an eval set to check for contamination (word 8-gram overlap)")
-    a.add_argument("--max-length", type=int, help="count rows longer than this many tokens")
-    a.add_argument("--model", default="smollm2-135m", help="whose tokenizer measures lengths (default: the embedded model)")
-    a.add_argument("--out", help="report folder (default: <file>.audit/)")
-    a.add_argument("--embed-max", type=int, default=EMBED_MAX,
-                   help=f"embed at most this many rows, a uniform sample beyond (default {EMBED_MAX})")
-    a.add_argument("--no-embed", action="store_true", help="skip the embedding checks (semantic duplicates, topic clusters)")
-    a.add_argument("--semantic-threshold", type=float, default=SEMANTIC_THRESHOLD,
-                   help=f"cosine at which two rows are semantic duplicates (default {SEMANTIC_THRESHOLD})")
-    a.add_argument("--clusters", type=int, help="topic clusters (default min(sqrt(rows/2), 20))")
-    c = sub.add_parser("clean", help="write the rows worth training on, and every dropped row with its reason",
-                       description=__import__("posttrain.data.clean", fromlist=["x"]).__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("file")
-    c.add_argument("-o", "--output", required=True, help="kept rows (JSONL); rejects go to OUTPUT.rejects.jsonl")
-    c.add_argument("--config", help="a YAML file of clean options (max_length, exact_dedup, near_dedup, near_threshold, "
-                   "semantic_dedup, semantic_threshold, boilerplate, broken_code, invalid_json, reference_mismatch, languages, pii, model)")
-    c.add_argument("--against", help="an eval set: rows holding half of an eval row's word 8-grams are dropped")
-    y = sub.add_parser("synth", help="synthesise SFT rows (self-instruct) or preference pairs with a teacher model",
-                       description=__import__("posttrain.data.synth", fromlist=["x"]).__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  posttrain data synth sft seeds=seed_tasks.jsonl num_rows=200 output=synth/sft.jsonl\n"
-                              "  posttrain data synth preference prompts=prompts.jsonl 'rewards=[{function: numeric_match}]' "
-                              "output=synth/prefs.jsonl\n  posttrain data synth sft synth.yaml teacher.base_url=http://localhost:8000/v1 "
-                              "teacher.model=Qwen/Qwen2.5-7B-Instruct teacher.concurrency=16\n\nkeys (key=value, dotted for sections):\n"
-                              + "\n".join(f"  {k} = {d}: {h}" for k, d, h in _synth_keys()))
-    y.add_argument("mode", choices=["sft", "preference"])
-    y.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value",
-                   help="an optional YAML file of synth keys, then dotted overrides")
-    args = parser.parse_args(argv)
-    if args.command == "synth":
-        return _synth_main(args.mode, args.args)
-    try:
-        from posttrain.models.loading import load_tokenizer
-
-        for p in [args.file] + ([args.against] if args.against else []):
-            if not Path(p).exists():
-                raise PosttrainError(f"{p}: no such file")
-        if args.command == "clean":
-            from posttrain.data.clean import clean, load_clean_config
-
-            cfg = load_clean_config(args.config)
-            tokenizer = load_tokenizer(cfg.model) if cfg.max_length is not None else None
-            res = clean(args.file, args.output, cfg, against=args.against, tokenizer=tokenizer)
-            reasons = "; ".join(f"{n} {k}" for k, n in sorted(res["reasons"].items(), key=lambda kv: -kv[1])) or "none"
-            print(f"{args.file}: read {res['read']}, kept {res['kept']}, rejected {res['rejected']} "
-                  f"(kept + rejected = read: checked). Reasons: {reasons}.\nkept: {res['out']}\nrejects: {res['rejects']}")
-            return 0
-        if args.embed_max < 1 or (args.clusters is not None and args.clusters < 1):
-            raise PosttrainError("--embed-max and --clusters must be at least 1")
-        if not 0.0 < args.semantic_threshold <= 1.0:
-            raise PosttrainError(f"--semantic-threshold must be a cosine in (0, 1], got {args.semantic_threshold}")
-        tokenizer = load_tokenizer(args.model)
-        result = audit(args.file, tokenizer=tokenizer, max_length=args.max_length, against=args.against,
-                       embed=not args.no_embed, embed_max=args.embed_max, semantic_threshold=args.semantic_threshold,
-                       clusters=args.clusters)
-        paths = write_reports(result, args.out or f"{args.file}.audit")
-    except PosttrainError as e:
-        print(f"posttrain data {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    print(_markdown(result.summary()))
-    print(f"\nreports: {', '.join(str(p) for p in paths)}")
-    return 0
 
 
-def _synth_keys() -> list[tuple[str, str, str]]:
-    from posttrain.config import help_table
-    from posttrain.data.synth import SynthConfig
-
-    return [(k, d.replace("\n", " ")[:40], h) for k, d, h in help_table(SynthConfig)]
 
 
-def _synth_main(mode: str, rest: list[str]) -> int:
-    import sys
 
-    from posttrain.data.synth import format_summary, load_synth_config, run_synth
-    from posttrain.errors import PosttrainError
 
-    path = rest[0] if rest and "=" not in rest[0] else None
-    overrides = rest[1:] if path is not None else rest
-    try:
-        cfg = load_synth_config(path, overrides, mode)
-        summary = run_synth(mode, cfg)
-    except PosttrainError as e:
-        print(f"posttrain data synth: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nposttrain data synth: interrupted; every finished item is in the journal "
-              f"({cfg.output}.partial.jsonl): run the same command again to continue.", file=sys.stderr)
-        return 130
-    print(format_summary(summary))
-    return 0

@@ -54,7 +54,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from posttrain.data.audit import Row
+    from posttrain.curate.rows import Row
 
 MIXED_SHARE = 0.1
 MIN_RESPONSES = 10
