@@ -11,7 +11,7 @@ import torch
 from posttrain.data.batching import collate_packed, collate_sft, pack_examples
 from posttrain.losses import sft_loss
 from posttrain.models.forward import target_logps
-from tests.test_packing_and_lean_loss import random_examples
+from tests.data.test_packing_and_lean_loss import random_examples
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -179,3 +179,13 @@ def test_every_example_file_in_the_help_exists_and_parses():
             load_config(command, str(repo / path), ["data.train=x.jsonl"])
             seen += 1
     assert seen >= 6
+
+
+def test_tests_mirror_the_source_tree():
+    """A folder of tests per source package (tests/data for posttrain.data, ...); only tests of top-level modules,
+    the layout and the docs sit at the top of tests/."""
+    tests = SRC.parent / "tests"
+    packages = {p.name for p in (SRC / "posttrain").iterdir() if (p / "__init__.py").is_file()}
+    folders = {p.name for p in tests.iterdir() if (p / "__init__.py").is_file()}
+    assert folders - {"benchmarks"} <= packages, f"test folders without a package: {sorted(folders - packages)}"
+    assert {"data", "curate", "engine", "models", "stages", "serve"} <= folders

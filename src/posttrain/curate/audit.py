@@ -205,7 +205,7 @@ def _semantic_and_diversity(result: AuditResult, tally: _DiversityTally, path: s
 
     Rows already exact or near duplicates are not embedded; beyond ``embed_max`` rows a uniform sample (seed 0,
     input order kept) is, read back from ``path``. The default threshold, 0.9, comes from this model's cosines
-    on whole rows (instruction + answer; tests/test_data_diversity.py pins a subset): 12 pairs reworded with the
+    on whole rows (instruction + answer; tests/curate/test_data_diversity.py pins a subset): 12 pairs reworded with the
     same meaning scored 0.81-0.99 (half of them >= 0.9), 8 pairs on the same template or topic asking something else
     ("capital of France" / "of Germany", "5 miles" / "7 miles") 0.39-0.81, unrelated rows at most 0.35. So 0.9
     flags only pairs closer than every different-question pair we measured, and finds the closer half of

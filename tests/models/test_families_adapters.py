@@ -118,7 +118,7 @@ def test_router_loss_is_transformers_own_loss_term(moe_with_router_loss):
 
 def test_router_loss_reaches_training_and_its_log(moe_with_router_loss, tmp_path, family_dirs):
     from posttrain.cli import main
-    from tests.test_families_stages import DATA
+    from tests.stages.test_families_stages import DATA
 
     for model_dir, logged in ((moe_with_router_loss, True), (family_dirs("qwen3_moe"), False)):
         out = tmp_path / str(logged)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+
+from tests import ROOT_DIR
 
 pytest.importorskip("uvicorn")
 
 
 def test_serve_load_benchmark_runs_and_loses_no_write(tiny_model_dir, tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    path = ROOT_DIR / "benchmarks" / "serve_load.py"
     spec = importlib.util.spec_from_file_location("serve_load", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["serve_load"] = module

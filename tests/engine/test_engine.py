@@ -17,8 +17,9 @@ from posttrain.commands import load_config
 from posttrain.errors import TrainingDiverged
 from posttrain.runtime import keep_cpu_heap
 from posttrain.stages import sft
+from tests import ROOT_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 DATA = ROOT / "examples" / "data" / "tiny_chat.jsonl"
 
 

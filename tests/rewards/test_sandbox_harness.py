@@ -1,5 +1,5 @@
 """code_tests' harness (issue 19, finding 3): a pass is what the harness reports after the tests ran to their end,
-through code_tests, and files outside the work directory; tests/test_sandbox.py has the fence's other events."""
+through code_tests, and files outside the work directory; tests/rewards/test_sandbox.py has the fence's other events."""
 
 from __future__ import annotations
 

@@ -22,8 +22,9 @@ import torch
 from posttrain.commands import load_config
 from posttrain.data.preference import collate_pairs, load_pair_dataset
 from posttrain.models.forward import sequence_logps, sequence_scores
+from tests import ROOT_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 PREFS = ROOT / "examples" / "data" / "tiny_prefs.jsonl"
 KTO = ROOT / "examples" / "data" / "tiny_kto.jsonl"
 CHAT = ROOT / "examples" / "data" / "tiny_chat.jsonl"

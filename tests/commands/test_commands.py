@@ -11,8 +11,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from posttrain.cli import main
+from tests import ROOT_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 DATA = ROOT / "examples" / "data" / "tiny_chat.jsonl"
 
 

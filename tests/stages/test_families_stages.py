@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from posttrain.cli import main
+from tests import ROOT_DIR
 from tests.families import FAMILIES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 DATA = ROOT / "examples" / "data"
 NO_SEQUENCE_CLASSIFICATION = {"granite"}  # transformers has no GraniteForSequenceClassification
 REWARD = "def words(prompt, completion, **row):\n    return float(len(completion.split()))\n"
@@ -77,7 +77,7 @@ def test_generate_eval_merge_and_serve_answer_for_every_family(family, family_di
     from posttrain.commands.serve import ServeConfig, ServeSamplingSection
     from posttrain.serve.app import create_app
     from posttrain.serve.models import ModelRegistry
-    from tests.test_serve import FakeStore
+    from tests.serve.test_serve import FakeStore
 
     model_dir = family_dirs(family)
     adapter = tmp_path / "adapter"

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 from posttrain.commands import load_config
 from posttrain.models.loading import resolve_model
 from posttrain.stages import sft
+from tests import ROOT_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 DATA = ROOT / "examples" / "data" / "tiny_chat.jsonl"
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests import ROOT_DIR
+
+ROOT = ROOT_DIR
 SCRIPT = ROOT / "benchmarks" / "sft_throughput.py"
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from posttrain.commands import load_config
+from tests import ROOT_DIR
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT_DIR
 PREFS = ROOT / "examples" / "data" / "tiny_prefs.jsonl"
 
 
