@@ -14,7 +14,7 @@ HELP = "Data toolkit: `posttrain data audit FILE [--against EVAL] [--max-length 
 def main(argv: list[str]) -> int:
     """``posttrain data audit FILE [--against EVAL] [--max-length N] [--model M] [--out DIR]``."""
     from posttrain.curate import audit as audit_mod
-    from posttrain.curate.audit import EMBED_MAX, SEMANTIC_THRESHOLD, _markdown, audit, write_reports
+    from posttrain.curate.audit import EMBED_MAX, SEMANTIC_THRESHOLD, audit, summary_markdown, write_reports
 
     parser = argparse.ArgumentParser(prog="posttrain data", description="Data toolkit: audit a dataset before training on it, clean it, or synthesise more with a teacher.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
     except PosttrainError as e:
         print(f"posttrain data {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print(_markdown(result.summary()))
+    print(summary_markdown(result.summary()))
     print(f"\nreports: {', '.join(str(p) for p in paths)}")
     return 0
 

@@ -381,7 +381,7 @@ def _embedding_markdown(sem: dict, div: dict) -> list[str]:
     return lines
 
 
-def _markdown(s: dict) -> str:
+def summary_markdown(s: dict) -> str:
     lines = [f"# Data audit: {s['source']}", "",
              f"{s['rows']} rows: {s['valid']} valid ({', '.join(f'{v} {k}' for k, v in s['kinds'].items()) or 'none'}), "
              f"{s['invalid']} invalid.", ""]
@@ -413,7 +413,7 @@ def write_reports(result: AuditResult, out_dir: str | Path) -> tuple[Path, Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
-    md = _markdown(summary)
+    md = summary_markdown(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(md + "\n")
     png = base64.b64encode(_histogram_png(result.lengths, result.max_length)).decode() if result.lengths else ""

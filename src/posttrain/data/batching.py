@@ -109,8 +109,8 @@ def lay_out(rows: list[list[int]], seqs: list[TokenizedExample], pad_id: int, *,
                 labels[r, start] = IGNORE_INDEX  # nothing predicts a sequence's first token
             position_ids[r, start:start + n] = torch.arange(n)
             sequence_ids[r, start:start + n] = i
-            not_pad = [k for k, t in enumerate(seq.input_ids) if t != pad_id]
-            last_index[i] = torch.tensor([r, start + (not_pad[-1] if not_pad else n - 1)])
+            last = next((k for k in range(n - 1, -1, -1) if seq.input_ids[k] != pad_id), n - 1)
+            last_index[i, 0], last_index[i, 1] = r, start + last
             start += n
         position_ids[r, start:] = torch.arange(n, n + width - start)  # padding continues the last sequence
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequence_ids": sequence_ids,

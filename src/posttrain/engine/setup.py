@@ -19,6 +19,7 @@ from posttrain.models.loading import load_tokenizer
 
 if TYPE_CHECKING:
     from posttrain.commands.base import TrainConfig
+    from posttrain.engine.trainer import FitResult
 
 
 @dataclass
@@ -26,7 +27,7 @@ class TrainResult:
     """What a training stage returns: where it saved, the engine's fit, and the trained model (unwrapped)."""
 
     output_dir: Path
-    fit: object
+    fit: FitResult
     model: torch.nn.Module
 
 

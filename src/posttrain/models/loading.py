@@ -185,10 +185,15 @@ def load_causal_lm(
         hf_logging.set_verbosity(verbosity)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return getattr(model, "module", model)
+
+
 def eos_token_ids(tokenizer, model) -> list[int]:
     """Every token id that ends a generation: the tokenizer's EOS and the model's generation_config ones."""
     ids = {tokenizer.eos_token_id}
-    gen = getattr(getattr(model, "module", model), "generation_config", None)  # through DistributedDataParallel
+    gen = getattr(unwrap(model), "generation_config", None)
     eos = getattr(gen, "eos_token_id", None)
     ids.update(eos if isinstance(eos, list) else [eos])
     return sorted(i for i in ids if i is not None)

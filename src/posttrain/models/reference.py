@@ -28,13 +28,10 @@ import torch
 
 from posttrain.errors import ConfigError
 from posttrain.models.adapters import is_peft
+from posttrain.models.loading import unwrap
 
 REFERENCE_ADAPTER = "reference"
 CACHE_FILE = "reference_logps.safetensors"
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ from posttrain.data.tokenize import TokenizedExample
 from posttrain.engine.trainer import StopTraining
 from posttrain.losses import k3_kl
 from posttrain.models.forward import target_logps, uses_varlen_attention
-from posttrain.models.reference import Reference, unwrap
+from posttrain.models.loading import unwrap
+from posttrain.models.reference import Reference
 from posttrain.rewards.registry import RewardSet
 from posttrain.rl.rollout import Completion, RolloutSampler, Sampling
 

@@ -16,8 +16,8 @@ import torch
 from posttrain.data.prompts import PromptExample, load_prompt_dataset
 from posttrain.engine.setup import build, finish, load_tokenizer_for, make_accelerator, reference_for, say
 from posttrain.methods import can_pack
-from posttrain.models.loading import eos_token_ids
-from posttrain.models.reference import drop_reference_adapter, unwrap
+from posttrain.models.loading import eos_token_ids, unwrap
+from posttrain.models.reference import drop_reference_adapter
 from posttrain.rewards.registry import RewardSet
 from posttrain.rl.guards import GuardMonitor, parse_rules
 

@@ -15,7 +15,8 @@ import torch
 
 from posttrain.losses import group_advantages, grpo_loss, rloo_advantages
 from posttrain.models.forward import target_logps
-from posttrain.models.reference import eval_mode, unwrap
+from posttrain.models.loading import unwrap
+from posttrain.models.reference import eval_mode
 from posttrain.rl.objective import RLObjective
 from posttrain.rl.run import RLResult, finish_rl, fit_rl, objective_parts, setup_rl
 

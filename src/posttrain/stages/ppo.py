@@ -20,7 +20,8 @@ import torch
 
 from posttrain.losses import IGNORE_INDEX, gae, ppo_loss, whiten
 from posttrain.models.forward import _causal_lm, target_logps_and_values
-from posttrain.models.reference import eval_mode, unwrap
+from posttrain.models.loading import unwrap
+from posttrain.models.reference import eval_mode
 from posttrain.rl.objective import RLObjective, flat_order
 from posttrain.rl.run import RLResult, finish_rl, fit_rl, objective_parts, setup_rl
 
