@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.commands import load_config
-from posttrain.errors import TrainingDiverged
+from posttrain.errors import ConfigError, TrainingDiverged
 from posttrain.runtime import keep_cpu_heap
 from posttrain.stages import sft
 from tests import ROOT_DIR
@@ -170,3 +170,24 @@ def test_the_engine_checks_an_objective_once_against_its_protocol():
         check_objective(HalfRollout())
     with pytest.raises(TypeError, match="lacks count"):
         check_objective(object())
+
+
+def test_resume_with_a_longer_horizon_follows_the_new_schedule(tiny_model_dir, tmp_path):
+    """Extend a finished 2-step run to 4 steps: steps 3 and 4 train at the lr of an uninterrupted 4-step run (the
+    bug this pins: step 3 trained at lr 0.0, the end of the restored 2-step cosine)."""
+    common = ("batch_size=2", "max_length=64", "lr_scheduler=cosine")
+    straight = run_sft(tiny_model_dir, tmp_path / "straight", "max_steps=4", *common)
+    short_dir = tmp_path / "short"
+    run_sft(tiny_model_dir, short_dir, "max_steps=2", *common)
+    extended = run_sft(tiny_model_dir, short_dir, "max_steps=4", "resume=true", *common)
+    lr_straight, lr_extended = losses(straight.output_dir, "train/lr"), losses(short_dir, "train/lr")
+    assert extended.fit.steps == 4
+    for step in (3, 4):
+        assert lr_extended[step] == pytest.approx(lr_straight[step], rel=1e-12), step
+    assert lr_extended[3] > 0
+
+
+def test_resume_past_the_horizon_is_a_clear_error(tiny_model_dir, tmp_path):
+    run_sft(tiny_model_dir, tmp_path / "run", "max_steps=3", "save_every=1", "batch_size=2", "max_length=64")
+    with pytest.raises(ConfigError, match="past this run's 2 steps; raise max_steps"):
+        run_sft(tiny_model_dir, tmp_path / "run", "max_steps=2", "resume=true", "batch_size=2", "max_length=64")

@@ -213,6 +213,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def follow_schedule(optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Set every param group's lr to what ``scheduler``'s own schedule gives at its restored position.
+
+    A restored optimizer carries the lr the SAVED run's schedule set last; when the resumed run has another
+    horizon (a finished run extended with a larger max_steps or epochs), its schedule differs, and without this the
+    first resumed step would train at the old schedule's value (0.0 at the end of a cosine). With the same horizon
+    it rewrites the values already there, so exact resume is untouched. One rule, then: on resume, step k trains
+    at the lr the current run's schedule gives step k."""
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 class Engine:
     """Runs :meth:`fit` for one stage. Construct, then call ``fit(objective)``."""
 
@@ -391,10 +404,19 @@ class Engine:
                     "the data position would not line up. Use the same batch settings."
                 )
             start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+            if start_step > self.total_steps:
+                raise ConfigError(
+                    f"resume: {resume_from} is at step {start_step}, past this run's {self.total_steps} steps; "
+                    "raise max_steps (or epochs) to continue it, or set resume=false to start over"
+                )
+            follow_schedule(raw_optimizer, scheduler)
             if "objective" in state and plugged.rollouts:
                 objective.load_state_dict(state["objective"])
             if acc.is_main_process:
-                print(f"resumed from {resume_from} at step {start_step}")
+                saved_total = int(state.get("total_steps", self.total_steps))
+                horizon = (f"; the run was planned for {saved_total} steps, the lr now follows the {self.total_steps}-step "
+                           "schedule" if saved_total != self.total_steps else "")
+                print(f"resumed from {resume_from} at step {start_step}{horizon}")
 
         self.model, optimizer = acc.prepare(self.model, raw_optimizer)
         self.model.train()
