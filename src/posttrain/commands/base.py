@@ -50,6 +50,15 @@ class PrefixSection:
 
 
 @dataclass
+class DistributedSection:
+    strategy: Literal["auto", "ddp", "fsdp"] = opt("auto", "How processes split the work (under torchrun or accelerate launch): ddp = every process holds the whole model, gradients and optimizer state; fsdp = PyTorch FSDP2 (fully_shard per decoder layer, then the root), each process holds 1/N of the parameters, gradients and optimizer state and gathers one layer at a time. auto = fsdp when accelerate's config says FSDP (accelerate launch --config_file), else ddp.")
+    reshard_after_forward: bool = opt(True, "fsdp: free each layer's gathered parameters after its forward and gather them again in backward (less memory, one more all-gather per layer); false keeps them until backward (ZeRO-2-like).")
+    offload: bool = opt(False, "fsdp on GPUs: keep the sharded parameters, gradients and optimizer state in CPU memory (FSDP2's CPUOffloadPolicy; the optimizer steps on the CPU). Nothing to offload to on a CPU-only machine.")
+    param_dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", "fsdp: dtype the gathered parameters are cast to for compute (FSDP2's MixedPrecisionPolicy); the sharded master copy stays fp32. auto = keep them as stored and let `precision` autocast, as ddp does.")
+    reduce_dtype: Literal["float32", "bfloat16"] = opt("float32", "fsdp: dtype of the gradient reduce-scatter (with param_dtype bfloat16).")
+
+
+@dataclass
 class TrainConfig:
     """Keys shared by every training stage."""
 
@@ -86,6 +95,7 @@ class TrainConfig:
     qlora: QLoraSection = section(QLoraSection, "4-bit base settings (method qlora).")
     prompt: PromptSection = section(PromptSection, "Prompt tuning settings (method prompt).")
     prefix: PrefixSection = section(PrefixSection, "Prefix tuning settings (method prefix).")
+    distributed: DistributedSection = section(DistributedSection, "Several processes (torchrun / accelerate launch): data parallel or FSDP2 sharding.")
 
     def validate(self) -> None:
         """Cross-field checks that a type cannot express."""

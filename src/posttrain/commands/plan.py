@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from posttrain.plan.memory import MemoryEstimate
 
 HELP = "Predict peak memory and FLOPs per method; recommend the cheapest method that fits."
-EXAMPLES = "posttrain plan model=7b device_memory_gb=24\n  posttrain plan table=true batch_size=1"
+EXAMPLES = ("posttrain plan model=7b device_memory_gb=24\n  posttrain plan model=7b method=full processes=8 strategy=fsdp\n"
+            "  posttrain plan table=true batch_size=1")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class PlanConfig:
     lora_targets: list[str] | str = opt("all-linear", "LoRA modules: all-linear or a list such as [q_proj, v_proj].")
     lora_target_experts: bool = opt(False, "MoE models: LoRA on the experts too (sft's lora.target_experts).")
     num_virtual_tokens: int = opt(20, "Virtual tokens (prompt, prefix).")
+    processes: int = opt(1, "Processes (devices) the run uses; the plan is per process.")
+    strategy: Literal["ddp", "fsdp"] = opt("ddp", "With processes > 1: ddp (every process holds everything) or fsdp (FSDP2: weights, gradients and optimizer state sharded; as sft's distributed.strategy).")
+    offload: bool = opt(False, "fsdp on GPUs: sharded state in CPU memory (as distributed.offload).")
     table: bool = opt(False, "Print the 1B/7B/13B/65B/70B x method x 24/48/80 GB fit table (cuda, bf16) instead.")
 
     def validate(self) -> None:
@@ -43,6 +47,10 @@ class PlanConfig:
         if self.device_memory_gb is not None and self.device_memory_gb <= 0:
             raise ConfigError(f"device_memory_gb: must be > 0, got {self.device_memory_gb}")
         lora_target_set(self.lora_targets)
+        if self.processes < 1:
+            raise ConfigError(f"processes: must be >= 1, got {self.processes}")
+        if self.offload and self.strategy != "fsdp":
+            raise ConfigError("offload: only with strategy=fsdp")
 
     def settings(self) -> dict:
         """The keyword arguments of :func:`estimate`."""
@@ -62,7 +70,7 @@ Config = PlanConfig
 def run(cfg: PlanConfig) -> list[MemoryEstimate]:
     """Print the plan (or the fit table) and return the estimates it printed."""
     from posttrain.methods import METHODS
-    from posttrain.plan.memory import estimate
+    from posttrain.plan.memory import SHARDABLE, estimate, per_process, resolve_precision
     from posttrain.plan.report import device_memory, fit_table, format_estimates, recommend
     from posttrain.plan.shapes import load_shape
 
@@ -73,7 +81,11 @@ def run(cfg: PlanConfig) -> list[MemoryEstimate]:
         return estimates
     shape = load_shape(cfg.model)
     methods = METHODS if cfg.method == "all" else (cfg.method,)
-    estimates = [estimate(shape, m, **cfg.settings()) for m in methods]
+    if cfg.strategy == "fsdp" and cfg.method == "all":
+        methods = tuple(m for m in methods if m in SHARDABLE)
+    precision = resolve_precision(cfg.precision, cfg.device)
+    estimates = [per_process(estimate(shape, m, **cfg.settings()), shape, processes=cfg.processes, strategy=cfg.strategy,
+                             offload=cfg.offload, precision=precision) for m in methods]
     budget = device_memory(cfg)
     print(format_estimates(shape, estimates, cfg, budget))
     print()

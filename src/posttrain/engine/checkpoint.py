@@ -8,6 +8,8 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-00000012/`` holding:
     scheduler.json           scheduler.state_dict()
     rng-rank<R>.json         python / numpy / torch CPU (/ CUDA) RNG states of rank R
     trainer_state.json       the caller's dict plus "step"
+    dcp/, dcp_rest.json      instead of trainable/optimizer.*, for a sharded (FSDP) run: every process's shards,
+                             written by torch.distributed.checkpoint as safetensors (engine/sharding.py)
     COMPLETE                 written last; only directories holding it count as checkpoints
 
 Nothing is pickled: ``torch.save``/``torch.load`` can execute code on load, so tensors go to safetensors
@@ -75,6 +77,7 @@ def save_checkpoint(
     keep_last: int,
     rank: int = 0,
     is_main: bool = True,
+    sharded: bool = False,
 ) -> Path:
     """Save everything needed to resume after optimizer step ``step``; return the checkpoint dir.
 
@@ -92,6 +95,9 @@ def save_checkpoint(
     complete checkpoints older than the newest ``keep_last`` (never the one just written). The other
     ranks write only their RNG file, straight into the final directory (see :func:`save_rng_state`).
     ``model`` must be the unwrapped module (no DDP ``module.`` prefix), so names match on load.
+
+    ``sharded``: the parameters and optimizer state are already in the staging directory that
+    :func:`begin_checkpoint` made (every process wrote its shards there); only the rest is written.
     """
     if keep_last < 1:
         raise PosttrainError(f"keep_last must be >= 1 (got {keep_last}); it is how many checkpoints to keep")
@@ -103,28 +109,30 @@ def save_checkpoint(
         return final_dir
 
     # Serialise everything before touching the disk, so an unserialisable state fails cleanly.
-    optimizer_tensors, optimizer_json = _flatten_optimizer_state(optimizer.state_dict())
-    json_files = {
-        OPTIMIZER_JSON_FILE: _to_json(optimizer_json, "the optimizer state"),
+    json_files = {}
+    if not sharded:
+        optimizer_tensors, optimizer_json = _flatten_optimizer_state(optimizer.state_dict())
+        json_files[OPTIMIZER_JSON_FILE] = _to_json(optimizer_json, "the optimizer state")
+    json_files |= {
         SCHEDULER_FILE: _to_json(scheduler.state_dict(), "the scheduler state"),
         f"rng-rank{rank}.json": json.dumps(_capture_rng_state()),
         TRAINER_STATE_FILE: _to_json({**trainer_state, "step": step}, "trainer_state"),
     }
 
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = final_dir.with_name(_TMP_PREFIX + final_dir.name)
-    if tmp_dir.exists():  # left behind by a crashed save of the same step
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir()
-
-    trainable = {
-        name: param.detach().cpu().contiguous()
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    }
-    _save_safetensors(trainable, tmp_dir / TRAINABLE_FILE)
-
-    _save_safetensors(optimizer_tensors, tmp_dir / OPTIMIZER_TENSORS_FILE)
+    if sharded:
+        tmp_dir = _staging_dir(final_dir)
+        if not tmp_dir.is_dir():
+            raise PosttrainError(f"sharded checkpoint of step {step}: {tmp_dir} was not prepared "
+                                 "(begin_checkpoint first, then every process saves its shards there)")
+    else:
+        tmp_dir = begin_checkpoint(output_dir, step)
+        trainable = {
+            name: param.detach().cpu().contiguous()
+            for name, param in model.named_parameters()
+            if param.requires_grad
+        }
+        _save_safetensors(trainable, tmp_dir / TRAINABLE_FILE)
+        _save_safetensors(optimizer_tensors, tmp_dir / OPTIMIZER_TENSORS_FILE)
     for filename, text in json_files.items():
         _write_text(tmp_dir / filename, text)
     _write_text(tmp_dir / COMPLETE_MARKER, f"{step}\n")  # last: its presence means the rest is on disk
@@ -144,6 +152,27 @@ def save_checkpoint(
 
     _prune(final_dir.parent, keep_last=keep_last, keep=final_dir)
     return final_dir
+
+
+def _staging_dir(final_dir: Path) -> Path:
+    return final_dir.with_name(_TMP_PREFIX + final_dir.name)
+
+
+def begin_checkpoint(output_dir: Path, step: int) -> Path:
+    """Main process: a fresh hidden staging directory for step ``step`` (where every process then writes its
+    shards, before :func:`save_checkpoint` with ``sharded=True`` completes and renames it)."""
+    final_dir = checkpoint_dir(output_dir, step)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = _staging_dir(final_dir)
+    if tmp_dir.exists():  # left behind by a crashed save of the same step
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir()
+    return tmp_dir
+
+
+def staging_dir(output_dir: Path, step: int) -> Path:
+    """Where :func:`begin_checkpoint` stages step ``step``."""
+    return _staging_dir(checkpoint_dir(output_dir, step))
 
 
 def save_rng_state(ckpt_dir: Path, rank: int) -> Path:
@@ -213,11 +242,27 @@ def load_checkpoint(
     are left as loaded. RNG states come from ``rng-rank<rank>.json``, or from the lowest rank's file
     when this rank has none (e.g. the world size grew).
     """
+    from posttrain.engine import sharding
+
     path = Path(path)
     _check_complete(path)
 
-    _load_trainable(model, load_file(str(path / TRAINABLE_FILE)), source=path / TRAINABLE_FILE)
+    if sharding.has_sharded_state(path):  # an FSDP run's checkpoint: loads sharded or not, any process count
+        sharding.load_sharded(path, model, optimizer)
+    elif sharding.is_sharded(model):
+        raise PosttrainError(
+            f"resume: {path} was saved by a data-parallel (ddp) run, and this run shards with fsdp; resume it with "
+            "distributed.strategy=ddp (an fsdp checkpoint resumes under either)")
+    else:
+        _load_plain(path, model, optimizer)
+    scheduler.load_state_dict(_read_json(path / SCHEDULER_FILE))
 
+    _restore_rng_state(_read_json(_rng_file_for(path, rank)))
+    return _read_json(path / TRAINER_STATE_FILE)
+
+
+def _load_plain(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    _load_trainable(model, load_file(str(path / TRAINABLE_FILE)), source=path / TRAINABLE_FILE)
     optimizer_state = _unflatten_optimizer_state(
         load_file(str(path / OPTIMIZER_TENSORS_FILE)),
         _read_json(path / OPTIMIZER_JSON_FILE),
@@ -230,10 +275,6 @@ def load_checkpoint(
             f"{path / OPTIMIZER_JSON_FILE} does not fit this optimizer ({error}); resume with the same "
             "trainable parameters and parameter groups as the saved run"
         ) from error
-    scheduler.load_state_dict(_read_json(path / SCHEDULER_FILE))
-
-    _restore_rng_state(_read_json(_rng_file_for(path, rank)))
-    return _read_json(path / TRAINER_STATE_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -49,12 +49,24 @@ def make_accelerator(cfg: TrainConfig):
     # Several runs in one process (tests, the demo) may ask for different precisions: accelerate keeps a
     # process-wide state, so drop it (the distributed PartialState stays).
     AcceleratorState._reset_state()
+    from posttrain.engine import sharding
+
+    strategy = sharding.resolve(cfg)  # before any data or model: a bad combination costs nothing
     # cpu=True on CPU-only machines makes accelerate honour torchrun's WORLD_SIZE (gloo DDP).
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.precision))
+    if strategy == "fsdp":
+        sharding.ensure_process_group(accelerator.device)
     if accelerator.device.type == "cpu":
         keep_cpu_heap()
     set_seed(cfg.seed)
     return accelerator
+
+
+def parallel(cfg: TrainConfig, accelerator) -> str:
+    """How the run is spread, for the line every stage prints before training: '2 process(es), fsdp, precision bf16'."""
+    strategy = cfg.distributed.strategy if accelerator.num_processes > 1 or cfg.distributed.strategy == "fsdp" else None
+    parts = [f"{accelerator.num_processes} process(es)"] + ([strategy] if strategy else [])
+    return ", ".join(parts + [f"precision {accelerator.mixed_precision}"])
 
 
 def say(accelerator, message: str) -> None:
@@ -74,15 +86,19 @@ def build(cfg: TrainConfig, tokenizer, accelerator) -> Setup:
 
 def save_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, accelerator) -> Path:
     """Write the standard artefact: a PEFT adapter directory, or a transformers model directory."""
+    from posttrain.engine import sharding
+
     out = Path(output_dir)
     accelerator.wait_for_everyone()
+    # A sharded model is gathered into one CPU state dict on the main process (every process takes part).
+    state = sharding.full_state_dict(model) if sharding.is_sharded(model) else None
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         model.config.use_cache = True
         if is_peft(model):
-            model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+            model.save_pretrained(out, state_dict=state)  # adapter_config.json + adapter_model.safetensors
         else:
-            model.save_pretrained(out, safe_serialization=True)
+            model.save_pretrained(out, safe_serialization=True, state_dict=state)
         tokenizer.save_pretrained(out)
     accelerator.wait_for_everyone()
     return out
@@ -123,9 +139,12 @@ def finish(engine, fit, tokenizer, cfg: TrainConfig, accelerator, what: str) -> 
 def reference_for(cfg: TrainConfig, model: torch.nn.Module, accelerator, needed: bool = True):
     """The reference strategy for ``model`` (see models/reference.py), announced; the model is put on its device
     when the reference is precomputed (it runs before the engine prepares the model)."""
+    from posttrain.engine import sharding
     from posttrain.models.reference import make_reference
 
     reference = make_reference(model, cfg, needed=needed, device=accelerator.device)
+    if reference.kind == "frozen_copy" and cfg.distributed.strategy == "fsdp":
+        sharding.shard(reference.frozen, cfg, accelerator.device, frozen=True)  # a full-FT reference, sharded too
     say(accelerator, f"reference: {reference.describe()}")
     if reference.kind == "precomputed" and not getattr(model, "is_loaded_in_4bit", False):
         model.to(accelerator.device)

@@ -30,12 +30,15 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.config import to_dict
+from posttrain.engine import sharding
 from posttrain.engine.checkpoint import (
+    begin_checkpoint,
     checkpoint_dir,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
     save_rng_state,
+    staging_dir,
 )
 from posttrain.engine.metrics import MetricsLogger, plot_metrics
 from posttrain.errors import ConfigError, TrainingDiverged
@@ -253,6 +256,9 @@ class Engine:
         acc = self.accelerator
         self.world = acc.num_processes
         self.rank = acc.process_index
+        self.sharded = sharding.resolve(cfg) == "fsdp"
+        if self.sharded:
+            sharding.ensure_process_group(acc.device)
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
@@ -294,11 +300,17 @@ class Engine:
         sums: dict[str, float] = {}
         units = 0.0
         bs = self.cfg.batch_size
-        for start in range(0, len(mine), bs):
-            batch = self._to_device(self.collate([self.eval_examples[i] for i in mine[start : start + bs]]))
-            units += objective.count(batch)
+        batches = math.ceil(len(mine) / bs)
+        if self.sharded:  # every process runs as many forwards (each gathers layers with the others)
+            batches = math.ceil(math.ceil(len(self.eval_examples) / self.world) / bs)
+        for b in range(batches):
+            chunk = mine[b * bs : (b + 1) * bs]
+            batch = self._to_device(self.collate([self.eval_examples[i] for i in (chunk or [0])]))
             with self.accelerator.autocast():
                 loss_sum, metrics = objective.loss(model, batch)
+            if not chunk:  # a stand-in batch that kept this process in step with the others: not counted
+                continue
+            units += objective.count(batch)
             for k, v in {"loss": loss_sum, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         keys = sorted(sums)
@@ -319,10 +331,16 @@ class Engine:
         if self._objective is not None and self._objective.rollouts:
             state["objective"] = self._objective.objective.state_dict()
         path = None
+        if self.sharded:  # every process writes its shards into the main process's staging directory
+            if acc.is_main_process:
+                begin_checkpoint(self.output_dir, step)
+            acc.wait_for_everyone()
+            sharding.save_sharded(staging_dir(self.output_dir, step), self.model, optimizer)
+            acc.wait_for_everyone()
         if acc.is_main_process:
             path = save_checkpoint(
                 self.output_dir, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                trainer_state=state, keep_last=self.cfg.keep_last, rank=self.rank,
+                trainer_state=state, keep_last=self.cfg.keep_last, rank=self.rank, sharded=self.sharded,
             )
         acc.wait_for_everyone()
         if not acc.is_main_process:
@@ -358,7 +376,12 @@ class Engine:
         sums: dict[str, float] = {}
         for m, batch in enumerate(micro):
             # Gradients are all-reduced only on the last micro-batch of the step.
-            sync = acc.no_sync(self.model) if m < len(micro) - 1 else nullcontext()
+            last = m == len(micro) - 1
+            if self.sharded:
+                sharding.require_gradient_sync(self.model, last)
+                sync = nullcontext()
+            else:
+                sync = acc.no_sync(self.model) if not last else nullcontext()
             with sync:
                 with acc.autocast(), router.collecting() as router_losses:
                     loss_sum, metrics = objective.loss(self.model, batch)
@@ -378,7 +401,10 @@ class Engine:
             raise _Diverged(loss)
         grad_norm = None
         if cfg.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+            if self.sharded:  # DTensor gradients: torch's clip takes the norm over all shards (a collective)
+                grad_norm = float(sharding.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
+            else:
+                grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -389,6 +415,8 @@ class Engine:
         cfg, acc = self.cfg, self.accelerator
         plugged = self._objective = check_objective(objective)
         updates_per_step = plugged.updates_per_step
+        if self.sharded:  # before the optimizer exists: it must hold the sharded parameters
+            sharding.shard(self.model, cfg, acc.device)
         raw_optimizer = build_optimizer(self.model, cfg)
         scheduler = build_scheduler(raw_optimizer, cfg, self.total_steps * updates_per_step)
         stream = DataStream(len(self.train_examples), cfg.seed)
@@ -418,7 +446,10 @@ class Engine:
                            "schedule" if saved_total != self.total_steps else "")
                 print(f"resumed from {resume_from} at step {start_step}{horizon}")
 
-        self.model, optimizer = acc.prepare(self.model, raw_optimizer)
+        if self.sharded:
+            optimizer = raw_optimizer
+        else:
+            self.model, optimizer = acc.prepare(self.model, raw_optimizer)
         self.model.train()
         logger = MetricsLogger(self.output_dir, acc.is_main_process, cfg.tensorboard, resume_step=start_step)
         if acc.is_main_process:

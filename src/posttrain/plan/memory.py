@@ -50,6 +50,14 @@ logits and as much for the input gradient; a trained head adds its weight gradie
 chunks in backward (2·V·h each). LoRA is counted as PEFT's unmerged branch, 6 FLOPs per adapter parameter per
 token (the merged fp32 path of models/fused_lora.py does 4 plus a merge per step; the difference is under 1%
 of a step). Gradient checkpointing adds a second forward of the layers.
+Several processes (``processes=N``, per process; :func:`per_process`). ``strategy=ddp``: every process holds all of
+the above, plus DDP's gradient buckets (a flat copy of the trainable gradients, 4 B/param, that all-reduce works
+in). ``strategy=fsdp`` (FSDP2, engine/sharding.py): weights, adapter, gradients and optimizer state are divided by
+N; added are the gathered units: the root unit (embeddings, final norm, an untied head), kept whole from the
+forward to the end of backward, and two decoder layers (the one computing and the one FSDP2 prefetches), each
+gathered in its stored dtype; and, at the end of backward, the root's whole gradient before its reduce-scatter
+(full fine-tuning: the embedding's). With ``offload`` (GPUs), the sharded parameters, gradients and optimizer
+state live in CPU memory and leave the device's count.
 docs/plan.md gives the derivation, the sources and the calibration against measured peaks.
 """
 
@@ -348,12 +356,17 @@ class MemoryEstimate:
     grad_accumulation: int  # end of backward: a trained tied embedding's second gradient and the sum of the two
     flops_per_step: float
     output_bytes: int  # what the run saves: a full model or an adapter
+    processes: int = 1
+    strategy: str = "ddp"
+    communication: int = 0  # ddp: gradient buckets; fsdp: the gathered root unit and two layers
+    unsharded_grads: int = 0  # fsdp: the root's whole gradient at the end of backward, before its reduce-scatter
 
     @property
     def total(self) -> int:
-        static = self.weights + self.adapter + self.optimizer_state + self.quantization_overhead + self.runtime_overhead
+        static = (self.weights + self.adapter + self.optimizer_state + self.quantization_overhead + self.runtime_overhead
+                  + self.communication)
         return static + max(self.autocast_copies + self.activations + self.logits,
-                            self.gradients + self.grad_accumulation)
+                            self.gradients + self.grad_accumulation + self.unsharded_grads)
 
     def rows(self) -> list[tuple[str, int]]:
         """(part, bytes) in the order the plan table prints them, the peak last."""
@@ -361,7 +374,7 @@ class MemoryEstimate:
                 ("optimizer", self.optimizer_state), ("casts", self.autocast_copies),
                 ("activations", self.activations), ("logits", self.logits),
                 ("quantization", self.quantization_overhead), ("runtime", self.runtime_overhead),
-                ("peak", self.total)]
+                ("comm", self.communication + self.unsharded_grads), ("peak", self.total)]
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -414,3 +427,38 @@ def estimate(shape: ModelShape, method: str, *, seq_len: int = 512, batch_size: 
         output_bytes=shape.num_params * 4 if method == "full" else trainable * 4,
     )
 
+
+
+STRATEGIES = ("ddp", "fsdp")
+SHARDABLE = ("full", "lora")  # the methods posttrain shards with FSDP2 (engine/sharding.check)
+
+
+def per_process(est: MemoryEstimate, shape: ModelShape, *, processes: int, strategy: str = "ddp",
+                offload: bool = False, precision: str = "bf16") -> MemoryEstimate:
+    """``est`` (one process) as the peak of each of ``processes`` processes under ``strategy`` (module docstring);
+    ``precision``: the resolved one (bf16 or fp32) the estimate was made with."""
+    import dataclasses
+
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if processes < 1:
+        raise ConfigError(f"processes: must be >= 1, got {processes}")
+    if offload and strategy != "fsdp":
+        raise ConfigError("offload: only with strategy=fsdp (FSDP2's CPUOffloadPolicy)")
+    if strategy == "fsdp" and est.method not in SHARDABLE:
+        raise ConfigError(f"strategy=fsdp: posttrain does not shard method {est.method} (see distributed.strategy)")
+    if strategy == "ddp":
+        buckets = est.gradients if processes > 1 else 0
+        return dataclasses.replace(est, processes=processes, strategy=strategy, communication=buckets)
+    n = processes
+    stored = 4 if est.method == "full" else (2 if precision == "bf16" else 4)  # fp32 master / the frozen base's dtype
+    embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tie_embeddings else 2)
+    root = embeddings + shape.hidden_size
+    layer = (shape.num_params - root) // max(shape.num_layers, 1)
+    gathered = (root + 2 * layer) * stored
+    root_grad = embeddings * 4 if est.method == "full" else 0
+    shard = 0 if offload else 1  # offloaded: the sharded state is in CPU memory, not on the device
+    return dataclasses.replace(
+        est, processes=n, strategy=strategy, weights=est.weights * shard // n, adapter=est.adapter * shard // n,
+        gradients=est.gradients * shard // n, optimizer_state=est.optimizer_state * shard // n,
+        communication=gathered, unsharded_grads=root_grad)  # the tied embedding's gradient sum stays whole

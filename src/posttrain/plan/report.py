@@ -6,7 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 from posttrain.methods import METHODS
-from posttrain.plan.memory import MemoryEstimate, estimate, resolve_precision
+from posttrain.plan.memory import SHARDABLE, MemoryEstimate, estimate, per_process, resolve_precision
 from posttrain.plan.shapes import KNOWN_SHAPES, GiB, MiB, ModelShape, human_count
 
 if TYPE_CHECKING:
@@ -52,6 +52,9 @@ def format_estimates(shape: ModelShape, estimates: list[MemoryEstimate], cfg: Pl
             + "".join(f"  {line}\n" for line in shape.features()) +
             f"device {cfg.device}, precision {precision}, {cfg.batch_size} rows x {cfg.seq_len} tokens, "
             f"packing {'on' if cfg.packing else 'off'}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
+    if cfg.processes > 1 or cfg.strategy != "ddp":
+        head += (f"\nper process of {cfg.processes}, strategy {cfg.strategy}" + (", sharded state offloaded to CPU" if cfg.offload else "")
+                 + "; batch_size is per process")
     header = ["method", "trainable", *(label for label, _ in estimates[0].rows()), "fits", "TFLOP/step", "saves"]
     rows = []
     for est in estimates:
@@ -60,7 +63,8 @@ def format_estimates(shape: ModelShape, estimates: list[MemoryEstimate], cfg: Pl
                      f"{est.flops_per_step / 1e12:.2f}", human_bytes(est.output_bytes)])
     note = ("peak = weights + adapter + optimizer + quantization + runtime + max(casts + activations + logits, "
             "gradients + tied-embedding gradient sum): backward frees activations as it makes gradients; fused AdamW "
-            "steps in place")
+            "steps in place. comm: ddp's gradient buckets, or fsdp's gathered root unit and two layers (+ the root's "
+            "whole gradient at the end of backward)")
     return f"{head}\n\n{_table(header, rows)}\n\n{note}"
 
 
@@ -92,12 +96,14 @@ def recommend(estimates: list[MemoryEstimate], budget: int) -> str:
 
 TABLE_MODELS = ("1b", "7b", "13b", "65b", "70b")
 TABLE_GPUS_GB = (24, 48, 80)
+TABLE_DEVICES = 8  # the last column: that many 80 GB GPUs with FSDP (full, lora) or ddp (the others)
 
 
 def fit_table(cfg: PlanConfig) -> tuple[str, list[MemoryEstimate]]:
     """Which method fits which GPU, for Llama sizes, on CUDA in bf16 at cfg's batch and length.
 
-    A cell reads 'yes' (fits), 'gc' (fits only with gradient checkpointing) or '-'.
+    A cell reads 'yes' (fits), 'gc' (fits only with gradient checkpointing) or '-'. The last column is per process
+    on 8 x 80 GB: full and lora sharded with FSDP2, the other methods data parallel (each GPU holds the model).
     """
     base = {**cfg.settings(), "device": "cuda", "precision": "bf16"}
     rows, estimates = [], []
@@ -108,8 +114,13 @@ def fit_table(cfg: PlanConfig) -> tuple[str, list[MemoryEstimate]]:
             with_gc = estimate(shape, method, **{**base, "gradient_checkpointing": True})
             estimates.append(plain)
             cells = ["yes" if plain.total <= gb * GiB else "gc" if with_gc.total <= gb * GiB else "-" for gb in TABLE_GPUS_GB]
-            rows.append([name, method, human_bytes(plain.total), human_bytes(with_gc.total), *cells])
-    header = ["model", "method", "peak", "peak (gc)", *(f"{gb} GB" for gb in TABLE_GPUS_GB)]
+            strategy = "fsdp" if method in SHARDABLE else "ddp"
+            many, many_gc = (per_process(e, shape, processes=TABLE_DEVICES, strategy=strategy, precision="bf16")
+                             for e in (plain, with_gc))
+            cells.append(("yes" if many.total <= 80 * GiB else "gc" if many_gc.total <= 80 * GiB else "-") + f" {strategy}")
+            rows.append([name, method, human_bytes(plain.total), human_bytes(with_gc.total), *cells, human_bytes(many.total)])
+    header = ["model", "method", "peak", "peak (gc)", *(f"{gb} GB" for gb in TABLE_GPUS_GB),
+              f"{TABLE_DEVICES}x80 GB", f"peak/GPU of {TABLE_DEVICES}"]
     title = (f"fit on one GPU (cuda, bf16, {cfg.batch_size} rows x {cfg.seq_len} tokens, lora r {cfg.lora_r}): "
              "'yes' fits, 'gc' fits with gradient_checkpointing=true, '-' does not")
     return f"{title}\n\n{_table(header, rows)}", estimates

@@ -2,9 +2,10 @@
 
 Per engine step (``rollout``), for this process's prompts:
 
-1. **Sample** ``num_generations`` completions per prompt with the rollout engine, from a ``torch.Generator``
-   seeded by (seed, step, process): the same step always samples the same completions from the same weights,
-   which is what makes a resumed run repeat an uninterrupted one.
+1. **Sample** ``num_generations`` completions per prompt with the rollout engine, seeded per prompt by (seed,
+   step, the prompt's index in the step's global batch): the same step always samples the same completions from
+   the same weights, which is what makes a resumed run repeat an uninterrupted one, and a 2-process run sample
+   what a 1-process run does. Under FSDP the policy is gathered whole for the rollout (engine/sharding.py).
 2. **Score** them with the weighted reward sources (each source logged as ``reward/<name>``).
 3. **Measure** the reward-hacking signals: KL to the reference (k3, from the rollout's own log-probs and one
    no-gradient reference pass), mean length, token entropy, the share of duplicate completions within groups,
@@ -28,6 +29,7 @@ import torch
 from posttrain.data.groups import collate_groups
 from posttrain.data.preference import collate_sequences
 from posttrain.data.tokenize import TokenizedExample
+from posttrain.engine import sharding
 from posttrain.engine.trainer import StopTraining
 from posttrain.losses import k3_kl
 from posttrain.models.forward import target_logps, uses_varlen_attention
@@ -76,15 +78,16 @@ class RLObjective:  # an engine.trainer.RolloutObjective
         self.warned: set[tuple[int, str]] = set()
 
     # ------------------------------------------------------------------------------------------ sampling
-    def generator(self, step: int, salt: int = 0) -> torch.Generator:
-        device = self.accelerator.device
-        g = torch.Generator(device=device if device.type == "cuda" else "cpu")
-        g.manual_seed((self.cfg.seed * 1_000_003 + step * 7919 + self.accelerator.process_index * 104_729 + salt) % (2**63))
-        return g
+    def seeds(self, step: int, indices: list[int], salt: int = 0) -> list[int]:
+        """One sampling seed per prompt, from (seed, step, the prompt's index in the step's global batch, salt):
+        a prompt samples the same completions however many processes split the step."""
+        return [(self.cfg.seed * 1_000_003 + step * 7919 + i * 104_729 + salt * 15_485_863) % (2**63) for i in indices]
 
     def sample(self, model, examples: list[PromptExample], step: int) -> list[Completion]:
-        return self.sampler.generate(unwrap(model), [e.prompt_ids for e in examples], self.cfg.num_generations,
-                                    self.sampling, self.generator(step))
+        first = self.accelerator.process_index * len(examples)  # the engine gives each process a contiguous share
+        with sharding.gathered(model):
+            return self.sampler.generate(unwrap(model), [e.prompt_ids for e in examples], self.cfg.num_generations,
+                                         self.sampling, seeds=self.seeds(step, list(range(first, first + len(examples)))))
 
     def score(self, rewards: RewardSet, examples: list[PromptExample], completions: list[Completion]):
         prompts = [examples[c.prompt_index].prompt for c in completions]
@@ -166,8 +169,9 @@ class RLObjective:  # an engine.trainer.RolloutObjective
         sampling = Sampling(max_new_tokens=self.sampling.max_new_tokens, temperature=self.cfg.eval_temperature,
                             top_p=self.sampling.top_p, top_k=self.sampling.top_k, stop=list(self.sampling.stop))
         n = self.cfg.eval_num_generations
-        completions = self.sampler.generate(unwrap(model), [e.prompt_ids for e in mine], n, sampling,
-                                           self.generator(step or 0, salt=1))
+        with sharding.gathered(model):
+            completions = self.sampler.generate(unwrap(model), [e.prompt_ids for e in mine], n, sampling,
+                                                seeds=self.seeds(step or 0, list(range(rank, len(self.eval_examples), world)), salt=1))
         totals, per_source = self.score(self.rewards, mine, completions)
         out = RewardSet.metrics("heldout/reward", totals.tolist(), per_source)
         out["heldout/length"] = sum(len(c.token_ids) for c in completions) / max(len(completions), 1)

@@ -12,8 +12,12 @@ cheaply:
    KV cache (``Cache.batch_select_indices``), so later decoding steps only pay for live rows; ``generate``
    keeps computing padded rows until the longest completion ends.
 
-Sampling: logits / temperature, then top-k, then top-p (nucleus), then a draw from a ``torch.Generator``
-(seeded per call by the caller, so a rollout is reproducible: resume depends on it). ``temperature == 0`` is
+Sampling: logits / temperature, then top-k, then top-p (nucleus), then a draw. The draw is seeded by the caller,
+so a rollout is reproducible (resume depends on it): either one ``torch.Generator`` for the call, or one seed per
+prompt (``seeds``), which makes each prompt's completions independent of which prompts share its batch, and so
+of how many processes split the step (RL stages use seeds: 1 and 2 processes sample the same rollouts). With
+seeds, each sample row draws its uniforms u_t up front and takes the token where the cumulative distribution
+first exceeds u_t (inverse-CDF sampling: the same distribution as ``torch.multinomial``). ``temperature == 0`` is
 greedy. ``logprob`` is log softmax(logits / temperature) of the drawn token, before top-k/top-p truncation:
 the distribution the training loss evaluates (at temperature 1 that is the policy itself). ``entropy`` is that
 distribution's entropy at the step, a reward-hacking signal (collapse to a few phrases drives it to 0).
@@ -113,8 +117,11 @@ class RolloutSampler:
         self.stats = RolloutStats()
 
     def generate(self, model: torch.nn.Module, prompt_ids: list[list[int]], n: int, sampling: Sampling,
-                 generator: torch.Generator | None = None) -> list[Completion]:
-        """``n`` completions per prompt, grouped: completions ``i*n .. i*n+n-1`` answer prompt i."""
+                 generator: torch.Generator | None = None, seeds: list[int] | None = None) -> list[Completion]:
+        """``n`` completions per prompt, grouped: completions ``i*n .. i*n+n-1`` answer prompt i. ``seeds``: one
+        per prompt (instead of ``generator``), see the module docstring."""
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
         model = _causal_lm(model)
         was_training = model.training
         model.eval()
@@ -125,7 +132,13 @@ class RolloutSampler:
             with torch.no_grad():
                 for start in range(0, len(order), self.prompts_per_batch):
                     chunk = order[start : start + self.prompts_per_batch]
-                    for j, c in enumerate(self._generate_batch(model, [prompt_ids[i] for i in chunk], n, sampling, generator)):
+                    uniforms = None
+                    if seeds is not None and sampling.temperature != 0:
+                        uniforms = torch.cat([torch.rand(n, sampling.max_new_tokens, dtype=torch.float64,
+                                                         generator=torch.Generator().manual_seed(seeds[i]))
+                                              for i in chunk])
+                    batch = self._generate_batch(model, [prompt_ids[i] for i in chunk], n, sampling, generator, uniforms)
+                    for j, c in enumerate(batch):
                         p = chunk[j // n]
                         c.prompt_index = p
                         out[p * n + j % n] = c
@@ -142,7 +155,7 @@ class RolloutSampler:
         return out.logits[:, -1].float(), cache
 
     def _generate_batch(self, model, prompts: list[list[int]], n: int, sampling: Sampling,
-                        generator: torch.Generator | None) -> list[Completion]:
+                        generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> list[Completion]:
         from transformers import DynamicCache
 
         device = next(model.parameters()).device
@@ -174,7 +187,13 @@ class RolloutSampler:
             else:
                 scaled = logits / sampling.temperature
                 filtered = filter_logits(scaled, sampling.top_k, sampling.top_p)
-                chosen = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
+                probs = filtered.softmax(-1)
+                if uniforms is None:
+                    chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                else:
+                    cdf = probs.double().cumsum(-1)
+                    u = uniforms[alive.cpu(), step].to(cdf.device)[:, None] * cdf[:, -1:]
+                    chosen = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
             logp_all = scaled.log_softmax(-1)
             chosen_logp = logp_all.gather(-1, chosen[:, None]).squeeze(-1)
             entropy = -(logp_all.exp() * logp_all.nan_to_num(neginf=0.0)).sum(-1)

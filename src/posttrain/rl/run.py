@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from posttrain.data.prompts import PromptExample, load_prompt_dataset
-from posttrain.engine.setup import build, finish, load_tokenizer_for, make_accelerator, reference_for, say
+from posttrain.engine.setup import (
+    build,
+    finish,
+    load_tokenizer_for,
+    make_accelerator,
+    parallel,
+    reference_for,
+    say,
+)
 from posttrain.methods import can_pack
 from posttrain.models.loading import eos_token_ids, unwrap
 from posttrain.models.reference import drop_reference_adapter
@@ -89,8 +97,7 @@ def fit_rl(cfg: RLConfig, s: RLSetup, objective, what: str):
 
     engine = Engine(cfg, s.model, s.train, lambda rows: rows, s.eval, s.accelerator)
     say(s.accelerator, f"training {engine.total_steps} steps of {engine.global_batch} prompts x {cfg.num_generations} "
-                       f"completions, {what} ({s.accelerator.num_processes} process(es), precision "
-                       f"{s.accelerator.mixed_precision})")
+                       f"completions, {what} ({parallel(cfg, s.accelerator)})")
     return engine, engine.fit(objective)
 
 

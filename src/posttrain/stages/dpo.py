@@ -22,6 +22,7 @@ from posttrain.engine.setup import (
     load_train_eval,
     make_accelerator,
     pack_capacity,
+    parallel,
     reference_for,
     say,
 )
@@ -95,7 +96,7 @@ def train(cfg: DPOConfig) -> TrainResult:
 
     engine = Engine(cfg, model, train_pairs, collate, eval_pairs, accelerator)
     say(accelerator, f"training {engine.total_steps} steps of {engine.global_batch} pairs, loss {cfg.loss}, beta {cfg.beta} "
-                     f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})")
+                     f"({parallel(cfg, accelerator)})")
     fit = engine.fit(DPOObjective(cfg, reference))
     drop_reference_adapter(engine.model)
     out = finish(engine, fit, tokenizer, cfg, accelerator, "adapter" if cfg.method != "full" else "model")

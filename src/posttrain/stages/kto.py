@@ -22,6 +22,7 @@ from posttrain.engine.setup import (
     load_train_eval,
     make_accelerator,
     pack_capacity,
+    parallel,
     reference_for,
     say,
 )
@@ -122,7 +123,7 @@ def train(cfg: KTOConfig) -> TrainResult:
 
     engine = Engine(cfg, model, train_rows, collate, eval_rows, accelerator)
     say(accelerator, f"training {engine.total_steps} steps of {engine.global_batch} completions, beta {cfg.beta} "
-                     f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})")
+                     f"({parallel(cfg, accelerator)})")
     fit = engine.fit(KTOObjective(cfg, reference))
     drop_reference_adapter(engine.model)
     out = finish(engine, fit, tokenizer, cfg, accelerator, "adapter" if cfg.method != "full" else "model")

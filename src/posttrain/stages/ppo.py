@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from posttrain.engine.sharding import full_tensor
 from posttrain.losses import IGNORE_INDEX, gae, ppo_loss, whiten
 from posttrain.models.forward import _causal_lm, target_logps_and_values
 from posttrain.models.loading import unwrap
@@ -141,8 +142,10 @@ def train(cfg: PPOConfig) -> RLResult:
     engine, fit = fit_rl(cfg, s, objective, f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches, "
                                             f"kl_coef {cfg.kl_coef} in the {cfg.kl_in}")
     head = detach_value_head(engine.model)
+    # whole on every process (a collective under FSDP, so before the main process saves alone)
+    head_state = {k: full_tensor(v).detach().cpu().contiguous() for k, v in head.state_dict().items()}
 
     def save_head(out):
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(out / VALUE_HEAD_FILE))
+        save_file(head_state, str(out / VALUE_HEAD_FILE))
 
     return finish_rl(cfg, s, engine, fit, objective, "ppo", extra_save=save_head)

@@ -22,6 +22,7 @@ from posttrain.engine.setup import (
     load_train_eval,
     make_accelerator,
     pack_capacity,
+    parallel,
     say,
 )
 from posttrain.engine.trainer import Engine
@@ -77,7 +78,7 @@ def train(cfg: RMConfig) -> TrainResult:
 
     engine = Engine(cfg, model, train_pairs, collate, eval_pairs, accelerator)
     say(accelerator, f"training {engine.total_steps} steps of {engine.global_batch} pairs "
-                     f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})")
+                     f"({parallel(cfg, accelerator)})")
     fit = engine.fit(RewardObjective(cfg))
     out = finish(engine, fit, tokenizer, cfg, accelerator, "reward model")
     return TrainResult(output_dir=out, fit=fit, model=engine.model)

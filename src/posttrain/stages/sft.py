@@ -23,6 +23,7 @@ from posttrain.engine.setup import (
     load_tokenizer_for,
     load_train_eval,
     make_accelerator,
+    parallel,
     save_final,
     say,
 )
@@ -76,7 +77,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     setup = build(cfg, tokenizer, accelerator)
     engine = Engine(cfg, setup.model, train_rows, collate, eval_rows, accelerator)
     say(accelerator, f"training {engine.total_steps} steps of {engine.global_batch} sequences "
-                     f"({accelerator.num_processes} process(es), precision {accelerator.mixed_precision})")
+                     f"({parallel(cfg, accelerator)})")
     fit = engine.fit(SFTObjective(cfg.loss_chunk_size))
     out = save_final(engine.model, tokenizer, cfg.output_dir, accelerator)
     summary = f"done: {fit.steps} steps, final train loss {fit.final_train_loss:.4f}"
