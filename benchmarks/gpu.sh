@@ -20,6 +20,7 @@
 #   PROFILE  1: also profile one posttrain LoRA run (its timings are then not comparable)
 #   VARLEN_AB  1 (default): also run posttrain LoRA with per-span SDPA instead of the varlen kernel (per-span/)
 #   DEVICE   cuda (default); cpu only to try this script's steps on a machine without a GPU
+#   SHARDING 1 (default): also run benchmarks/sharding.py (DDP vs FSDP2 vs FSDP2 + CPU offload, one process)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -180,6 +181,12 @@ if [ "${GRPO:-1}" = "1" ]; then
     timeout 240 "$PY" benchmarks/grpo_throughput.py --device "$DEVICE" --model "$MODEL" --steps 3 \
         --prompts-per-step 8 --num-generations 8 --max-new-tokens 64 --out "$OUT/grpo.json" || echo "grpo benchmark failed"
     if [ -d "$OUT/grpo-runs" ]; then tar -czf "$OUT/grpo-runs.tar.gz" -C "$OUT" grpo-runs && rm -rf "$OUT/grpo-runs"; fi
+fi
+if [ "${SHARDING:-1}" = "1" ]; then
+    # FSDP2 on one GPU proves the CUDA path of distributed.strategy=fsdp (sharding over one process, CPU offload)
+    elapsed "sharding: posttrain full fine-tune, ddp vs fsdp vs fsdp with CPU offload, 1 process"
+    timeout 300 "$PY" benchmarks/sharding.py --device "$DEVICE" --nproc 1 --strategies ddp,fsdp,fsdp-offload \
+        --model "$MODEL" --steps 10 --batch-size 8 --max-length 512 --out "$OUT/sharding" || echo "sharding benchmark failed"
 fi
 # Few files at the top of $OUT (some runners fetch only a handful): each run's spec/log/result go in one archive.
 if [ -d "$OUT/runs" ]; then

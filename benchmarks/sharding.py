@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ def overrides(args, strategy: str, out: Path) -> list[str]:
     return [f"model={args.model}", f"data.train={DATA}", f"output_dir={out}", f"method={args.method}",
             f"max_steps={args.steps}", f"batch_size={args.batch_size}", f"max_length={args.max_length}",
             f"precision={args.precision}", "tensorboard=false", "save_every=0", "packing=true",
-            f"distributed.strategy={'fsdp' if fsdp else 'ddp'}", f"distributed.offload={str(strategy == 'fsdp-offload').lower()}"]
+            f"distributed.strategy={'fsdp' if fsdp else 'ddp'}", f"distributed.offload={str(strategy == 'fsdp-offload').lower()}",
+            f"distributed.reshard_after_forward={str(strategy != 'fsdp-keep').lower()}"]
 
 
 def worker(args) -> None:
@@ -46,7 +48,9 @@ def worker(args) -> None:
     rank = int(os.environ.get("RANK", 0))
     record = {"rank": rank, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "seconds": time.perf_counter() - t0, "train_seconds": result.fit.seconds,
-              "tokens": result.fit.tokens_seen, "final_loss": result.fit.final_train_loss}
+              "tokens": result.fit.tokens_seen, "final_loss": result.fit.final_train_loss,
+              # what this process holds of the weights after training (a shard under fsdp)
+              "param_bytes": sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in result.model.parameters())}
     if torch.cuda.is_available():
         record["peak_cuda_allocated"] = torch.cuda.max_memory_allocated()
     (out / f"rank{rank}.json").write_text(json.dumps(record))
@@ -69,7 +73,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--strategies", default="ddp,fsdp", help="comma list of ddp, fsdp, fsdp-offload (cuda)")
+    p.add_argument("--strategies", default="ddp,fsdp", help="comma list of ddp, fsdp, fsdp-keep (reshard_after_forward=false), fsdp-offload (cuda)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--method", default="full")
     p.add_argument("--steps", type=int, default=4)
@@ -92,7 +96,7 @@ def main() -> int:
         run_dir = out / strategy
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-               str(29900 + i), __file__, "--worker", str(run_dir), "--strategy", strategy]
+               str(29900 + i), os.environ.get("SHARDING_WORKER", __file__), "--worker", str(run_dir), "--strategy", strategy]
         for key in ("device", "model", "method", "steps", "batch_size", "max_length", "precision"):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
@@ -104,11 +108,12 @@ def main() -> int:
             rows.append({"strategy": strategy, "failed": True})
             continue
         ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(args.nproc)]
+        shutil.rmtree(run_dir / "run", ignore_errors=True)  # the trained model and checkpoints: not results
         row = {"strategy": strategy, "processes": args.nproc,
                "peak_rss": max(r["peak_rss"] for r in ranks),
                "predicted": predicted(args, strategy, args.nproc),
                "tokens_per_s": ranks[0]["tokens"] / max(ranks[0]["train_seconds"], 1e-9),
-               "final_loss": ranks[0]["final_loss"]}
+               "final_loss": ranks[0]["final_loss"], "param_bytes": max(r["param_bytes"] for r in ranks)}
         if "peak_cuda_allocated" in ranks[0]:
             row["peak_cuda_allocated"] = max(r["peak_cuda_allocated"] for r in ranks)
         rows.append(row)

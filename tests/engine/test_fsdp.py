@@ -35,9 +35,10 @@ def _port() -> int:
     return _PORT[0]
 
 
-def launch(nproc: int, stage: str, *args: str, nnodes: int = 1, script: Path | None = None) -> subprocess.CompletedProcess:
+def launch(nproc: int, stage: str, *args: str, nnodes: int = 1, script: Path | None = None,
+           env: dict | None = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node nproc -m posttrain stage args`` (or ``nnodes`` loopback nodes of nproc each)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     target = [str(script)] if script else ["-m", "posttrain"]
     if nnodes == 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
@@ -171,7 +172,7 @@ def test_sharded_resume_is_exact_reshards_to_one_process_and_unpickles_nothing(t
     for f in step3.rglob("*"):  # safetensors, JSON and the COMPLETE marker: no pickle (protocol 2+: 0x80) or zip
         if f.is_file():
             assert f.read_bytes()[:2] not in (b"PK",) and f.read_bytes()[:1] != b"\x80", f
-    assert sorted(p.name for p in (step3 / "dcp").iterdir()) == [
+    assert sorted(p.name for p in (step3 / "dcp").iterdir()) == [  # one file per process: a tiny model's state fits
         "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
     # 2 -> 2 processes, dropout on (RNG restored per process), nothing unpickled: steps 4-6 identical
     (tmp_path / "nopickle.py").write_text(NO_PICKLE)
@@ -182,8 +183,11 @@ def test_sharded_resume_is_exact_reshards_to_one_process_and_unpickles_nothing(t
     assert_same_weights(tmp_path / "full", tmp_path / "again", atol=0)
     # 2 -> 1 process (dropout off: one process draws the masks of two): the same step-4 loss, both sharded over a
     # 1-process mesh and plain
-    launch(2, "sft", *sft_args(tiny_model_dir, tmp_path / "nodrop", *common, "batch_size=2", "distributed.strategy=fsdp"))
+    # (this run's checkpoint files hold at most 20 kB of tensors each, so loading reads many files per process)
+    launch(2, "sft", *sft_args(tiny_model_dir, tmp_path / "nodrop", *common, "batch_size=2", "distributed.strategy=fsdp"),
+           env={"POSTTRAIN_DCP_FILE_BYTES": "20000"})
     nodrop3 = tmp_path / "nodrop" / "checkpoints" / step3.name
+    assert len(list((nodrop3 / "dcp").iterdir())) > 4
     for name in ("one_fsdp", "one_plain"):
         shutil.copytree(nodrop3, tmp_path / name / "checkpoints" / step3.name)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -242,3 +246,26 @@ def test_ppo_runs_sharded_and_saves_its_whole_value_head(tiny_model_dir, tmp_pat
     head = load_file(tmp_path / "ppo" / "value_head.safetensors")
     assert head["weight"].shape == (1, 64) and head["bias"].shape == (1,)
     assert (tmp_path / "ppo" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_holds_half_the_weights_and_peaks_below_ddp_on_the_embedded_model(tmp_path):
+    """Full fine-tune of SmolLM2-135M on 2 processes, DDP vs FSDP (benchmarks/sharding.py, fp32, 1 row x 128 tokens).
+
+    Bounds: each FSDP process holds half the weights DDP's holds (the planner's sharded terms, within the padding of
+    uneven shards: 1%); its peak RSS is below DDP's. Measured on 2 cores (docs/benchmarks.md): 3.14 vs 3.35 GB.
+    The planner predicts 1.91 vs 3.21 GB: the live tensors are halved as predicted (770 vs 1540 MB after a step,
+    weights + optimizer state), but the CPU allocator's high-water of each step's transients (gathered layers,
+    unsharded gradients before their reduce-scatter) stays resident, which the planner does not model; so the bound
+    is the ordering, not the predicted gap."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT_DIR / "benchmarks" / "sharding.py"), "--strategies", "ddp,fsdp",
+                           "--steps", "2", "--batch-size", "1", "--max-length", "128", "--precision", "fp32",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["strategy"]: r for r in json.loads((out / "sharding.json").read_text())["rows"]}
+    ddp, fsdp = rows["ddp"], rows["fsdp"]
+    assert fsdp["param_bytes"] == pytest.approx(ddp["param_bytes"] / 2, rel=0.01)
+    assert fsdp["peak_rss"] < ddp["peak_rss"], (fsdp["peak_rss"], ddp["peak_rss"])
+    assert fsdp["final_loss"] == pytest.approx(ddp["final_loss"], rel=1e-4)
+    assert fsdp["predicted"] < ddp["predicted"]

@@ -144,7 +144,7 @@ def test_qlora_fits_65b_on_one_48gb_gpu():
     assert estimate(shape, "full", **kw).total > 80 * GiB
     table, _ = report.fit_table(PlanConfig(batch_size=1, seq_len=512))
     row = next(line.split() for line in table.splitlines() if line.split()[:2] == ["65b", "qlora"])
-    assert row[-2] in ("yes", "gc")  # the 48 GB column
+    assert row[7] in ("yes", "gc")  # the 48 GB column (model, method, two sizes, 24 GB, 48 GB, ...)
 
 
 def test_full_finetuning_7b_needs_16_bytes_per_param_plus_activations():
@@ -429,3 +429,41 @@ def test_family_activations_match_what_autograd_saves(family, method, precision,
                                       gradient_checkpointing=False, packing=True, lora_r=16, lora_targets="all-linear",
                                       num_virtual_tokens=20, lora_experts=experts)
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
+
+
+def test_per_process_plan_by_hand():
+    """ddp adds the gradient buckets; fsdp divides the sharded state by N and adds the gathered root + 2 layers."""
+    s = KNOWN_SHAPES["7b"]
+    one = estimate(s, "full", seq_len=512, batch_size=1, precision="bf16", device="cuda")
+    ddp = memory.per_process(one, s, processes=8, strategy="ddp", precision="bf16")
+    assert ddp.communication == one.gradients and ddp.total == one.total + one.gradients
+    assert memory.per_process(one, s, processes=1, strategy="ddp").total == one.total  # one process: no buckets
+    f = memory.per_process(one, s, processes=8, strategy="fsdp", precision="bf16")
+    assert (f.weights, f.gradients, f.optimizer_state) == (one.weights // 8, one.gradients // 8, one.optimizer_state // 8)
+    embed = s.vocab_size * s.hidden_size * 2  # untied: embedding + head
+    layer = (s.num_params - embed - s.hidden_size) // s.num_layers
+    assert f.communication == (embed + s.hidden_size + 2 * layer) * 4  # fp32 master weights gathered
+    assert f.unsharded_grads == embed * 4
+    assert f.activations == one.activations  # activations are per process and not sharded
+    off = memory.per_process(one, s, processes=8, strategy="fsdp", offload=True, precision="bf16")
+    assert off.weights == off.gradients == off.optimizer_state == 0 and off.total < f.total
+    lora = estimate(s, "lora", precision="bf16", device="cuda")
+    lf = memory.per_process(lora, s, processes=8, strategy="fsdp", precision="bf16")
+    assert lf.communication == (embed + s.hidden_size + 2 * layer) * 2 and lf.unsharded_grads == 0  # bf16 frozen base
+    with pytest.raises(ConfigError, match="qlora"):
+        memory.per_process(estimate(s, "qlora"), s, processes=2, strategy="fsdp")
+    with pytest.raises(ConfigError, match="offload"):
+        memory.per_process(one, s, processes=2, strategy="ddp", offload=True)
+
+
+def test_plan_per_device_and_the_eight_device_column(capsys):
+    run_plan(PlanConfig(model="7b", method="all", processes=8, strategy="fsdp", device_memory_gb=80))
+    out = capsys.readouterr().out
+    assert "per process of 8, strategy fsdp" in out
+    methods = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in ("full", "lora", "qlora", "prompt", "prefix")]
+    assert methods[:2] == ["full", "lora"] and "qlora" not in methods[:2]  # only what posttrain shards
+    run_plan(PlanConfig(table=True))
+    table = capsys.readouterr().out
+    assert "8x80 GB" in table
+    row = next(line for line in table.splitlines() if line.split()[:2] == ["7b", "full"])
+    assert row.split()[-4:-2] == ["yes", "fsdp"]  # 7B full FT fits 8 x 80 GB with FSDP, not one 80 GB GPU

@@ -90,15 +90,30 @@ def save_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, accele
 
     out = Path(output_dir)
     accelerator.wait_for_everyone()
-    # A sharded model is gathered into one CPU state dict on the main process (every process takes part).
-    state = sharding.full_state_dict(model) if sharding.is_sharded(model) else None
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if sharding.is_sharded(model):  # every process takes part in gathering; the main process writes
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        if is_peft(model):  # only the adapter is gathered, not the frozen base
+            state = sharding.trainable_state_dict(model, main)
+            if main:
+                model.save_pretrained(out, state_dict=state)
+        else:  # the whole model, one tensor at a time (see sharding.save_streaming)
+            sharding.save_streaming(model, out / "model.safetensors", main)
+            if main:
+                model.config.use_cache = True
+                model.config.save_pretrained(out)
+                if getattr(model, "generation_config", None) is not None and model.can_generate():
+                    model.generation_config.save_pretrained(out)
+        if main:
+            tokenizer.save_pretrained(out)
+    elif main:
         model = accelerator.unwrap_model(model)
         model.config.use_cache = True
         if is_peft(model):
-            model.save_pretrained(out, state_dict=state)  # adapter_config.json + adapter_model.safetensors
+            model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
         else:
-            model.save_pretrained(out, safe_serialization=True, state_dict=state)
+            model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
     accelerator.wait_for_everyone()
     return out
