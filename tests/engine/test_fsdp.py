@@ -137,6 +137,16 @@ def test_dpo_on_two_sharded_processes_matches_one(tiny_model_dir, tmp_path, meth
     assert metrics(one.output_dir, "eval/loss")[2] == pytest.approx(metrics(tmp_path / "two", "eval/loss")[2], rel=1e-5)
 
 
+def test_reward_model_on_two_sharded_processes_matches_one(tiny_model_dir, tmp_path):
+    """The score head (a PEFT modules_to_save copy) lives in the root unit; the saved adapter scores as 1 process's."""
+    common = [f"model={tiny_model_dir}", f"data.train={PREFS}", "tensorboard=false", "warmup_ratio=0", "precision=fp32",
+              "max_length=128", "max_steps=2", "lr=2e-3"]
+    one = run_here("rm", *common, f"output_dir={tmp_path / 'one'}", "batch_size=4")
+    launch(2, "rm", *common, f"output_dir={tmp_path / 'two'}", "batch_size=2", "distributed.strategy=fsdp")
+    assert_same_steps(one.output_dir, tmp_path / "two", (1, 2), keys=("train/loss", "train/grad_norm"))
+    assert_same_weights(one.output_dir, tmp_path / "two")
+
+
 def test_grpo_on_two_sharded_processes_matches_one(tiny_model_dir, tmp_path):
     """Rollouts are seeded per prompt, so 2 processes sample exactly the completions 1 process samples; the
     policy is gathered for generation, each process stopping when its own completions end."""
