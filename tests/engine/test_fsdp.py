@@ -92,8 +92,9 @@ def sft_args(model_dir, out, *extra):
     return [f"model={model_dir}", f"data.train={CHAT}", f"output_dir={out}", *COMMON, *extra]
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_sft_on_two_sharded_processes_matches_one(tiny_model_dir, tmp_path, method):
+    """qlora: the 4-bit linears stay whole on every process (FSDP2 ignored_params), the rest is sharded."""
     one = run_here("sft", *sft_args(tiny_model_dir, tmp_path / "one", f"method={method}", "max_steps=2", "batch_size=8"))
     proc = launch(2, "sft", *sft_args(tiny_model_dir, tmp_path / "two", f"method={method}", "max_steps=2", "batch_size=4",
                                       "distributed.strategy=fsdp"))
@@ -218,7 +219,7 @@ def test_two_loopback_nodes_give_the_two_process_result(tiny_model_dir, tmp_path
 
 
 @pytest.mark.parametrize("overrides, env, expected", [
-    (["method=qlora", "distributed.strategy=fsdp"], {}, "method=qlora: bitsandbytes' 4-bit"),
+    (["method=prefix", "distributed.strategy=fsdp"], {}, "method=prefix: the virtual-token methods"),
     (["distributed.strategy=fsdp", "distributed.offload=true"], {}, "this machine has no GPU"),
     (["distributed.strategy=ddp"], {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "drop one of the two"),
     ([], {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version: 2"),

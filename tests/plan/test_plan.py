@@ -450,8 +450,12 @@ def test_per_process_plan_by_hand():
     lora = estimate(s, "lora", precision="bf16", device="cuda")
     lf = memory.per_process(lora, s, processes=8, strategy="fsdp", precision="bf16")
     assert lf.communication == (embed + s.hidden_size + 2 * layer) * 2 and lf.unsharded_grads == 0  # bf16 frozen base
-    with pytest.raises(ConfigError, match="qlora"):
-        memory.per_process(estimate(s, "qlora"), s, processes=2, strategy="fsdp")
+    q = estimate(s, "qlora", precision="bf16", device="cuda")
+    qf = memory.per_process(q, s, processes=8, strategy="fsdp", precision="bf16")
+    nf4 = int(s.linear_params * memory.NF4_BYTES_PER_PARAM)  # the 4-bit linears stay whole on every process
+    assert qf.weights == nf4 + (q.weights - nf4) // 8
+    with pytest.raises(ConfigError, match="prompt"):
+        memory.per_process(estimate(s, "prompt"), s, processes=2, strategy="fsdp")
     with pytest.raises(ConfigError, match="offload"):
         memory.per_process(one, s, processes=2, strategy="ddp", offload=True)
 
@@ -460,8 +464,10 @@ def test_plan_per_device_and_the_eight_device_column(capsys):
     run_plan(PlanConfig(model="7b", method="all", processes=8, strategy="fsdp", device_memory_gb=80))
     out = capsys.readouterr().out
     assert "per process of 8, strategy fsdp" in out
-    methods = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in ("full", "lora", "qlora", "prompt", "prefix")]
-    assert methods[:2] == ["full", "lora"] and "qlora" not in methods[:2]  # only what posttrain shards
+    table_part = out.split("trade-offs:")[0]
+    methods = [line.split()[0] for line in table_part.splitlines()
+               if line.split() and line.split()[0] in ("full", "lora", "qlora", "prompt", "prefix")]
+    assert methods == ["full", "lora", "qlora"]  # only what posttrain shards
     run_plan(PlanConfig(table=True))
     table = capsys.readouterr().out
     assert "8x80 GB" in table

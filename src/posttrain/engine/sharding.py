@@ -12,7 +12,8 @@ its environment (``ACCELERATE_USE_FSDP``) and its knobs map onto this section's 
 What is sharded (FSDP2 shards every parameter on dim 0 across the processes): each decoder layer is one FSDP unit
 (its parameters all-gathered just before its forward and, with ``reshard_after_forward``, freed after it and
 gathered again for backward); the root unit holds the rest (embeddings, final norm, the output head, a PPO value
-head). Gradients are reduce-scattered (averaged over processes, as DDP's all-reduce is), so each process keeps
+head). QLoRA's 4-bit linears (bitsandbytes Params4bit) are left out of sharding (``ignored_params``: their
+quantisation state lives outside the tensor) and stay whole on every process. Gradients are reduce-scattered (averaged over processes, as DDP's all-reduce is), so each process keeps
 1/N of the gradients and, the optimizer being built on the sharded parameters, 1/N of AdamW's state. The engine's
 normalisation (``loss * world / global_units``) is therefore unchanged. Frozen parameters (a LoRA base) are
 sharded too: their memory is divided by N, and they get no gradients.
@@ -85,11 +86,6 @@ def resolve(cfg: TrainConfig) -> str:
 
 def check(cfg: TrainConfig) -> None:
     """What FSDP2 cannot do in posttrain, stopped before any compute."""
-    if cfg.method == "qlora":
-        raise ConfigError(
-            "distributed.strategy=fsdp with method=qlora: bitsandbytes' 4-bit weights (Params4bit) carry their "
-            "quantisation state outside the tensor, which FSDP2's sharding drops; use method=lora with fsdp, or "
-            "qlora with ddp (each process holds the 4-bit base, ~0.5 bytes a parameter)")
     if cfg.method in ("prompt", "prefix"):
         raise ConfigError(f"distributed.strategy=fsdp with method={cfg.method}: the virtual-token methods train "
                           "a few thousand parameters; use ddp")
@@ -145,6 +141,9 @@ def shard(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *, fro
     elif device.type == "cuda":
         model.to(device)
     reshard = True if frozen else d.reshard_after_forward
+    # QLoRA: bitsandbytes' 4-bit weights keep their quantisation state outside the tensor, which sharding would
+    # drop; they stay whole on every process (0.5 B/param) and everything else is sharded.
+    kw["ignored_params"] = {p for p in model.parameters() if type(p).__name__ == "Params4bit"} or None
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=reshard, **kw)
     fully_shard(model, **kw)

@@ -56,7 +56,8 @@ in). ``strategy=fsdp`` (FSDP2, engine/sharding.py): weights, adapter, gradients 
 N; added are the gathered units: the root unit (embeddings, final norm, an untied head), kept whole from the
 forward to the end of backward, and two decoder layers (the one computing and the one FSDP2 prefetches), each
 gathered in its stored dtype; and, at the end of backward, the root's whole gradient before its reduce-scatter
-(full fine-tuning: the embedding's). With ``offload`` (GPUs), the sharded parameters, gradients and optimizer
+(full fine-tuning: the embedding's). QLoRA's NF4 linears are not sharded (their quantisation state lives outside
+the tensor): they stay whole on every process, the rest is sharded. With ``offload`` (GPUs), the sharded parameters, gradients and optimizer
 state live in CPU memory and leave the device's count.
 docs/plan.md gives the derivation, the sources and the calibration against measured peaks.
 """
@@ -430,7 +431,7 @@ def estimate(shape: ModelShape, method: str, *, seq_len: int = 512, batch_size: 
 
 
 STRATEGIES = ("ddp", "fsdp")
-SHARDABLE = ("full", "lora")  # the methods posttrain shards with FSDP2 (engine/sharding.check)
+SHARDABLE = ("full", "lora", "qlora")  # the methods posttrain shards with FSDP2 (engine/sharding.check)
 
 
 def per_process(est: MemoryEstimate, shape: ModelShape, *, processes: int, strategy: str = "ddp",
@@ -458,7 +459,12 @@ def per_process(est: MemoryEstimate, shape: ModelShape, *, processes: int, strat
     gathered = (root + 2 * layer) * stored
     root_grad = embeddings * 4 if est.method == "full" else 0
     shard = 0 if offload else 1  # offloaded: the sharded state is in CPU memory, not on the device
+    weights = est.weights * shard // n
+    if est.method == "qlora":  # the NF4 linears stay whole on every process; the rest is sharded
+        nf4 = int(shape.linear_params * NF4_BYTES_PER_PARAM)
+        weights = nf4 + (est.weights - nf4) * shard // n
+        gathered = (root + 2 * (layer - shape.linear_params // max(shape.num_layers, 1))) * stored
     return dataclasses.replace(
-        est, processes=n, strategy=strategy, weights=est.weights * shard // n, adapter=est.adapter * shard // n,
+        est, processes=n, strategy=strategy, weights=weights, adapter=est.adapter * shard // n,
         gradients=est.gradients * shard // n, optimizer_state=est.optimizer_state * shard // n,
         communication=gathered, unsharded_grads=root_grad)  # the tied embedding's gradient sum stays whole

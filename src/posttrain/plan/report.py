@@ -96,14 +96,15 @@ def recommend(estimates: list[MemoryEstimate], budget: int) -> str:
 
 TABLE_MODELS = ("1b", "7b", "13b", "65b", "70b")
 TABLE_GPUS_GB = (24, 48, 80)
-TABLE_DEVICES = 8  # the last column: that many 80 GB GPUs with FSDP (full, lora) or ddp (the others)
+TABLE_DEVICES = 8  # the last column: that many 80 GB GPUs with FSDP (full, lora, qlora) or ddp (prompt, prefix)
 
 
 def fit_table(cfg: PlanConfig) -> tuple[str, list[MemoryEstimate]]:
     """Which method fits which GPU, for Llama sizes, on CUDA in bf16 at cfg's batch and length.
 
     A cell reads 'yes' (fits), 'gc' (fits only with gradient checkpointing) or '-'. The last column is per process
-    on 8 x 80 GB: full and lora sharded with FSDP2, the other methods data parallel (each GPU holds the model).
+    on 8 x 80 GB: full, lora and qlora sharded with FSDP2 (qlora's 4-bit linears whole on every GPU), prompt and
+    prefix data parallel (each GPU holds the model).
     """
     base = {**cfg.settings(), "device": "cuda", "precision": "bf16"}
     rows, estimates = [], []
