@@ -76,6 +76,18 @@ def quiet_known_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a closed output pipe (``posttrain plan table=true | head``) ends it quietly, status 141 as a
+    process killed by SIGPIPE, instead of a traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Python's documented pattern: point stdout at devnull so the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_known_warnings()
     argv = sys.argv[1:] if argv is None else argv

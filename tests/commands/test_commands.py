@@ -100,3 +100,16 @@ def test_missing_file_and_wrong_adapter_are_user_errors(tiny_model_dir, tmp_path
     assert "nope.jsonl: file not found" in capsys.readouterr().err
     assert main(["generate", f"model={tiny_model_dir}", f"adapter={tmp_path}", "prompt=[hi]"]) == 2
     assert "not a PEFT adapter directory" in capsys.readouterr().err
+
+
+def test_a_closed_output_pipe_ends_a_command_without_a_traceback():
+    """`posttrain plan table=true | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "plan", "table=true"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.close()  # the reader is gone before the table is written (head -1 that already has its line)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 141), err
+    assert "Traceback" not in err and "BrokenPipe" not in err
