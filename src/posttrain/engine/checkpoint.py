@@ -120,7 +120,7 @@ def save_checkpoint(
     }
 
     if sharded:
-        tmp_dir = _staging_dir(final_dir)
+        tmp_dir = staging_dir(output_dir, step)
         if not tmp_dir.is_dir():
             raise PosttrainError(f"sharded checkpoint of step {step}: {tmp_dir} was not prepared "
                                  "(begin_checkpoint first, then every process saves its shards there)")
@@ -154,16 +154,11 @@ def save_checkpoint(
     return final_dir
 
 
-def _staging_dir(final_dir: Path) -> Path:
-    return final_dir.with_name(_TMP_PREFIX + final_dir.name)
-
-
 def begin_checkpoint(output_dir: Path, step: int) -> Path:
     """Main process: a fresh hidden staging directory for step ``step`` (where every process then writes its
     shards, before :func:`save_checkpoint` with ``sharded=True`` completes and renames it)."""
-    final_dir = checkpoint_dir(output_dir, step)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = _staging_dir(final_dir)
+    tmp_dir = staging_dir(output_dir, step)
+    tmp_dir.parent.mkdir(parents=True, exist_ok=True)
     if tmp_dir.exists():  # left behind by a crashed save of the same step
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir()
@@ -171,8 +166,9 @@ def begin_checkpoint(output_dir: Path, step: int) -> Path:
 
 
 def staging_dir(output_dir: Path, step: int) -> Path:
-    """Where :func:`begin_checkpoint` stages step ``step``."""
-    return _staging_dir(checkpoint_dir(output_dir, step))
+    """Where :func:`begin_checkpoint` stages step ``step``: a hidden sibling of its final directory."""
+    final_dir = checkpoint_dir(output_dir, step)
+    return final_dir.with_name(_TMP_PREFIX + final_dir.name)
 
 
 def save_rng_state(ckpt_dir: Path, rank: int) -> Path:

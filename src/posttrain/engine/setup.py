@@ -91,27 +91,24 @@ def save_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, accele
     out = Path(output_dir)
     accelerator.wait_for_everyone()
     main = accelerator.is_main_process
-    if sharding.is_sharded(model):  # every process takes part in gathering; the main process writes
+    sharded = sharding.is_sharded(model)
+    state = None
+    if sharded:  # every process takes part in gathering; the main process writes
         if main:
             out.mkdir(parents=True, exist_ok=True)
         if is_peft(model):  # only the adapter is gathered, not the frozen base
             state = sharding.trainable_state_dict(model, main)
-            if main:
-                model.save_pretrained(out, state_dict=state)
         else:  # the whole model, one tensor at a time (see sharding.save_streaming)
             sharding.save_streaming(model, out / "model.safetensors", main)
-            if main:
-                model.config.use_cache = True
-                model.config.save_pretrained(out)
-                if getattr(model, "generation_config", None) is not None and model.can_generate():
-                    model.generation_config.save_pretrained(out)
-        if main:
-            tokenizer.save_pretrained(out)
-    elif main:
+    if main:
         model = accelerator.unwrap_model(model)
         model.config.use_cache = True
         if is_peft(model):
-            model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+            model.save_pretrained(out, state_dict=state)  # adapter_config.json + adapter_model.safetensors
+        elif sharded:  # the weights are written: the rest of save_pretrained's directory
+            model.config.save_pretrained(out)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(out)
         else:
             model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
@@ -159,7 +156,7 @@ def reference_for(cfg: TrainConfig, model: torch.nn.Module, accelerator, needed:
 
     reference = make_reference(model, cfg, needed=needed, device=accelerator.device)
     if reference.kind == "frozen_copy" and cfg.distributed.strategy == "fsdp":
-        sharding.shard(reference.frozen, cfg, accelerator.device, frozen=True)  # a full-FT reference, sharded too
+        sharding.shard(reference.frozen, cfg, frozen=True)  # a full-FT reference, sharded too
     say(accelerator, f"reference: {reference.describe()}")
     if reference.kind == "precomputed" and not getattr(model, "is_loaded_in_4bit", False):
         model.to(accelerator.device)

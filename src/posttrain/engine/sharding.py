@@ -126,7 +126,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *, frozen: bool = False) -> torch.nn.Module:
+def shard(model: torch.nn.Module, cfg: TrainConfig, *, frozen: bool = False) -> torch.nn.Module:
     """Apply FSDP2 in place: every decoder layer, then the root. ``frozen``: a forward-only copy (a full-FT
     reference), resharded after every forward and never offloaded."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -138,8 +138,6 @@ def shard(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *, fro
                                                reduce_dtype=getattr(torch, d.reduce_dtype))
     if d.offload and not frozen:
         kw["offload_policy"] = CPUOffloadPolicy()
-    elif device.type == "cuda":
-        model.to(device)
     reshard = True if frozen else d.reshard_after_forward
     # QLoRA: bitsandbytes' 4-bit weights keep their quantisation state outside the tensor, which sharding would
     # drop; they stay whole on every process (0.5 B/param) and everything else is sharded.

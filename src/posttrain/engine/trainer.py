@@ -416,7 +416,7 @@ class Engine:
         plugged = self._objective = check_objective(objective)
         updates_per_step = plugged.updates_per_step
         if self.sharded:  # before the optimizer exists: it must hold the sharded parameters
-            sharding.shard(self.model, cfg, acc.device)
+            sharding.shard(self.model, cfg)
         raw_optimizer = build_optimizer(self.model, cfg)
         scheduler = build_scheduler(raw_optimizer, cfg, self.total_steps * updates_per_step)
         stream = DataStream(len(self.train_examples), cfg.seed)
