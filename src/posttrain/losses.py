@@ -272,6 +272,32 @@ def clipped_surrogate(
     return -torch.minimum(unclipped, clipped), (clipped < unclipped)
 
 
+def rollout_is_weights(old_logps: torch.Tensor, behaviour_logps: torch.Tensor, *, mode: str, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights for the gap between the engine that sampled a rollout and the trainer (per token):
+
+        rho_t = pi_old(y_t) / q(y_t) = exp(log pi_old(y_t) - log q(y_t))
+        truncate:  w_t = min(rho_t, C)                 (truncated IS, "TIS": Yao, Liu et al. 2025, "Your efficient
+                                                         RL framework secretly brings you off-policy RL training")
+        mask:      w_t = rho_t if rho_t <= C else 0     (masked IS: a token the trainer finds far likelier than the
+                                                         sampler did is dropped; IcePop / ms-swift's token_mask)
+        none:      w_t = 1
+
+    pi_old is the trainer's policy at sampling time (the same weights the engine had), q the distribution the
+    engine actually sampled from: for vLLM its ``processed_logprobs`` (after temperature and top-k/top-p,
+    renormalised over the kept tokens), so a top-k/top-p truncation is corrected too (there rho_t <= 1 up to
+    numerics: the truncated distribution gave the kept tokens more mass than the policy does). Tokens the
+    truncation removed are never sampled, a bias no weight can correct. Multiplies the policy-gradient surrogate
+    (TRL and verl apply it the same way; the KL term is not weighted). Returns (weights, the tokens that were
+    truncated or masked), both detached."""
+    if mode not in ("none", "truncate", "mask"):
+        raise ValueError(f"mode: none, truncate or mask, got {mode!r}")
+    rho = torch.exp(old_logps.detach() - behaviour_logps.detach())
+    if mode == "none":
+        return torch.ones_like(rho), torch.zeros_like(rho, dtype=torch.bool)
+    over = rho > cap
+    return (rho.clamp(max=cap) if mode == "truncate" else rho.masked_fill(over, 0.0)), over
+
+
 def _per_sequence_norm(token_values: torch.Tensor, seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:
     """sum_i (1/|o_i|) sum_{t in o_i} v_t: each sequence's token mean, summed over sequences."""
     lengths = torch.bincount(seq_index, minlength=num_seqs).clamp(min=1).to(token_values.dtype)
@@ -290,6 +316,9 @@ def grpo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     norm: str = "token",
+    behaviour_logps: torch.Tensor | None = None,
+    correction: str = "none",
+    correction_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO objective (Shao et al. 2024, eq. 3) as a summed loss over a batch of completions.
 
@@ -306,18 +335,29 @@ def grpo_loss(
             sampled them (detached; equal to ``logps.detach()`` on the first update of a rollout).
         advantages: (S,) per completion. seq_index: (N,) in [0, S).
         ref_logps: (N,) reference log-probs, needed when beta > 0.
-    Metrics (sums over the unit): ``kl`` (k3), ``clip_fraction``, ``ratio``.
+        behaviour_logps: (N,) log-probs of the distribution the rollout engine sampled from; with ``correction``
+            (and ``correction_cap``) the surrogate is weighted by :func:`rollout_is_weights`.
+    Metrics (sums over the unit): ``kl`` (k3), ``clip_fraction``, ``ratio``; with behaviour_logps also
+    ``rollout/logp_gap`` (|log pi_old - log q|), ``rollout/is_weight`` and ``rollout/is_capped`` (the share of
+    tokens truncated or masked).
     """
     adv = advantages[seq_index].to(logps.dtype)
     losses, was_clipped = clipped_surrogate(logps, old_logps, adv, clip_low=clip_low, clip_high=clip_high)
+    reduce = (lambda v: v.sum()) if norm == "token" else (lambda v: _per_sequence_norm(v, seq_index, num_seqs))
+    extra = {}
+    if behaviour_logps is not None:
+        weights, capped = rollout_is_weights(old_logps, behaviour_logps, mode=correction, cap=correction_cap)
+        losses = losses * weights.to(losses.dtype)
+        extra = {"rollout/logp_gap": reduce((old_logps.detach() - behaviour_logps).abs().to(logps.dtype)),
+                 "rollout/is_weight": reduce(weights.to(logps.dtype)), "rollout/is_capped": reduce(capped.to(logps.dtype))}
     kl = k3_kl(logps, ref_logps) if ref_logps is not None else torch.zeros_like(logps)
     if beta:
         losses = losses + beta * kl
-    reduce = (lambda v: v.sum()) if norm == "token" else (lambda v: _per_sequence_norm(v, seq_index, num_seqs))
     return reduce(losses), {
         "kl": reduce(kl.detach()),
         "clip_fraction": reduce(was_clipped.to(logps.dtype)),
         "ratio": reduce(torch.exp(logps - old_logps).detach()),
+        **extra,
     }
 
 
@@ -377,6 +417,9 @@ def ppo_loss(
     value_coef: float = 0.1,
     ref_logps: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    behaviour_logps: torch.Tensor | None = None,
+    correction: str = "none",
+    correction_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO with a value head (Schulman et al. 2017; Ouyang et al. 2022), summed over completion tokens:
 
@@ -384,10 +427,18 @@ def ppo_loss(
 
     A_t from :func:`gae` (already whitened by the caller if wanted), l^V from :func:`value_loss`. The KL is either
     in the reward (the caller subtracted kl_coef (log pi_old - log pi_ref) per token before GAE; pass
-    kl_coef=0 here) or a loss term (k3, as GRPO). All inputs (N,) per completion token.
-    Metrics (sums): ``policy_loss``, ``value_loss``, ``clip_fraction``, ``value_clip_fraction``, ``kl``.
+    kl_coef=0 here) or a loss term (k3, as GRPO). All inputs (N,) per completion token. ``behaviour_logps`` and
+    ``correction``: the policy term is weighted by :func:`rollout_is_weights`, as in :func:`grpo_loss`.
+    Metrics (sums): ``policy_loss``, ``value_loss``, ``clip_fraction``, ``value_clip_fraction``, ``kl`` (and the
+    ``rollout/*`` metrics of :func:`grpo_loss` with behaviour_logps).
     """
     policy, was_clipped = clipped_surrogate(logps, old_logps, advantages, clip_low=clip_range, clip_high=clip_range)
+    extra = {}
+    if behaviour_logps is not None:
+        weights, capped = rollout_is_weights(old_logps, behaviour_logps, mode=correction, cap=correction_cap)
+        policy = policy * weights.to(policy.dtype)
+        extra = {"rollout/logp_gap": (old_logps.detach() - behaviour_logps).abs().to(logps.dtype).sum(),
+                 "rollout/is_weight": weights.to(logps.dtype).sum(), "rollout/is_capped": capped.to(logps.dtype).sum()}
     vloss, v_clipped = value_loss(values, old_values, returns, clip_range=value_clip_range)
     losses = policy + value_coef * vloss
     kl = k3_kl(logps, ref_logps) if ref_logps is not None else torch.zeros_like(logps)
@@ -399,4 +450,5 @@ def ppo_loss(
         "clip_fraction": was_clipped.to(logps.dtype).sum(),
         "value_clip_fraction": v_clipped.to(logps.dtype).sum(),
         "kl": kl.detach().sum(),
+        **extra,
     }

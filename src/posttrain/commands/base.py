@@ -8,6 +8,7 @@ from typing import Literal
 
 from posttrain.config import opt, section
 from posttrain.errors import ConfigError
+from posttrain.vllm_backend import VLLMSection
 
 
 @dataclass
@@ -140,6 +141,19 @@ class GuardsSection:
 
 
 @dataclass
+class RolloutSection:
+    engine: Literal["builtin", "vllm"] = opt("builtin", "What generates the rollouts: builtin = posttrain's own KV-cache decoding loop on the training model; vllm = a vLLM engine given the trainer's weights after every optimizer step (LoRA as a new adapter, full fine-tuning by pushing the weights; see rollout.vllm). Needs vLLM installed (`make vllm`).")
+    correction: Literal["auto", "none", "truncate", "mask"] = opt("auto", "Importance-sampling correction for the gap between the distribution the engine sampled from and the trainer's: truncate = weight each token's surrogate by min(pi_trainer/q_engine, correction_cap) (TIS); mask = drop tokens whose ratio exceeds the cap; none. auto = truncate with vllm, none with builtin (which samples from the training model itself).")
+    correction_cap: float = opt(2.0, "The cap C of the importance-sampling correction (ratios above it are truncated to C, or masked).")
+    vllm: VLLMSection = section(VLLMSection, "vLLM engine settings (rollout.engine=vllm).")
+
+    def resolved_correction(self) -> str:
+        if self.correction != "auto":
+            return self.correction
+        return "truncate" if self.engine == "vllm" else "none"
+
+
+@dataclass
 class RLConfig(TrainConfig):
     """Shared by the RL stages: prompts in, rollouts, rewards, guards."""
 
@@ -150,6 +164,7 @@ class RLConfig(TrainConfig):
     max_prompt_length: int = opt(512, "Longer prompts are dropped (and counted).")
     num_generations: int = opt(8, "Completions sampled per prompt (a GRPO group).")
     rollout_batch_size: int = opt(16, "Prompts generated together by the rollout engine (each with its num_generations samples).")
+    rollout: RolloutSection = section(RolloutSection, "The rollout engine (builtin or vLLM) and its off-policy correction.")
     sampling: RolloutSamplingSection = section(RolloutSamplingSection, "Rollout sampling.")
     rewards: list[dict] = opt([], "Reward sources (required): items with one of function (module:function or a verifier name: exact_match, numeric_match, regex_match, json_schema, code_tests), reward_model (a `posttrain rm` directory) or judge ({base_url, model, ...}); optional name, weight (default 1), kwargs, timeout.")
     guards: GuardsSection = section(GuardsSection, "Reward-hacking guards.")
@@ -169,6 +184,15 @@ class RLConfig(TrainConfig):
             raise ConfigError("rewards: required, a list of reward sources, e.g. [{function: numeric_match}]")
         if self.max_prompt_length < 1 or self.rollout_batch_size < 1:
             raise ConfigError("max_prompt_length and rollout_batch_size: must be >= 1")
+        if not self.rollout.correction_cap > 0:
+            raise ConfigError(f"rollout.correction_cap: must be > 0, got {self.rollout.correction_cap}")
+        if self.rollout.engine == "vllm":
+            self.rollout.vllm.validate()
+            if self.lora.dora and self.method in ("lora", "qlora"):
+                raise ConfigError("rollout.engine=vllm: vLLM has no DoRA; set lora.dora=false or rollout.engine=builtin")
+            if self.lora.target_experts and self.method in ("lora", "qlora"):
+                raise ConfigError("rollout.engine=vllm: vLLM cannot load LoRA on MoE experts' stacked parameters; "
+                                  "set lora.target_experts=false or rollout.engine=builtin")
 
 
 

@@ -11,7 +11,8 @@ from posttrain.errors import ConfigError
 HELP = "Serve the model and its LoRA adapters over an OpenAI-compatible HTTP API, logging completions and feedback."
 EXAMPLES = ("POSTTRAIN_API_KEY=secret posttrain serve 'adapters={assistant: runs/dpo}'\n"
             "  POSTTRAIN_API_KEY=secret POSTTRAIN_ADMIN_KEY=other posttrain serve registry=runs/loop   # the loop's gated versions\n"
-            "  posttrain serve --no-auth port=8080")
+            "  posttrain serve --no-auth port=8080\n"
+            "  POSTTRAIN_API_KEY=secret posttrain serve engine=vllm 'adapters={assistant: runs/dpo}'   # vLLM's engine (make vllm)")
 # Flags beside the keys: flag -> (the override it stands for, its help).
 FLAGS = {"--no-auth": ("auth=false", "Turn API-key auth off (auth=false), for local use only.")}
 
@@ -24,6 +25,15 @@ class ServeSamplingSection:
 
 
 @dataclass
+class ServeVLLMSection:
+    memory: float = opt(0.3, "Share of the device's memory vLLM reserves for the weights and the KV cache (its gpu_memory_utilization; on a CPU, the share of RAM). Serving alone on a GPU, 0.9 fits the most concurrent requests.")
+    max_model_len: int = opt(0, "Longest prompt + completion vLLM plans its KV cache for; 0 = the model's context, capped at max_prompt_tokens + max_tokens_limit.")
+    enforce_eager: bool = opt(True, "Run the model eagerly: no torch.compile / CUDA-graph capture at start-up. On a GPU, false is faster per token once compiled (start-up takes longer).")
+    max_lora_rank: int = opt(0, "Largest LoRA rank vLLM accepts, rounded up to one it supports (1, 8, 16, 32, 64, ...); 0 = the largest rank among the adapters served at start-up, at least 16. An adapter of a higher rank cannot be hot-swapped in later.")
+    max_loras: int = opt(4, "Distinct adapters in one decoding batch (vLLM's max_loras); requests for more wait their turn. All served adapters stay loaded in CPU memory.")
+
+
+@dataclass
 class ServeConfig:
     """`posttrain serve`: an OpenAI-compatible API for a base model and its LoRA adapters."""
 
@@ -31,7 +41,9 @@ class ServeConfig:
     model_name: str | None = opt(None, "Name clients use for the base model (default: the last part of `model`, e.g. smollm2-135m).")
     adapters: dict = opt({}, "LoRA adapters served next to the base, one base model in memory: {name: adapter_dir} or {name: {adapter: dir, version: v}}; clients select one by `model: name`. The version defaults to the directory's name.")
     trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Weights' dtype: auto = bfloat16 on GPUs that support it, else float32.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Weights' dtype (both engines): auto = bfloat16 on GPUs that support it, else float32.")
+    engine: Literal["builtin", "vllm"] = opt("builtin", "What generates: builtin = posttrain's batched KV-cache loop on one worker thread (no extra dependency); vllm = vLLM's engine in this process (continuous batching, multi-LoRA; needs `make vllm`; LoRA adapters only, no DoRA). The API, keys, limits, completion log, feedback and hot swap are the same; see the vllm section.")
+    vllm: ServeVLLMSection = section(ServeVLLMSection, "engine=vllm only: vLLM's engine settings (batch_size is its max_num_seqs, seed its seed).")
     host: str = opt("127.0.0.1", "Address to listen on; 0.0.0.0 exposes the server to the network.")
     port: int = opt(8000, "TCP port (0: any free port).")
     auth: bool = opt(True, "Require `Authorization: Bearer <key>`. false (or --no-auth) turns auth off, for local use only.")
@@ -56,7 +68,7 @@ class ServeConfig:
     timeout_keep_alive_s: int = opt(5, "Seconds an idle keep-alive connection stays open.")
     timeout_header_s: float = opt(10.0, "Seconds a client has to send a request's headers; slower connections are closed.")
     max_queue: int = opt(64, "Requests waiting for the generation worker at most; more get 503 (retry later).")
-    batch_size: int = opt(8, "Requests for the same model decoded together at most.")
+    batch_size: int = opt(8, "Requests decoded together at most: builtin, requests for the same model version; vllm, requests of any versions (its max_num_seqs).")
     seed: int = opt(0, "Seed of the server's sampling generator.")
     sampling: ServeSamplingSection = section(ServeSamplingSection, "Defaults for sampling fields a request leaves out.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "uvicorn's log level.")
@@ -79,6 +91,10 @@ class ServeConfig:
             raise ConfigError(f"adapters: {len(self.adapters)} adapters, over max_served_names={self.max_served_names}")
         if self.sampling.temperature < 0 or not 0 < self.sampling.top_p <= 1:
             raise ConfigError("sampling: temperature must be >= 0 and top_p in (0, 1]")
+        if not 0 < self.vllm.memory < 1:
+            raise ConfigError(f"vllm.memory: a share of memory in (0, 1), got {self.vllm.memory}")
+        if self.vllm.max_model_len < 0 or self.vllm.max_lora_rank < 0 or self.vllm.max_loras < 1:
+            raise ConfigError("vllm.max_model_len and vllm.max_lora_rank: must be >= 0; vllm.max_loras: >= 1")
         for name, spec in self.adapters.items():
             ok = isinstance(spec, str) or (isinstance(spec, dict) and isinstance(spec.get("adapter"), str)
                                             and set(spec) <= {"adapter", "version"})

@@ -45,12 +45,11 @@ class Server:
         import uvicorn
 
         from posttrain.feedback.store import FeedbackStore
-        from posttrain.serve import resolve_admin_keys, resolve_api_keys, uvicorn_config
+        from posttrain.serve import load_registry, resolve_admin_keys, resolve_api_keys, uvicorn_config
         from posttrain.serve.app import create_app
-        from posttrain.serve.models import ModelRegistry
 
         self.store = FeedbackStore(cfg.db)
-        self.registry = ModelRegistry.load(cfg)
+        self.registry = load_registry(cfg)
         self.registry.start()
         api_keys = resolve_api_keys(cfg)
         app = create_app(self.registry, self.store, cfg, api_keys, resolve_admin_keys(cfg, api_keys))

@@ -67,13 +67,17 @@ class RLObjective:  # an engine.trainer.RolloutObjective
 
     def __init__(self, cfg: RLConfig, *, tokenizer, reference: Reference, rewards: RewardSet,
                  guard_rewards: RewardSet | None, monitor: GuardMonitor, capacity: int | None, accelerator,
-                 eval_examples: list[PromptExample] | None = None, eos_ids: list[int] | None = None):
+                 eval_examples: list[PromptExample] | None = None, eos_ids: list[int] | None = None, sampler=None):
         self.cfg, self.tokenizer, self.reference = cfg, tokenizer, reference
         self.rewards, self.guard_rewards, self.monitor = rewards, guard_rewards, monitor
         self.capacity, self.accelerator = capacity, accelerator
         self.eval_examples = eval_examples or []
         self.sampling = Sampling(**vars(cfg.sampling))
-        self.sampler = RolloutSampler(tokenizer, prompts_per_batch=cfg.rollout_batch_size, eos_token_ids=eos_ids)
+        # the built-in engine, or the one setup_rl built (rl/vllm_rollout.py); both sample with RolloutSampler's contract
+        self.sampler = sampler or RolloutSampler(tokenizer, prompts_per_batch=cfg.rollout_batch_size, eos_token_ids=eos_ids)
+        self.correction = cfg.rollout.resolved_correction()
+        # the behaviour log-probs go into the micro-batches when they are corrected for or differ from the trainer's
+        self.with_behaviour = self.correction != "none" or self.sampler.engine_name != "builtin"
         self.good: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, trainable weights) of the last passing policy
         self.warned: set[tuple[int, str]] = set()
 
@@ -86,6 +90,7 @@ class RLObjective:  # an engine.trainer.RolloutObjective
     def sample(self, model, examples: list[PromptExample], step: int) -> list[Completion]:
         first = self.accelerator.process_index * len(examples)  # the engine gives each process a contiguous share
         with sharding.gathered(model):
+            self.sampler.sync(unwrap(model), step)
             return self.sampler.generate(unwrap(model), [e.prompt_ids for e in examples], self.cfg.num_generations,
                                          self.sampling, seeds=self.seeds(step, list(range(first, first + len(examples)))))
 
@@ -151,8 +156,22 @@ class RLObjective:  # an engine.trainer.RolloutObjective
             kl = torch.cat(kl_tokens)
             metrics["kl"] = float(kl.mean()) if kl.numel() else 0.0
         metrics["rollout/seconds"] = self._rollout_seconds
+        if self.sampler.engine_name != "builtin":
+            metrics["rollout/sync_seconds"] = self.sampler.sync_seconds
         metrics["rollout/tokens_per_s"] = sum(lengths) / max(self._rollout_seconds, 1e-9)
         return metrics
+
+    def attach_behaviour(self, batch: dict[str, torch.Tensor], completions: list[Completion]) -> None:
+        """The rollout engine's sampling log-probs, in flat order, for the importance-sampling correction."""
+        if self.with_behaviour:
+            batch["behaviour_logps"] = flatten_per_sequence(batch, [c.sample_logprobs for c in completions])
+
+    def correction_kwargs(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+        """The loss's keyword arguments for the correction (none without behaviour log-probs)."""
+        if "behaviour_logps" not in batch:
+            return {}
+        return dict(behaviour_logps=batch["behaviour_logps"].to(dtype), correction=self.correction,
+                    correction_cap=self.cfg.rollout.correction_cap)
 
     def kl_of(self, batch: dict[str, torch.Tensor], completions: list[Completion], ref: torch.Tensor) -> torch.Tensor:
         """Per-token k3 KL of the rollout's own log-probs against the reference's, in flat order."""
@@ -170,6 +189,7 @@ class RLObjective:  # an engine.trainer.RolloutObjective
                             top_p=self.sampling.top_p, top_k=self.sampling.top_k, stop=list(self.sampling.stop))
         n = self.cfg.eval_num_generations
         with sharding.gathered(model):
+            self.sampler.sync(unwrap(model), step)
             completions = self.sampler.generate(unwrap(model), [e.prompt_ids for e in mine], n, sampling,
                                                 seeds=self.seeds(step or 0, list(range(rank, len(self.eval_examples), world)), salt=1))
         totals, per_source = self.score(self.rewards, mine, completions)
@@ -212,8 +232,11 @@ class RLObjective:  # an engine.trainer.RolloutObjective
     # ------------------------------------------------------------------------------------------ engine hooks
     def rollout(self, model, examples: list[PromptExample], step: int):
         t0 = time.perf_counter()
+        synced = self.sampler.sync_seconds, getattr(self.sampler, "syncs", 0)
         completions = self.sample(model, examples, step)
         self._rollout_seconds = time.perf_counter() - t0
+        if getattr(self.sampler, "syncs", 0) != synced[1]:  # generation alone; the sync is logged apart
+            self._rollout_seconds -= self.sampler.sync_seconds
         totals, per_source = self.score(self.rewards, examples, completions)
         updates, kl_tokens = self.build_updates(model, examples, completions, totals, step)
         # Every process must see the same metrics before the guards decide (else one could stop alone and hang the rest).

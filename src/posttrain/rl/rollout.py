@@ -24,7 +24,9 @@ distribution's entropy at the step, a reward-hacking signal (collapse to a few p
 
 The policy generates with its LoRA adapter applied (never merged), in eval mode, without gradients. Prompt and
 prefix tuning are not supported by RL stages (their virtual tokens need the base model's generate path).
-A vLLM backend is not implemented (see docs/rl.md).
+``sample_logprobs`` is the log-prob of the drawn token under the distribution actually sampled from (after
+top-k/top-p, renormalised): the behaviour policy of the importance-sampling correction. The vLLM engine
+(``rollout.engine=vllm``) is :mod:`posttrain.rl.vllm_rollout`, with the same interface.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class Completion:
     entropy: list[float]  # per generated token
     text: str  # decoded, special tokens skipped, cut before a stop string
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    # log q(token) under the distribution actually sampled from (after temperature, top-k and top-p; 0.0 for greedy):
+    # the behaviour policy of the importance-sampling correction (losses.rollout_is_weights)
+    sample_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -107,6 +112,9 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 class RolloutSampler:
     """Samples completions from a causal LM (or a PeftModel with LoRA) with the transformers backend."""
 
+    engine_name = "builtin"
+    sync_seconds = 0.0
+
     def __init__(self, tokenizer, *, prompts_per_batch: int = 16, eos_token_ids: list[int] | None = None):
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to the EOS token)")
@@ -115,6 +123,12 @@ class RolloutSampler:
         eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
         self.eos_ids = sorted({int(e) for e in eos if e is not None})
         self.stats = RolloutStats()
+
+    def sync(self, model: torch.nn.Module, step: int | None) -> None:
+        """Nothing to do: this engine samples from the training model itself."""
+
+    def close(self) -> None:
+        pass
 
     def generate(self, model: torch.nn.Module, prompt_ids: list[list[int]], n: int, sampling: Sampling,
                  generator: torch.Generator | None = None, seeds: list[int] | None = None) -> list[Completion]:
@@ -174,6 +188,7 @@ class RolloutSampler:
         alive = torch.arange(rows, device=device)  # original row of each live cache row
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logps: list[list[float]] = [[] for _ in range(rows)]
+        qlogps: list[list[float]] = [[] for _ in range(rows)]
         ents: list[list[float]] = [[] for _ in range(rows)]
         finish = ["length"] * rows
         eos = torch.tensor(self.eos_ids, device=device)
@@ -184,6 +199,7 @@ class RolloutSampler:
             if sampling.temperature == 0:
                 scaled = logits
                 chosen = logits.argmax(-1)
+                chosen_q = torch.zeros(chosen.shape, device=chosen.device)  # a point mass: log 1
             else:
                 scaled = logits / sampling.temperature
                 filtered = filter_logits(scaled, sampling.top_k, sampling.top_p)
@@ -194,13 +210,19 @@ class RolloutSampler:
                     cdf = probs.double().cumsum(-1)
                     u = uniforms[alive.cpu(), step].to(cdf.device)[:, None] * cdf[:, -1:]
                     chosen = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+                truncated = sampling.top_k or sampling.top_p < 1.0
+                chosen_q = filtered.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1) if truncated else None
             logp_all = scaled.log_softmax(-1)
             chosen_logp = logp_all.gather(-1, chosen[:, None]).squeeze(-1)
+            if chosen_q is None:  # nothing truncated: the sampling distribution is the temperature-scaled policy
+                chosen_q = chosen_logp
             entropy = -(logp_all.exp() * logp_all.nan_to_num(neginf=0.0)).sum(-1)
             done = torch.isin(chosen, eos)
-            for k, (r, t, lp, en) in enumerate(zip(alive.tolist(), chosen.tolist(), chosen_logp.tolist(), entropy.tolist(), strict=True)):
+            for k, (r, t, lp, q, en) in enumerate(zip(alive.tolist(), chosen.tolist(), chosen_logp.tolist(), chosen_q.tolist(),
+                                                      entropy.tolist(), strict=True)):
                 tokens[r].append(t)
                 logps[r].append(lp)
+                qlogps[r].append(q)
                 ents[r].append(en)
                 if bool(done[k]):
                     finish[r] = "stop"
@@ -228,7 +250,7 @@ class RolloutSampler:
                 cut = min((text.find(s) for s in stops if s in text), default=-1)
                 if cut >= 0:
                     text = text[:cut]
-            out.append(Completion(r // n, tokens[r], logps[r], ents[r], text.strip(), finish[r]))
+            out.append(Completion(r // n, tokens[r], logps[r], ents[r], text.strip(), finish[r], qlogps[r]))
         return out
 
 

@@ -45,6 +45,7 @@ class RLSetup:
     monitor: GuardMonitor
     reference: object
     capacity: int | None
+    sampler: object = None  # the vLLM rollout engine (rollout.engine=vllm); None: the built-in one
 
 
 @dataclass
@@ -77,18 +78,50 @@ def setup_rl(cfg: RLConfig, value_head: bool = False) -> RLSetup:
     say(accelerator, "rewards: " + ", ".join(f"{s.name} (x{s.weight:g})" for s in rewards.sources)
         + ("; guards: " + ", ".join(s.name for s in guard_rewards.sources) if guard_rewards else ""))
 
+    if cfg.rollout.engine == "vllm":
+        check_vllm_setup(cfg, accelerator)
     setup = build(cfg, tokenizer, accelerator)
     model = setup.model
     reference = reference_for(cfg, model, accelerator)
     capacity = cfg.max_prompt_length + cfg.sampling.max_new_tokens if cfg.packing and can_pack(cfg.method) else None
-    return RLSetup(accelerator, tokenizer, model, train, eval_rows, rewards, guard_rewards, monitor, reference, capacity)
+    sampler = vllm_sampler(cfg, tokenizer, model, accelerator) if cfg.rollout.engine == "vllm" else None
+    return RLSetup(accelerator, tokenizer, model, train, eval_rows, rewards, guard_rewards, monitor, reference, capacity,
+                   sampler)
+
+
+def check_vllm_setup(cfg: RLConfig, accelerator) -> None:
+    """What rollout.engine=vllm cannot do, refused before the model loads."""
+    from posttrain.errors import ConfigError
+    from posttrain.vllm_backend import require_vllm
+
+    if accelerator.num_processes > 1:
+        raise ConfigError("rollout.engine=vllm: runs with one training process in this version (each process would "
+                          "hold its own engine); use one process, or rollout.engine=builtin with several")
+    if cfg.rollout.vllm.mode == "colocate" or not cfg.rollout.vllm.server_url:
+        require_vllm("rollout.engine=vllm")
+
+
+def vllm_sampler(cfg: RLConfig, tokenizer, model, accelerator):
+    """The vLLM rollout engine for this run (its start-up time is reported)."""
+    from posttrain.models.loading import resolve_model
+    from posttrain.rl.vllm_rollout import VLLMRolloutSampler
+
+    v = cfg.rollout.vllm
+    say(accelerator, f"rollout engine: vLLM ({v.mode}{', ' + v.server_url if v.server_url else ''}); starting ...")
+    sampler = VLLMRolloutSampler(
+        tokenizer, model_path=resolve_model(cfg.model), section=v, method=cfg.method, lora_rank=cfg.lora.r,
+        mixed_precision=accelerator.mixed_precision, max_model_len=cfg.max_prompt_length + cfg.sampling.max_new_tokens,
+        seed=cfg.seed, sync_dir=v.sync_dir or str(Path(cfg.output_dir) / "vllm-sync"),
+        eos_token_ids=eos_token_ids(tokenizer, model), trust_remote_code=cfg.trust_remote_code, log_dir=cfg.output_dir)
+    say(accelerator, f"rollout engine: vLLM ready in {sampler.start_seconds:.1f} s")
+    return sampler
 
 
 def objective_parts(s: RLSetup) -> dict:
     """The keyword arguments every RL objective takes from the setup."""
     return dict(tokenizer=s.tokenizer, reference=s.reference, rewards=s.rewards, guard_rewards=s.guard_rewards,
                 monitor=s.monitor, capacity=s.capacity, accelerator=s.accelerator, eval_examples=s.eval,
-                eos_ids=eos_token_ids(s.tokenizer, s.model))
+                eos_ids=eos_token_ids(s.tokenizer, s.model), sampler=s.sampler)
 
 
 def fit_rl(cfg: RLConfig, s: RLSetup, objective, what: str):
@@ -138,7 +171,8 @@ def finish_rl(cfg: RLConfig, s: RLSetup, engine, fit, objective, title: str, ext
         if s.guard_rewards is not None:
             summary["guard rewards"] = ", ".join(x.name for x in s.guard_rewards.sources)
         timing = fit.history[-1] if fit.history else last
-        for key in ("rollout/tokens_per_s", "rollout/share"):
+        summary["rollout engine"] = objective.sampler.engine_name
+        for key in ("rollout/tokens_per_s", "rollout/share", "rollout/sync_seconds", "rollout/logp_gap"):
             if key in timing:
                 summary[key] = f"{timing[key]:.3g}"
         if fit.eval_metrics:
@@ -147,6 +181,7 @@ def finish_rl(cfg: RLConfig, s: RLSetup, engine, fit, objective, title: str, ext
                                    summary=summary, stopped_step=(fit.steps + 1) if fit.stopped else None, kept_step=kept_step)
         say(acc, f"report: {report} and {png}")
     s.rewards.close()
+    objective.sampler.close()
     if s.guard_rewards is not None:
         s.guard_rewards.close()
     return RLResult(out, fit, model, report, fit.stopped)

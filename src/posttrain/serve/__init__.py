@@ -4,6 +4,7 @@
 - :mod:`.models`: the model registry (one base model, PEFT adapters by name, leases, hot swap);
 - :mod:`.worker`: the generation worker thread (bounded queue, batches per adapter);
 - :mod:`.decode`: the batched KV-cache decoding loop that streams text deltas;
+- :mod:`.vllm_models`: the same registry over vLLM's engine (``engine=vllm``: continuous batching, multi-LoRA);
 - :mod:`.schemas`: request bodies and OpenAI-style errors;
 - :mod:`.protocol`: the HTTP connection guard (header-read timeout).
 """
@@ -58,13 +59,25 @@ def uvicorn_config(app, cfg: ServeConfig, **overrides):
         "h11_max_incomplete_event_size": 64 * 1024, **overrides})
 
 
+def load_registry(cfg: ServeConfig):
+    """The model registry of ``cfg.engine``, models and adapters loaded, not started: a
+    :class:`~posttrain.serve.models.ModelRegistry` (builtin) or a
+    :class:`~posttrain.serve.vllm_models.VLLMModelRegistry` (vllm; vLLM is imported only then)."""
+    if cfg.engine == "vllm":
+        from posttrain.serve.vllm_models import VLLMModelRegistry
+
+        return VLLMModelRegistry.load(cfg)
+    from posttrain.serve.models import ModelRegistry
+
+    return ModelRegistry.load(cfg)
+
+
 def run_serve(cfg: ServeConfig) -> None:
     """Load the models, open the feedback store and serve until interrupted."""
     import uvicorn
 
     from posttrain.feedback.store import FeedbackStore
     from posttrain.serve.app import create_app
-    from posttrain.serve.models import ModelRegistry
 
     api_keys = resolve_api_keys(cfg)
     admin_keys = resolve_admin_keys(cfg, api_keys)
@@ -73,14 +86,18 @@ def run_serve(cfg: ServeConfig) -> None:
         print(f"posttrain serve: WARNING: auth is off (auth=false): anyone who can connect can generate and give "
               f"feedback on any completion{where}", file=sys.stderr)
     store = FeedbackStore(cfg.db)
-    registry = ModelRegistry.load(cfg)
+    try:
+        registry = load_registry(cfg)
+    except BaseException:
+        store.close()
+        raise
     registry.start()
     app = create_app(registry, store, cfg, api_keys, admin_keys)
     served = ", ".join(f"{name} ({version})" for name, version in registry.served().items())
     admin = (f"admin routes on (${cfg.admin_key_env}), serving versions of {cfg.registry}" if admin_keys and cfg.registry
              else "admin routes on, but no registry= to serve versions from" if admin_keys
              else f"admin routes off (no ${cfg.admin_key_env})")
-    print(f"posttrain serve: models {served}; completions and feedback go to {cfg.db}; {admin}", file=sys.stderr)
+    print(f"posttrain serve: engine {registry.engine}; models {served}; completions and feedback go to {cfg.db}; {admin}", file=sys.stderr)
     try:
         uvicorn.Server(uvicorn_config(app, cfg)).run()
     finally:

@@ -14,7 +14,8 @@ works where an API key does, an API key never works where an admin key is needed
   rollback without a restart; see models.py). Only versions that passed their gates (or an operator's audited
   override) are accepted, never a rejected one, and never a path: adapters from arbitrary directories are served
   only when named on the command line at start-up. At most ``max_served_names`` names.
-- ``GET /openapi.json`` needs a key too; there are no ``/docs`` pages.
+- ``GET /openapi.json`` needs a key too; there are no ``/docs`` pages. ``GET /health`` says which engine
+  generates (``builtin`` or ``vllm``) and how many requests wait.
 
 Logging: every completion is written to the store with its id, model name, version, prompt messages, response and
 sampling settings (plus its ``finish_reason``) *before* its last byte is sent, so a client that has the whole
@@ -213,7 +214,7 @@ class ServeAPI:
 
     # ---------------------------------------------------------------------------------- models
     async def health(self):
-        return {"status": "ok", "queued": self.registry.worker.queued()}
+        return {"status": "ok", "engine": self.registry.engine, "queued": self.registry.worker.queued()}
 
     async def models(self):
         data = [{"id": name, "object": "model", "created": self.registry.created, "owned_by": "posttrain",

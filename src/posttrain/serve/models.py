@@ -13,6 +13,9 @@ Hot swap (:meth:`ModelRegistry.set_version`), the promotion and rollback path of
 With ``registry=`` (the loop's registry), the server starts by serving the registry's current version (a pending
 promotion or rollback first, since it passed its gates; the registry is then told the switch is done) under
 ``registry_model``, instead of whatever ``adapters`` names for it.
+
+:class:`VersionTable` (names, versions, leases, retirement) is shared with the vLLM engine's registry
+(:mod:`posttrain.serve.vllm_models`); :class:`ModelRegistry` adds the built-in engine's PEFT model and worker.
 """
 
 from __future__ import annotations
@@ -87,59 +90,54 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-class ModelRegistry:
-    """Model names -> versions, the leases on them, and the generation worker that owns the model."""
+def check_lora_dir(adapter_dir: str):
+    """The PEFT config of the LoRA adapter in ``adapter_dir``; a ConfigError when it is not one."""
+    from peft import PeftConfig
 
-    def __init__(self, model, tokenizer, *, base_name: str, batch_size: int = 8, max_queue: int = 64, seed: int = 0):
-        from posttrain.models.loading import eos_token_ids
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"adapter: '{adapter_dir}' is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        config = PeftConfig.from_pretrained(adapter_dir)
+    except Exception as e:  # not JSON, `{}`, unknown keys or peft_type: PEFT raises many kinds
+        raise ConfigError(f"adapter: {config_path} is not a valid PEFT adapter config ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
+    kind = config.peft_type.value
+    if kind != "LORA":
+        raise ConfigError(f"adapter: '{adapter_dir}' is a {kind} adapter; serve loads LoRA/DoRA adapters only")
+    return config
 
-        self.model = model.eval()
-        self.tokenizer = tokenizer
+
+def load_versions(registry, cfg: ServeConfig) -> None:
+    """Serve ``cfg.adapters`` and, with ``registry=``, the loop registry's version on ``registry`` (a
+    :class:`ModelRegistry` or a :class:`~posttrain.serve.vllm_models.VLLMModelRegistry`), then confirm a pending
+    registry switch."""
+    adapters = dict(cfg.adapters)
+    loop_registry, from_registry = _registry_version(cfg)
+    if from_registry is not None:
+        adapters[cfg.registry_model] = from_registry
+    for name, spec in adapters.items():
+        path, version = (spec, None) if isinstance(spec, str) else (spec["adapter"], spec.get("version"))
+        registry.set_version(name, path, str(version) if version is not None else Path(path.rstrip("/")).name)
+    if from_registry is not None:
+        if loop_registry.pending and loop_registry.pending["version"] == from_registry["version"]:
+            loop_registry.confirm(from_registry["version"], "posttrain serve loaded it at start-up")
+
+
+class VersionTable:
+    """Public names -> loaded adapter versions, and the leases on them: what both engines share. A subclass has a
+    ``worker`` with ``wake()`` (run its between-steps cleanup soon)."""
+
+    engine = "builtin"  # which generation engine runs (GET /health says)
+
+    def __init__(self, base_name: str):
         self.base_name = base_name
-        self.eos_ids = eos_token_ids(tokenizer, model)
-        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.created = int(time.time())
         self._served: dict[str, LoadedAdapter] = {}
         self._retired: list[LoadedAdapter] = []
         self._lock = threading.Lock()
         self._keys = itertools.count()
-        self.worker = GenerationWorker(self._run_batch, batch_size=batch_size, max_queue=max_queue,
-                                       between_batches=self._delete_retired)
 
-    @classmethod
-    def load(cls, cfg: ServeConfig) -> ModelRegistry:
-        """Load ``cfg.model`` (on the GPU when there is one) and ``cfg.adapters``; the worker is not started."""
-        from posttrain.models.loading import load_causal_lm, load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        model = load_causal_lm(cfg.model, dtype=_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-        base_name = cfg.model_name or Path(cfg.model.rstrip("/")).name
-        registry = cls(model, tokenizer, base_name=base_name, batch_size=cfg.batch_size, max_queue=cfg.max_queue,
-                       seed=cfg.seed)
-        adapters = dict(cfg.adapters)
-        loop_registry, from_registry = _registry_version(cfg)
-        if from_registry is not None:
-            adapters[cfg.registry_model] = from_registry
-        for name, spec in adapters.items():
-            path, version = (spec, None) if isinstance(spec, str) else (spec["adapter"], spec.get("version"))
-            registry.set_version(name, path, str(version) if version is not None else Path(path.rstrip("/")).name)
-        if from_registry is not None:
-            if loop_registry.pending and loop_registry.pending["version"] == from_registry["version"]:
-                loop_registry.confirm(from_registry["version"], "posttrain serve loaded it at start-up")
-        return registry
-
-    # ------------------------------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        self.worker.start()
-
-    def stop(self) -> None:
-        self.worker.stop()
-
-    # ------------------------------------------------------------------------------------------ names and leases
     def served(self) -> dict[str, str]:
         """Public model name -> the version it serves now."""
         with self._lock:
@@ -167,6 +165,70 @@ class ModelRegistry:
         if lease.adapter is not None and lease.adapter.retired:
             self.worker.wake()
 
+    def _check_name(self, name: str, version: str) -> None:
+        if name == self.base_name:
+            raise ConfigError(f"model '{name}' is the base model; serve an adapter under another name")
+        if not name or not version:
+            raise ConfigError("model and version: must be non-empty")
+
+    def _publish(self, name: str, adapter: LoadedAdapter) -> str | None:
+        """Point ``name`` at the loaded ``adapter``; retire the one it pointed at. -> its version, or None."""
+        with self._lock:
+            previous = self._served.get(name)
+            self._served[name] = adapter
+            if previous is not None:
+                previous.retired = True
+                self._retired.append(previous)
+        self.worker.wake()
+        return previous.version if previous is not None else None
+
+    def _unleased_retired(self) -> list[LoadedAdapter]:
+        """The retired adapters whose last lease has ended (removed from the retired list: the caller deletes them)."""
+        with self._lock:
+            done = [a for a in self._retired if a.leases == 0]
+            self._retired = [a for a in self._retired if a.leases > 0]
+        return done
+
+
+class ModelRegistry(VersionTable):
+    """Model names -> versions, the leases on them, and the generation worker that owns the model."""
+
+    def __init__(self, model, tokenizer, *, base_name: str, batch_size: int = 8, max_queue: int = 64, seed: int = 0):
+        from posttrain.models.loading import eos_token_ids
+
+        super().__init__(base_name)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(tokenizer, model)
+        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.worker = GenerationWorker(self._run_batch, batch_size=batch_size, max_queue=max_queue,
+                                       between_batches=self._delete_retired)
+
+    @classmethod
+    def load(cls, cfg: ServeConfig) -> ModelRegistry:
+        """Load ``cfg.model`` (on the GPU when there is one) and ``cfg.adapters``; the worker is not started."""
+        from posttrain.models.loading import load_causal_lm, load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model = load_causal_lm(cfg.model, dtype=_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        base_name = cfg.model_name or Path(cfg.model.rstrip("/")).name
+        registry = cls(model, tokenizer, base_name=base_name, batch_size=cfg.batch_size, max_queue=cfg.max_queue,
+                       seed=cfg.seed)
+        load_versions(registry, cfg)
+        return registry
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    # ------------------------------------------------------------------------------------------ requests
     def submit(self, lease: Lease, prompt_ids: list[int], sampling: RowSampling, emit: Callable[[Event], None]) -> Job:
         """Queue a request on the version ``lease`` holds; the lease is released when the job ends, or now when the
         queue is full (:class:`~posttrain.serve.worker.QueueFull`)."""
@@ -184,32 +246,11 @@ class ModelRegistry:
 
         Returns the version served before, or None for a new name. Blocks until the adapter is loaded (the model
         thread loads it between batches)."""
-        from peft import PeftConfig
-
-        if name == self.base_name:
-            raise ConfigError(f"model '{name}' is the base model; serve an adapter under another name")
-        if not name or not version:
-            raise ConfigError("model and version: must be non-empty")
-        config_path = Path(adapter_dir) / "adapter_config.json"
-        if not config_path.is_file():
-            raise ConfigError(f"adapter: '{adapter_dir}' is not a PEFT adapter directory (no adapter_config.json)")
-        try:
-            kind = PeftConfig.from_pretrained(adapter_dir).peft_type.value
-        except Exception as e:  # not JSON, `{}`, unknown keys or peft_type: PEFT raises many kinds
-            raise ConfigError(f"adapter: {config_path} is not a valid PEFT adapter config ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from None
-        if kind != "LORA":
-            raise ConfigError(f"adapter: '{adapter_dir}' is a {kind} adapter; serve loads LoRA/DoRA adapters only")
+        self._check_name(name, version)
+        check_lora_dir(adapter_dir)
         adapter = LoadedAdapter(key=f"adapter_{next(self._keys)}", version=version, path=str(adapter_dir))
         self.worker.call(lambda: self._load_adapter(adapter))
-        with self._lock:
-            previous = self._served.get(name)
-            self._served[name] = adapter
-            if previous is not None:
-                previous.retired = True
-                self._retired.append(previous)
-        self.worker.wake()
-        return previous.version if previous is not None else None
+        return self._publish(name, adapter)
 
     def loaded_adapters(self) -> list[str]:
         """Internal names of the adapters in memory (retired ones included until their leases end)."""
@@ -233,9 +274,7 @@ class ModelRegistry:
         self.model.eval()
 
     def _delete_retired(self) -> None:
-        with self._lock:
-            done = [a for a in self._retired if a.leases == 0]
-            self._retired = [a for a in self._retired if a.leases > 0]
+        done = self._unleased_retired()
         if not done:
             return
         doomed = {a.key for a in done}

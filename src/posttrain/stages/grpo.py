@@ -44,6 +44,7 @@ class GRPOObjective(RLObjective):
         for sl in self.micro_slices(len(examples)):
             batch = self.collate_slice(model, examples, completions, sl)
             batch["advantages"] = adv[sl].clone()
+            self.attach_behaviour(batch, completions[sl])
             dev = self.to_device(batch)
             ref = self.reference_logps(model, dev)
             batch["ref_logps"] = ref.cpu()
@@ -68,6 +69,7 @@ class GRPOObjective(RLObjective):
             logps, logps.detach() if old is None else old.to(logps.dtype), batch["advantages"], seq_index,
             int(batch["last_index"].shape[0]), ref_logps=batch["ref_logps"].to(logps.dtype), beta=cfg.beta,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, norm=cfg.loss_norm,
+            **self.correction_kwargs(batch, logps.dtype),
         )
         metrics["update/kl"] = metrics.pop("kl")  # "kl" is the rollout's (before the update), which guards watch
         return loss, metrics

@@ -97,6 +97,7 @@ class PPOObjective(RLObjective):
             adv, returns = gae(rewards, padded(values, batch, lengths), mask, gamma=cfg.gamma, lam=cfg.lam)
             batch.update(old_logps=old, old_values=values, ref_logps=ref,
                          returns=flatten(returns, batch, lengths))
+            self.attach_behaviour(batch, completions[sl])
             per_micro.append((batch, flatten(adv, batch, lengths)))
         all_adv = torch.cat([a for _, a in per_micro])
         mean, std = all_adv.mean(), all_adv.std(unbiased=False)
@@ -126,7 +127,7 @@ class PPOObjective(RLObjective):
             logps, batch["old_logps"].to(logps.dtype), batch["advantages"].to(logps.dtype), values,
             batch["old_values"].to(values.dtype), batch["returns"].to(values.dtype), clip_range=cfg.clip_range,
             value_clip_range=cfg.value_clip_range, value_coef=cfg.value_coef, ref_logps=batch["ref_logps"].to(logps.dtype),
-            kl_coef=cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
+            kl_coef=cfg.kl_coef if cfg.kl_in == "loss" else 0.0, **self.correction_kwargs(batch, logps.dtype),
         )
         metrics["values"] = values.detach().sum()
         metrics["update/kl"] = metrics.pop("kl")  # "kl" is the rollout's (before the update), which guards watch
