@@ -50,6 +50,24 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama that vLLM's CPU attention accepts (head_dim 64; it refuses tiny_model_dir's 16), with the
+    embedded tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama-vllm")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory, tokenizer):
     """family -> a tiny random model of it (tests/families.py) with the embedded tokenizer, built once."""
     from tests.families import build_family

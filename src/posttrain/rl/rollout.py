@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.errors import ConfigError
+from posttrain.models.forward import cache_kwarg
 
 
 @dataclass
@@ -165,7 +166,7 @@ class RolloutSampler:
     def _forward(self, model, input_ids, attention_mask, position_ids, cache):
         self.stats.forward_passes += 1
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    cache=cache, use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **{cache_kwarg(): cache})
         return out.logits[:, -1].float(), cache
 
     def _generate_batch(self, model, prompts: list[list[int]], n: int, sampling: Sampling,
