@@ -20,6 +20,7 @@ from posttrain.losses import (
     k3_kl,
     ppo_loss,
     rloo_advantages,
+    rollout_is_weights,
     value_loss,
     whiten,
 )
@@ -231,6 +232,67 @@ def test_grpo_gradient_at_ratio_one_is_minus_advantage_per_token():
     loss, _ = grpo_loss(logps, logps.detach(), adv, SEQ, 2, norm="sequence")
     loss.backward()
     close(logps.grad, [-0.375, -0.375, 2 / 3, 2 / 3, 2 / 3], tol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ rollout IS correction
+def test_rollout_is_weights_truncate_mask_none_by_hand():
+    # rho = exp(old - q) = [e^-1, 1, 1.5, e, 3], cap 2:
+    #   truncate: [0.3678794, 1, 1.5, 2, 2]       capped [F, F, F, T, T]
+    #   mask:     [0.3678794, 1, 1.5, 0, 0]
+    old = t(-2.0, -1.0, math.log(1.5) - 1.0, 0.0, math.log(3.0) - 4.0)
+    q = t(-1.0, -1.0, -1.0, -1.0, -4.0)
+    w, capped = rollout_is_weights(old, q, mode="truncate", cap=2.0)
+    close(w, [1 / E, 1.0, 1.5, 2.0, 2.0], tol=1e-12)
+    assert capped.tolist() == [False, False, False, True, True]
+    w, _ = rollout_is_weights(old, q, mode="mask", cap=2.0)
+    close(w, [1 / E, 1.0, 1.5, 0.0, 0.0], tol=1e-12)
+    w, capped = rollout_is_weights(old, q, mode="none", cap=2.0)
+    close(w, [1.0] * 5, tol=0)
+    assert not capped.any()
+    with pytest.raises(ValueError, match="mode"):
+        rollout_is_weights(old, q, mode="clip", cap=2.0)
+
+
+def test_grpo_loss_weights_the_surrogate_not_the_kl_and_reports_the_gap():
+    # First update (rho_policy = 1), A = [+1, -1] -> surrogate per token [-1, -1, 1, 1, 1].
+    # behaviour q: old - q = [0, log 0.5, log 4, 0, log 1.5] -> TIS weights (cap 2) [1, 0.5, 2, 1, 1.5]
+    #   token loss: -1 - 0.5 + 2 + 1 + 1.5 = 3.0   (without correction: 1.0)
+    #   |old - q| summed: 0 + log 2 + log 4 + 0 + log 1.5 = 2.4849066 + 0.4054651 = 2.8903718
+    # with beta 0.1 and k3 = [0, e - 2, 0, 0, 0] (ref - logps = [0, 1, 0, 0, 0]): + 0.1 (e - 2), unweighted.
+    logps = torch.zeros(5, dtype=F64).requires_grad_()
+    q = -t(0.0, math.log(0.5), math.log(4.0), 0.0, math.log(1.5))
+    adv = t(1.0, -1.0)
+    loss, m = grpo_loss(logps, logps.detach(), adv, SEQ, 2, norm="token", behaviour_logps=q, correction="truncate",
+                        correction_cap=2.0)
+    assert float(loss) == pytest.approx(3.0, abs=1e-12)
+    assert float(m["rollout/logp_gap"]) == pytest.approx(math.log(2) + math.log(4) + math.log(1.5), abs=1e-12)
+    assert float(m["rollout/is_weight"]) == pytest.approx(1 + 0.5 + 2 + 1 + 1.5, abs=1e-12)
+    assert float(m["rollout/is_capped"]) == 1.0  # rho 4 was truncated to 2
+    loss.backward()
+    close(logps.grad, [-1.0, -0.5, 2.0, 1.0, 1.5], tol=1e-12)  # -A w: the weight scales each token's gradient
+    ref = t(0.0, 1.0, 0.0, 0.0, 0.0)
+    loss, _ = grpo_loss(logps, logps.detach(), adv, SEQ, 2, norm="token", ref_logps=ref, beta=0.1, behaviour_logps=q,
+                        correction="truncate", correction_cap=2.0)
+    assert float(loss) == pytest.approx(3.0 + 0.1 * (E - 2), abs=1e-12)
+    # mask drops the token whose ratio (4) is over the cap: -1 - 0.5 + 0 + 1 + 1.5 = 1.0
+    loss, _ = grpo_loss(logps, logps.detach(), adv, SEQ, 2, norm="token", behaviour_logps=q, correction="mask",
+                        correction_cap=2.0)
+    assert float(loss) == pytest.approx(1.0, abs=1e-12)
+    # none: the gap is still reported, the loss is the uncorrected one
+    loss, m = grpo_loss(logps, logps.detach(), adv, SEQ, 2, norm="token", behaviour_logps=q, correction="none")
+    assert float(loss) == pytest.approx(1.0, abs=1e-12) and float(m["rollout/is_weight"]) == pytest.approx(5.0)
+
+
+def test_ppo_loss_weights_the_policy_term_only():
+    # rho_policy = 1, advantages [1, -2], behaviour weights (cap 2) [2, 0.5]; values equal returns (no value loss).
+    logps = torch.zeros(2, dtype=F64)
+    q = t(-math.log(3.0), math.log(2.0))  # old - q = [log 3, -log 2] -> rho [3, 0.5] -> truncated [2, 0.5]
+    values = t(0.5, 0.5)
+    loss, m = ppo_loss(logps, logps, t(1.0, -2.0), values, values, values, behaviour_logps=q, correction="truncate",
+                       correction_cap=2.0)
+    # policy: -1 * 2 + 2 * 0.5 = -1.0
+    assert float(loss) == pytest.approx(-1.0, abs=1e-12) and float(m["policy_loss"]) == pytest.approx(-1.0, abs=1e-12)
+    assert float(m["rollout/is_capped"]) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ whiten
