@@ -3,6 +3,7 @@
     python benchmarks/grpo_throughput.py --steps 4 --prompts-per-step 8 --num-generations 8 --max-new-tokens 64
     python benchmarks/grpo_throughput.py --parts rollout               # only the rollout engine vs generate
     python benchmarks/grpo_throughput.py --contenders posttrain --parts grpo --out /tmp/grpo.json
+    .venv-vllm/bin/python benchmarks/grpo_throughput.py --parts grpo --contenders posttrain,posttrain-vllm,trl,trl-vllm
 
 Run it ALONE on the machine: the numbers are wall times, and a second job sharing the cores (or the GPU) changes
 them by more than the differences measured. The ratios are the headline; absolute times are noisy.
@@ -54,7 +55,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-CONTENDERS = ("posttrain", "trl")
+CONTENDERS = ("posttrain", "posttrain-vllm", "trl", "trl-vllm")
+# vLLM contenders (opt-in: --contenders posttrain,posttrain-vllm,trl,trl-vllm) need vLLM installed (`make vllm`,
+# then run this script with .venv-vllm/bin/python so every contender uses the same libraries): posttrain with
+# rollout.engine=vllm (colocated, LoRA synced every step), TRL with use_vllm=True, vllm_mode="colocate".
 PARTS = ("grpo", "rollout")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 ROLLOUT_METHODS = ("posttrain-engine", "generate-loop", "generate-batched")
@@ -132,7 +136,7 @@ def _trainable_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_posttrain(spec: RunSpec) -> dict:
+def run_posttrain(spec: RunSpec, engine: str = "builtin") -> dict:
     from posttrain.commands import load_config
     from posttrain.config import to_dict
     from posttrain.stages import grpo
@@ -150,8 +154,10 @@ def run_posttrain(spec: RunSpec) -> dict:
         "scale_rewards=true", "loss_norm=token", "num_iterations=1", "clip_low=0.2", "clip_high=0.2",
         "precision=fp32", "gradient_checkpointing=false", "log_every=1", "tensorboard=false",
         f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
-        "lora.target_modules=all-linear", f"rewards=[{{function: '{reward}'}}]",
+        "lora.target_modules=all-linear", f"rewards=[{{function: '{reward}'}}]", f"rollout.engine={engine}",
     ]
+    if engine == "vllm":
+        overrides.append("rollout.vllm.memory=0.1")
     cfg = load_config("grpo", None, overrides)
     result = grpo.train(cfg)
     rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines() if line]
@@ -161,12 +167,13 @@ def run_posttrain(spec: RunSpec) -> dict:
         "rollout_tokens": round(r["train/length/mean"] * per_step), "trained_tokens": int(r["train/units"]),
         "mean_completion_length": r["train/length/mean"], "reward": r["train/reward"], "loss": r["train/loss"],
         "engine_rollout_tokens_per_s": r["train/rollout/tokens_per_s"],
+        "sync_seconds": r.get("train/rollout/sync_seconds", 0.0), "logp_gap": r.get("train/rollout/logp_gap"),
     } for r in rows]
     return {"settings": {"overrides": overrides, "config": to_dict(cfg)}, "steps": steps,
             "trainable_params": _trainable_params(result.model)}
 
 
-def run_trl(spec: RunSpec) -> dict:
+def run_trl(spec: RunSpec, use_vllm: bool = False) -> dict:
     import dataclasses
 
     import torch
@@ -189,10 +196,11 @@ def run_trl(spec: RunSpec) -> dict:
         num_generations=spec.num_generations, max_completion_length=spec.max_new_tokens,
         temperature=spec.temperature, top_p=1.0, top_k=0, learning_rate=spec.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=spec.beta, epsilon=0.2, num_iterations=1,
-        loss_type="dapo", scale_rewards="group", mask_truncated_completions=False, use_vllm=False, bf16=False,
+        loss_type="dapo", scale_rewards="group", mask_truncated_completions=False, use_vllm=use_vllm, bf16=False,
         seed=spec.seed, logging_steps=1, save_strategy="no", report_to=[],
         disable_tqdm=True, use_cpu=device == "cpu", log_completions=False,
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"}, **no_ckpt,
+        **({"vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.1} if use_vllm else {}),
     )
     peft_config = LoraConfig(task_type="CAUSAL_LM", r=LORA["r"], lora_alpha=LORA["alpha"],
                              lora_dropout=LORA["dropout"], target_modules="all-linear")
@@ -368,7 +376,8 @@ def child_main(spec_path: Path) -> None:
     if spec.part == "rollout":
         out = run_rollout(spec)
     else:
-        out = run_posttrain(spec) if spec.contender == "posttrain" else run_trl(spec)
+        out = {"posttrain": lambda: run_posttrain(spec), "posttrain-vllm": lambda: run_posttrain(spec, "vllm"),
+               "trl": lambda: run_trl(spec), "trl-vllm": lambda: run_trl(spec, use_vllm=True)}[spec.contender]()
     out.update(part=spec.part, contender=spec.contender, device=spec.device, threads=torch.get_num_threads(),
                peak_rss_mb=peak_rss_mb(),
                peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if spec.device == "cuda" else None,
@@ -428,13 +437,24 @@ def summarize(steps: list[dict], warmup: int, completions_per_step: int) -> dict
     }
 
 
+RATIO_KEYS = ("trained_tokens_per_s", "rollout_tokens_per_s", "step_seconds", "rollout_seconds_per_step")
+PAIRS = (("posttrain", "trl"), ("posttrain-vllm", "posttrain"), ("posttrain-vllm", "trl-vllm"), ("posttrain-vllm", "trl"),
+         ("trl-vllm", "trl"))
+
+
 def ratios(runs: list[dict]) -> dict | None:
+    """posttrain / TRL (the historical key) and, with the vLLM contenders, every pair of PAIRS that ran."""
     done = {r["contender"]: r["summary"] for r in runs if "summary" in r}
     if not {"posttrain", "trl"} <= set(done):
         return None
     ours, theirs = done["posttrain"], done["trl"]
-    return {key: ours[key] / theirs[key]
-            for key in ("trained_tokens_per_s", "rollout_tokens_per_s", "step_seconds", "rollout_seconds_per_step")}
+    return {key: ours[key] / theirs[key] for key in RATIO_KEYS}
+
+
+def pair_ratios(runs: list[dict]) -> dict[str, dict]:
+    done = {r["contender"]: r["summary"] for r in runs if "summary" in r}
+    return {f"{a} / {b}": {key: done[a][key] / done[b][key] for key in RATIO_KEYS}
+            for a, b in PAIRS if a in done and b in done}
 
 
 def grpo_table(runs: list[dict], rel: dict | None) -> str:
@@ -450,9 +470,14 @@ def grpo_table(runs: list[dict], rel: dict | None) -> str:
             r["contender"], str(s["steps_timed"]), f"{s['step_seconds']:.2f}", f"{s['rollout_seconds_per_step']:.2f}",
             f"{s['rollout_tokens_per_s']:.1f}", f"{s['trained_tokens_per_s']:.1f}",
             f"{s['mean_completion_length']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['trainable_params']:,}"]) + " |")
-    if rel:
-        lines.append(f"\nposttrain / TRL: trained tok/s {rel['trained_tokens_per_s']:.2f}x, rollout tok/s "
-                     f"{rel['rollout_tokens_per_s']:.2f}x, s/step {rel['step_seconds']:.2f}x (lower is faster)")
+    lines.append("")
+    for pair, rel in pair_ratios(runs).items():
+        lines.append(f"{pair}: trained tok/s {rel['trained_tokens_per_s']:.2f}x, rollout tok/s "
+                     f"{rel['rollout_tokens_per_s']:.2f}x, s/step {rel['step_seconds']:.2f}x (lower is faster)  ")
+    syncs = [(r["contender"], statistics.fmean(s.get("sync_seconds", 0.0) for s in r["steps"])) for r in runs
+             if "steps" in r and any(s.get("sync_seconds") for s in r["steps"])]
+    for name, sec in syncs:
+        lines.append(f"{name}: weight sync {sec * 1000:.0f} ms per step (mean), included in s/step  ")
     return "\n".join(lines) + "\n"
 
 
@@ -523,9 +548,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     contenders = _subset(args.contenders, CONTENDERS, "--contenders")
     parts = _subset(args.parts, PARTS, "--parts")
-    if "trl" in contenders and "grpo" in parts and importlib.util.find_spec("trl") is None:
+    if {"trl", "trl-vllm"} & set(contenders) and "grpo" in parts and importlib.util.find_spec("trl") is None:
         print("TRL is not installed (pip install -e '.[bench]'): running posttrain only", flush=True)
-        contenders = [c for c in contenders if c != "trl"]
+        contenders = [c for c in contenders if not c.startswith("trl")]
+    if any(c.endswith("-vllm") for c in contenders) and importlib.util.find_spec("vllm") is None:
+        print("vLLM is not installed in this Python (make vllm; run with .venv-vllm/bin/python): skipping the vLLM "
+              "contenders", flush=True)
+        contenders = [c for c in contenders if not c.endswith("-vllm")]
     micro = args.micro_batch_prompts or min(4, args.prompts_per_step)
     if args.prompts_per_step % micro:
         raise SystemExit(f"--micro-batch-prompts {micro} must divide --prompts-per-step {args.prompts_per_step}")
@@ -577,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if "grpo" in parts:
             runs = [run_one(spec("grpo", c), args.run_timeout) for c in contenders]
-            report["grpo"] = {"runs": runs, "ratios_posttrain_over_trl": ratios(runs)}
+            report["grpo"] = {"runs": runs, "ratios_posttrain_over_trl": ratios(runs), "ratios": pair_ratios(runs)}
         if "rollout" in parts:
             report["rollout"] = record = run_one(spec("rollout", "rollout"), args.run_timeout)
             if "methods" in record:

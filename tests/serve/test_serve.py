@@ -342,6 +342,21 @@ def test_keys_and_cli(monkeypatch, capsys):
     assert main(["serve", "port=1"]) == 2 and "no API key" in capsys.readouterr().err
 
 
+def test_engine_key_and_health_say_which_engine_runs(srv, tiny_model_dir):
+    from posttrain.config import build
+    from posttrain.serve import load_registry
+    from posttrain.vllm_backend import vllm_available
+
+    assert srv.http.get("/health", timeout=10).json()["engine"] == "builtin"  # the default engine
+    assert build(ServeConfig, {"engine": "vllm", "vllm": {"memory": 0.2, "max_loras": 2}}).vllm.max_loras == 2
+    for bad in ({"engine": "tgi"}, {"vllm": {"memory": 1.5}}, {"vllm": {"max_loras": 0}}, {"vllm": {"rank": 8}}):
+        with pytest.raises(ConfigError):
+            build(ServeConfig, bad).validate()
+    if not vllm_available():  # engine=vllm without vLLM: a ConfigError saying how to install it, no model loaded
+        with pytest.raises(ConfigError, match="make vllm"):
+            load_registry(ServeConfig(model=str(tiny_model_dir), engine="vllm"))
+
+
 def test_with_the_real_feedback_store(srv, tmp_path):
     pytest.importorskip("sqlalchemy")
     from posttrain.feedback.store import FeedbackStore

@@ -305,7 +305,7 @@ def test_a_hung_up_non_streamed_request_stops_generating(srv, caplog):
     body = {"model": "tiny", "messages": HELLO, "max_tokens": 256, "temperature": 0, "stop": ["NEVER-SEEN-STOP"]}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                   timeout=httpx.Timeout(60, read=0.3))
+                   timeout=httpx.Timeout(60, read=0.05))
     deadline = time.time() + 10
     while not any("hung up" in r.getMessage() for r in caplog.records):
         assert time.time() < deadline, "the server did not notice the hang-up"

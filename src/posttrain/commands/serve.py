@@ -27,6 +27,7 @@ class ServeSamplingSection:
 @dataclass
 class ServeVLLMSection:
     memory: float = opt(0.3, "Share of the device's memory vLLM reserves for the weights and the KV cache (its gpu_memory_utilization; on a CPU, the share of RAM). Serving alone on a GPU, 0.9 fits the most concurrent requests.")
+    kv_cache_gb: float | None = opt(None, "KV-cache size in GiB, fixed. Unset: 1 GiB on a CPU (vLLM would otherwise size it as memory x RAM minus this process's resident memory), and on a GPU what `memory` leaves.")
     max_model_len: int = opt(0, "Longest prompt + completion vLLM plans its KV cache for; 0 = the model's context, capped at max_prompt_tokens + max_tokens_limit.")
     enforce_eager: bool = opt(True, "Run the model eagerly: no torch.compile / CUDA-graph capture at start-up. On a GPU, false is faster per token once compiled (start-up takes longer).")
     max_lora_rank: int = opt(0, "Largest LoRA rank vLLM accepts, rounded up to one it supports (1, 8, 16, 32, 64, ...); 0 = the largest rank among the adapters served at start-up, at least 16. An adapter of a higher rank cannot be hot-swapped in later.")
@@ -93,6 +94,8 @@ class ServeConfig:
             raise ConfigError("sampling: temperature must be >= 0 and top_p in (0, 1]")
         if not 0 < self.vllm.memory < 1:
             raise ConfigError(f"vllm.memory: a share of memory in (0, 1), got {self.vllm.memory}")
+        if self.vllm.kv_cache_gb is not None and not self.vllm.kv_cache_gb > 0:
+            raise ConfigError(f"vllm.kv_cache_gb: a size in GiB > 0, or unset, got {self.vllm.kv_cache_gb}")
         if self.vllm.max_model_len < 0 or self.vllm.max_lora_rank < 0 or self.vllm.max_loras < 1:
             raise ConfigError("vllm.max_model_len and vllm.max_lora_rank: must be >= 0; vllm.max_loras: >= 1")
         for name, spec in self.adapters.items():

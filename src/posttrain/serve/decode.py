@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain.models.forward import cache_kwarg
 from posttrain.rl.rollout import filter_logits
 
 
@@ -172,7 +173,7 @@ def _sample(logits: torch.Tensor, rows: list[RowSampling],
 
 def _forward(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                cache=cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **{cache_kwarg(): cache})
     return out.logits[:, -1].float()  # (R, V)
 
 

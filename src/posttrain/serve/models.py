@@ -99,10 +99,10 @@ def check_lora_dir(adapter_dir: str):
         raise ConfigError(f"adapter: '{adapter_dir}' is not a PEFT adapter directory (no adapter_config.json)")
     try:
         config = PeftConfig.from_pretrained(adapter_dir)
+        kind = config.peft_type.value
     except Exception as e:  # not JSON, `{}`, unknown keys or peft_type: PEFT raises many kinds
         raise ConfigError(f"adapter: {config_path} is not a valid PEFT adapter config ({type(e).__name__}: "
                           f"{str(e)[:200]})") from None
-    kind = config.peft_type.value
     if kind != "LORA":
         raise ConfigError(f"adapter: '{adapter_dir}' is a {kind} adapter; serve loads LoRA/DoRA adapters only")
     return config
