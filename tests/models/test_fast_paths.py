@@ -356,6 +356,28 @@ def _tiny_adapter_model(tiny_model_dir, method: str, mixed_precision: str, compu
     return model
 
 
+def test_qlora_training_after_an_inference_forward_keeps_the_4bit_base(tiny_model_dir):
+    """bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel (AVX512-BF16 CPUs, eval mode, no
+    gradients: a rollout or an evaluation), a layout dequantize_4bit misreads. A training forward after such a
+    forward (the merged LoRA path) must still compute with the right base: the same logits as before it. On this
+    project's AVX512-BF16 machine this failed (logits 0.1+ off) until models.loading.keep_4bit_layout."""
+    pytest.importorskip("bitsandbytes")
+    model = _tiny_adapter_model(tiny_model_dir, "qlora", "no", compute_dtype="float32", lora_b_std=0.05)
+    ids = torch.randint(100, 5000, (1, 600))  # long enough for the merged path
+    model.train()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids[:, :5])  # an inference forward: where bitsandbytes would repack
+    model.train()
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    assert not any(getattr(getattr(m, "weight", None), "quant_state", None) is not None
+                   and getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules())
+
+
 def _bf16_autocast_step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and fp32 gradients of one SFT forward+backward under CPU bf16 autocast."""
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -44,8 +44,9 @@ def _lora_model(model_dir, seed=0):
     return model.eval()
 
 
-def _sampler(tok, model_dir, tmp, method, rank=8):
-    return VLLMRolloutSampler(tok, model_path=str(model_dir), section=VLLMSection(memory=0.1, dtype="float32"),
+def _sampler(tok, model_dir, tmp, method, rank=8, lora_sync="adapter"):
+    return VLLMRolloutSampler(tok, model_path=str(model_dir),
+                              section=VLLMSection(memory=0.1, dtype="float32", lora_sync=lora_sync),
                               method=method, lora_rank=rank, mixed_precision="no", max_model_len=256, seed=0,
                               sync_dir=str(tmp / "sync"), eos_token_ids=[tok.eos_token_id])
 
@@ -114,6 +115,27 @@ def test_a_lora_update_reaches_vllm_only_through_sync(lora_setup, prompts):
 
 
 @pytest.mark.slow
+def test_merged_lora_sync_pushes_base_plus_delta(tok, vllm_model_dir, prompts, tmp_path):
+    """lora_sync=merged (the CPU default): vLLM gets base + scale * B A as plain weights; the trainer's model keeps
+    its unmerged adapter."""
+    model = _lora_model(vllm_model_dir, seed=3)
+    sampler = _sampler(tok, vllm_model_dir, tmp_path, "lora", lora_sync="merged")
+    try:
+        assert sampler.lora_sync == "merged"
+        s = Sampling(max_new_tokens=10, temperature=1.0)
+        sampler.sync(model, 0)
+        assert _gap(model, prompts, sampler.generate(model, prompts, 2, s, seeds=[1, 2, 3])) < TOL
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p.mul_(-2.0)
+        sampler.sync(model, 1)
+        assert _gap(model, prompts, sampler.generate(model, prompts, 2, s, seeds=[1, 2, 3])) < TOL
+        assert any("lora_A" in n for n, _ in model.named_parameters())  # not merged into the trainer's model
+    finally:
+        sampler.close()
+
+
 def test_top_k_top_p_logprobs_are_the_truncated_distribution(tmp_path):
     """sample_logprobs is log q under the distribution sampled from (top-k/top-p, renormalised): the behaviour
     policy of the importance-sampling correction; the built-in engine reports the same quantity. On the embedded

@@ -48,12 +48,13 @@ def losses(result) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in result.fit.history}
 
 
-def test_grpo_lora_with_vllm_syncs_every_step_and_the_gap_is_numerical(vllm_model_dir, rl_files, tmp_path):
+@pytest.mark.parametrize("lora_sync", ["adapter", "merged"])
+def test_grpo_lora_with_vllm_syncs_every_step_and_the_gap_is_numerical(lora_sync, vllm_model_dir, rl_files, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "grpo"
-    result = run("grpo", vllm_model_dir, rl_files, out, "max_steps=4")
+    result = run("grpo", vllm_model_dir, rl_files, out, "max_steps=4", f"rollout.vllm.lora_sync={lora_sync}")
     assert result.stopped is None and result.fit.steps == 4
     history = result.fit.history
     for h in history:
@@ -88,6 +89,14 @@ def test_grpo_full_finetuning_pushes_the_weights(vllm_model_dir, rl_files, tmp_p
     # after step 1 the weights moved: a small gap at steps 2-3 means vLLM got the new weights
     assert all(h["rollout/logp_gap"] < 1e-3 for h in result.fit.history)
     assert result.fit.history[-1]["kl"] > 0
+
+
+def test_grpo_qlora_merged_samples_from_the_4bit_base(vllm_model_dir, rl_files, tmp_path):
+    """QLoRA with lora_sync=merged: vLLM gets the dequantised 4-bit base plus the delta, i.e. the trainer's policy
+    (with lora_sync=adapter its base would be the unquantised model)."""
+    result = run("grpo", vllm_model_dir, rl_files, tmp_path / "q", "method=qlora", "max_steps=2",
+                 "rollout.vllm.lora_sync=merged", "qlora.compute_dtype=float32")
+    assert all(h["rollout/logp_gap"] < 1e-3 for h in result.fit.history)
 
 
 def test_ppo_with_vllm_runs_with_the_correction(vllm_model_dir, rl_files, tmp_path):
@@ -128,12 +137,12 @@ def test_grpo_with_vllm_improves_heldout_arithmetic(tmp_path):
 
     for split, n in (("train", 96), ("test", 32)):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, split, 0)))
-    steps = 8
+    steps = 5
     cfg = load_config("grpo", None, [
         "model=smollm2-135m", "method=lora", "lora.r=16", "lora.alpha=32", f"data.train={tmp_path / 'train.jsonl'}",
         f"data.eval={tmp_path / 'test.jsonl'}", f"output_dir={tmp_path / 'out'}", "tensorboard=false", "precision=fp32",
-        f"max_steps={steps}", "lr=2e-4", "batch_size=4", "grad_accum=2", "num_generations=8", "rollout_batch_size=8",
-        "max_prompt_length=128", "sampling.max_new_tokens=24", "sampling.temperature=0.8", "beta=0.04",
+        f"max_steps={steps}", "lr=3e-4", "batch_size=4", "grad_accum=2", "num_generations=8", "rollout_batch_size=8",
+        "max_prompt_length=128", "sampling.max_new_tokens=16", "sampling.temperature=0.8", "beta=0.04",
         "rewards=[{function: numeric_match}]", f"guards.every={steps}", "rollout.engine=vllm", "rollout.vllm.memory=0.1"])
     result = importlib.import_module("posttrain.stages.grpo").train(cfg)
     before = result.fit.history[0]["heldout/reward"]  # step 0: the base model (LoRA B = 0)

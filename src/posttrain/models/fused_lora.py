@@ -37,21 +37,26 @@ import torch.nn.functional as F
 MIN_TOKENS_PER_RANK = 32
 
 
-def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) base weight in ``dtype``; a bitsandbytes 4-bit weight is dequantized (as its own matmul
-    does in every forward and backward)."""
+    does in every forward and backward). ``dequantize_4bit`` misreads a weight that bitsandbytes repacked for its CPU
+    inference kernel (``packing_format_for_cpu``; models.loading.keep_4bit_layout prevents it): such a weight is
+    put back in the standard layout first."""
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight
     import bitsandbytes.functional as bnbF
 
+    if getattr(state, "packing_format_for_cpu", False):  # repacked by a model loaded without keep_4bit_layout
+        weight.data, weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(weight.data, state)  # as bnb's save does
+        state = weight.quant_state
     return bnbF.dequantize_4bit(weight.data, state).to(dtype)
 
 
 class _MergedLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
-        merged = torch.addmm(_dense(weight, x.dtype), lora_b, lora_a, alpha=scaling)  # (out, in) = W + s B A
+        merged = torch.addmm(dense_weight(weight, x.dtype), lora_b, lora_a, alpha=scaling)  # (out, in) = W + s B A
         ctx.save_for_backward(x, lora_a, lora_b)
         ctx.weight = weight  # a frozen parameter (possibly 4-bit): kept by reference, never copied
         ctx.scaling = scaling
@@ -66,7 +71,7 @@ class _MergedLoRALinear(torch.autograd.Function):
         dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         dx = da = db = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = (dy @ torch.addmm(_dense(ctx.weight, x.dtype), lora_b, lora_a, alpha=s)).view(x.shape)
+            dx = (dy @ torch.addmm(dense_weight(ctx.weight, x.dtype), lora_b, lora_a, alpha=s)).view(x.shape)
         if ctx.needs_input_grad[3]:
             da = (dy @ lora_b).mul_(s).t() @ x2  # (r, in)
         if ctx.needs_input_grad[4]:

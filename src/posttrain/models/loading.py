@@ -165,7 +165,7 @@ def load_causal_lm(
         # the head is new by design (initialised here, then trained, or loaded from the reward adapter).
         hf_logging.set_verbosity_error()
     try:
-        return auto.from_pretrained(
+        model = auto.from_pretrained(
             path,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
@@ -173,6 +173,9 @@ def load_causal_lm(
             attn_implementation=attn_implementation,
             **kwargs,
         )
+        if quantization_config is not None:
+            keep_4bit_layout(model)
+        return model
     except OSError as e:
         raise PosttrainError(f"model: could not load '{spec}': {e}") from e
     except ValueError as e:
@@ -183,6 +186,23 @@ def load_causal_lm(
                              "or eager") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' 4-bit weights in their one storage layout; returns the layers changed.
+
+    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a Linear4bit's weight in place for its CPU inference kernel
+    the first time the layer runs in eval mode without gradients (a rollout, an evaluation). ``dequantize_4bit`` and
+    PEFT's ``dequantize_module_weight`` then misread the packed weight (measured: 0.13 off on a random layer), and
+    both serve training: the merged LoRA path (models/fused_lora.py) and the vLLM merged sync. A QLoRA GRPO step
+    after a rollout trained against a wrong base until this was set; the layers now keep the layout every path
+    reads (bitsandbytes' standard CPU matmul)."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

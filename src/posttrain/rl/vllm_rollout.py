@@ -4,9 +4,13 @@ on a vLLM engine, colocated in the training process or a separate server (:mod:`
 **Weight sync.** Before the first rollout of every step (:meth:`VLLMRolloutSampler.sync`, called by the RL
 objective with the step number), vLLM is given the trainer's current weights:
 
-- LoRA / QLoRA: the adapter's tensors are written as a PEFT adapter folder (``sync_dir/v<N>``, only the trainable
-  tensors, a few MB) and loaded into vLLM under a new LoRA id; the base weights never move and nothing is merged.
-  QLoRA's base in vLLM is the unquantised model: the log-prob gap this leaves is measured and corrected for below.
+- LoRA / QLoRA, ``rollout.vllm.lora_sync=adapter`` (the default on CUDA): the adapter's tensors are written as a
+  PEFT adapter folder (``sync_dir/v<N>``, only the trainable tensors, a few MB) and loaded into vLLM under a new
+  LoRA id; the base weights never move and nothing is merged. QLoRA's base in vLLM is the unquantised model: the
+  log-prob gap this leaves is measured and corrected for below.
+- LoRA / QLoRA, ``lora_sync=merged`` (the default on a CPU, where vLLM's LoRA path is 6x slower than its plain one):
+  ``base + scale * B A`` is computed per layer (the trainer's model is not touched; QLoRA's base dequantised, so
+  vLLM samples from the trainer's own 4-bit base) and pushed as full weights, as for full fine-tuning.
 - Full fine-tuning: every weight is pushed. Colocated, vLLM's ``reload_weights`` reads the trainer's tensors
   directly (copied into vLLM's own layout, no file); in server mode they are written as one safetensors file that
   the server reloads.
@@ -48,6 +52,51 @@ from posttrain.vllm_backend import (
 )
 
 
+def checkpoint_names(model_path: str) -> set[str]:
+    """The tensor names in a model folder's safetensors files (read from their headers), or an empty set."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def resolve_lora_sync(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return "adapter" if torch.cuda.is_available() else "merged"
+
+
+@torch.no_grad()
+def merged_weights(peft_model):
+    """(Hugging Face name, tensor) of every weight of ``base + scale * B A``, without touching the model: each LoRA
+    layer's base weight (dequantised for QLoRA, so vLLM samples from the trainer's own 4-bit base) plus its delta,
+    and every other parameter as it is."""
+    from peft.tuners.lora import LoraLayer
+
+    from posttrain.models.fused_lora import dense_weight
+
+    base = peft_model.get_base_model()
+    lora_prefixes: list[str] = []
+    for name, module in base.named_modules():
+        if any(name.startswith(p) for p in lora_prefixes):
+            continue  # lora_A/lora_B/base_layer inside a LoRA layer
+        if isinstance(module, LoraLayer):
+            lora_prefixes.append(name + ".")
+            inner = module.get_base_layer()
+            weight = dense_weight(inner.weight, torch.float32).detach()
+            if "default" in module.lora_A:
+                weight = weight + module.get_delta_weight("default").float()
+            yield f"{name}.weight", weight
+            if getattr(inner, "bias", None) is not None:
+                yield f"{name}.bias", inner.bias.detach()
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            yield (f"{name}.{pname}" if name else pname), param.detach()
+
+
 class VLLMRolloutSampler:
     """``generate(model, prompt_ids, n, sampling, seeds=...)`` on vLLM, after :meth:`sync` gave it the weights."""
 
@@ -59,15 +108,18 @@ class VLLMRolloutSampler:
         self.tokenizer = tokenizer
         self.section = section
         self.lora = method in ("lora", "qlora")
+        self.lora_sync = resolve_lora_sync(section.lora_sync) if self.lora else "full"
         self.eos_ids = sorted({int(e) for e in eos_token_ids if e is not None})
         self.sync_root = Path(sync_dir)
+        self.checkpoint_names = checkpoint_names(model_path)
         self.stats = RolloutStats()
         self.sync_seconds = 0.0  # of the last sync
         self.syncs = 0
         self._synced_step: int | None = None
         self._version = 0
         kw = engine_kwargs(model_path, section, dtype=resolve_dtype(section.dtype, mixed_precision),
-                           max_model_len=max_model_len, seed=seed, lora_rank=lora_rank if self.lora else None,
+                           max_model_len=max_model_len, seed=seed,
+                           lora_rank=lora_rank if self.lora_sync == "adapter" else None,
                            trust_remote_code=trust_remote_code)
         t0 = time.perf_counter()
         if section.mode == "colocate":
@@ -87,10 +139,13 @@ class VLLMRolloutSampler:
         t0 = time.perf_counter()
         inner = _causal_lm(model)
         self._version += 1
-        if self.lora:
+        if self.lora_sync == "adapter":
             self._sync_lora(inner)
+        elif self.lora_sync == "merged":
+            check_adapter(getattr(inner, "peft_config", {}).get("default"))
+            self._push(merged_weights(inner))
         else:
-            self._sync_full(inner)
+            self._push((name, p.detach()) for name, p in inner.named_parameters())
         self._synced_step = step
         self.sync_seconds = time.perf_counter() - t0
         self.syncs += 1
@@ -112,8 +167,11 @@ class VLLMRolloutSampler:
         self.engine.use_lora(f"policy-v{self._version}", self._version, str(folder))
         prune_sync_dirs(self.sync_root, keep=2)
 
-    def _sync_full(self, model) -> None:
-        named = ((name, p.detach()) for name, p in model.named_parameters())
+    def _push(self, named) -> None:
+        """Every weight of the model, in Hugging Face names (vLLM reloads fused modules whole); what the model's
+        checkpoint does not hold (PPO's value head) stays out."""
+        if self.checkpoint_names:
+            named = ((n, t) for n, t in named if n in self.checkpoint_names)
         if isinstance(self.engine, ColocatedEngine):
             self.engine.load_weights(named)
         else:
