@@ -21,6 +21,11 @@
 #   VARLEN_AB  1 (default): also run posttrain LoRA with per-span SDPA instead of the varlen kernel (per-span/)
 #   DEVICE   cuda (default); cpu only to try this script's steps on a machine without a GPU
 #   SHARDING 1 (default): also run benchmarks/sharding.py (DDP vs FSDP2 vs FSDP2 + CPU offload, one process)
+#   VLLM     1 (default): when `import vllm` works in this Python (the machine's own vLLM, or one from WHEELS: a
+#            CUDA build matching the machine's torch, e.g. vllm 0.32.0 for torch 2.13; this script does not
+#            install it, since the wheel and its CUDA torch are several GB), also run GRPO with rollout.engine=vllm
+#            (colocated, lora_sync=adapter: vLLM's punica LoRA kernels) next to the built-in engine and TRL with
+#            and without its vLLM colocate mode: benchmarks/grpo_throughput.py, results in $OUT/grpo-vllm.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -181,6 +186,17 @@ if [ "${GRPO:-1}" = "1" ]; then
     timeout 240 "$PY" benchmarks/grpo_throughput.py --device "$DEVICE" --model "$MODEL" --steps 3 \
         --prompts-per-step 8 --num-generations 8 --max-new-tokens 64 --out "$OUT/grpo.json" || echo "grpo benchmark failed"
     if [ -d "$OUT/grpo-runs" ]; then tar -czf "$OUT/grpo-runs.tar.gz" -C "$OUT" grpo-runs && rm -rf "$OUT/grpo-runs"; fi
+fi
+if [ "${VLLM:-1}" = "1" ]; then
+    if "$PY" -c "import vllm" 2>/dev/null; then
+        elapsed "grpo with vLLM rollouts: posttrain builtin vs vllm, TRL with and without use_vllm"
+        timeout 420 "$PY" benchmarks/grpo_throughput.py --device "$DEVICE" --model "$MODEL" --steps 3 --parts grpo \
+            --contenders posttrain,posttrain-vllm,trl,trl-vllm --prompts-per-step 8 --num-generations 8 \
+            --max-new-tokens 128 --out "$OUT/grpo-vllm.json" || echo "grpo vllm benchmark failed"
+        if [ -d "$OUT/grpo-vllm-runs" ]; then tar -czf "$OUT/grpo-vllm-runs.tar.gz" -C "$OUT" grpo-vllm-runs && rm -rf "$OUT/grpo-vllm-runs"; fi
+    else
+        echo "vLLM is not importable in $PY: the vLLM GRPO case is skipped (see VLLM above)"
+    fi
 fi
 if [ "${SHARDING:-1}" = "1" ]; then
     # FSDP2 on one GPU proves the CUDA path of distributed.strategy=fsdp (sharding over one process, CPU offload)

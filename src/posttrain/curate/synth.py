@@ -62,6 +62,7 @@ class TeacherSection:
     retries: int = opt(3, "Retries of a timed-out, 429 or 5xx request (exponential backoff).")
     timeout: float = opt(120.0, "Seconds per endpoint request.")
     batch_size: int = opt(8, "Local teacher: prompts generated together.")
+    engine: Literal["builtin", "vllm"] = opt("builtin", "Local teacher: what generates: builtin = posttrain's own decoding loop; vllm = a vLLM engine in this process (`make vllm`; an adapter is merged into vLLM's copy of the weights).")
     trust_remote_code: bool = opt(False, "Local teacher: allow the model repository to run its own code.")
 
 
@@ -191,8 +192,11 @@ class LocalTeacher:
         from posttrain.rl.rollout import RolloutSampler, Sampling
 
         self.model, self.tokenizer = load_model_and_tokenizer(t.model, t.adapter, t.trust_remote_code)
-        self.sampler = RolloutSampler(self.tokenizer, prompts_per_batch=t.batch_size,
-                                    eos_token_ids=eos_token_ids(self.tokenizer, self.model))
+        eos = eos_token_ids(self.tokenizer, self.model)
+        if t.engine == "vllm":
+            self.sampler = _vllm_teacher(t, self.tokenizer, self.model, eos, sampling)
+        else:
+            self.sampler = RolloutSampler(self.tokenizer, prompts_per_batch=t.batch_size, eos_token_ids=eos)
         self.sampling = Sampling(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p)
         self.errors: Counter = Counter()
 
@@ -208,7 +212,29 @@ class LocalTeacher:
         return [texts[i * n : (i + 1) * n] for i in range(len(conversations))]
 
     def close(self):
-        pass
+        self.sampler.close()
+
+
+def _vllm_teacher(t: TeacherSection, tokenizer, model, eos: list[int], sampling: SynthSampling):
+    """The vLLM engine as a local teacher: the model's weights (with its adapter merged, never in the model itself)
+    pushed once."""
+    import tempfile
+
+    from posttrain.models.loading import resolve_model
+    from posttrain.rl.vllm_rollout import VLLMRolloutSampler
+    from posttrain.vllm_backend import VLLMSection
+
+    sampler = VLLMRolloutSampler(
+        tokenizer, model_path=resolve_model(t.model), section=VLLMSection(lora_sync="merged"),
+        method="lora" if t.adapter else "full", lora_rank=16, mixed_precision="no",
+        max_model_len=min(getattr(model.config, "max_position_embeddings", 4096) or 4096, 4096), seed=0,
+        sync_dir=tempfile.mkdtemp(prefix="posttrain-teacher-"), eos_token_ids=eos,
+        trust_remote_code=t.trust_remote_code)
+    if t.adapter:
+        sampler.sync(model, 0)  # vLLM loaded the base: only an adapter changes the weights
+    else:
+        sampler.assume_synced()
+    return sampler
 
 
 def make_teacher(cfg: SynthConfig) -> Teacher:

@@ -132,6 +132,11 @@ class VLLMRolloutSampler:
         self.start_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------ weights
+    def assume_synced(self) -> None:
+        """vLLM already holds the model's weights (it loaded them from ``model_path`` and nothing changed them):
+        generate without a first sync."""
+        self.syncs = max(self.syncs, 1)
+
     def sync(self, model: torch.nn.Module, step: int | None) -> None:
         """Give vLLM the trainer's weights, once per ``step`` (None: always)."""
         if step is not None and step == self._synced_step:
