@@ -389,3 +389,45 @@ def test_hot_swap_while_a_request_is_in_flight(srv, loop_registry, adapters, slo
     while len(srv.registry.loaded_adapters()) != 2:  # ...then v0 leaves the engine
         assert time.time() < deadline, srv.registry.loaded_adapters()
         time.sleep(0.02)
+
+
+def test_cli_serve_engine_vllm(model_dir, tmp_path):
+    """`posttrain serve engine=vllm` from the command line, in its own process, answers the official client."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, POSTTRAIN_API_KEY="cli-key")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posttrain", "serve", "engine=vllm", f"model={model_dir}", "model_name=tiny",
+         f"port={port}", f"db=sqlite:///{tmp_path / 'fb.db'}", "vllm.memory=0.1", "log_level=warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("engine") == "vllm":
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=5)
+        assert r.choices[0].message.content is not None and r.usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -44,6 +44,12 @@ def reload(method: str, out: Path):
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.float32)
         base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb, dtype=torch.float32, device_map={"": "cpu"})
+        # On an AVX512-BF16 CPU bitsandbytes would answer an inference forward with its bf16 kernel (0.38 logits off
+        # the fp32 computation, measured); posttrain keeps the fp32 path training uses (models.loading), so the
+        # reload is compared in that same computation.
+        from posttrain.models.loading import keep_4bit_layout
+
+        keep_4bit_layout(base)
     else:
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     return PeftModel.from_pretrained(base, out)

@@ -151,3 +151,21 @@ def test_grpo_with_vllm_improves_heldout_arithmetic(tmp_path):
           [(h["step"], round(h["reward"], 3), round(h["rollout/logp_gap"], 5)) for h in result.fit.history])
     assert after >= before + 3 / 32, (before, after)  # at least 3 more of 32 held-out problems right
     assert all(h["rollout/logp_gap"] < 1e-3 for h in result.fit.history)
+
+
+def test_cli_grpo_with_vllm(vllm_model_dir, rl_files, tmp_path):
+    """`posttrain grpo ... rollout.engine=vllm` from the command line, in its own process."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain", "grpo", f"model={vllm_model_dir}", f"data.train={rl_files / 'prompts.jsonl'}",
+         f"output_dir={out}", "tensorboard=false", "precision=fp32", "batch_size=2", "num_generations=4",
+         "sampling.max_new_tokens=6", "max_steps=2", "guards.every=0", "rollout.engine=vllm", "rollout.vllm.memory=0.1",
+         f"rewards=[{{function: '{rl_files / 'my_rewards.py'}:length_mod'}}]"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "rollout engine: vLLM ready in" in proc.stdout and "done: 2 steps" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/rollout/sync_seconds" in r] == [1, 2]
