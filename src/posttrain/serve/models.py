@@ -126,7 +126,8 @@ def load_versions(registry, cfg: ServeConfig) -> None:
 
 class VersionTable:
     """Public names -> loaded adapter versions, and the leases on them: what both engines share. A subclass has a
-    ``worker`` with ``wake()`` (run its between-steps cleanup soon)."""
+    ``worker`` with ``start()``, ``stop()``, ``submit(job)`` (QueueFull when full) and ``wake()`` (run its
+    between-steps cleanup soon)."""
 
     engine = "builtin"  # which generation engine runs (GET /health says)
 
@@ -164,6 +165,24 @@ class VersionTable:
                 assert lease.adapter.leases >= 0
         if lease.adapter is not None and lease.adapter.retired:
             self.worker.wake()
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    # ------------------------------------------------------------------------------------------ requests
+    def submit(self, lease: Lease, prompt_ids: list[int], sampling: RowSampling, emit: Callable[[Event], None]) -> Job:
+        """Queue a request on the version ``lease`` holds; the lease is released when the job ends, or now when the
+        queue is full (:class:`~posttrain.serve.worker.QueueFull`)."""
+        job = Job(prompt_ids, sampling, group=lease.adapter, emit=emit, lease=lease)
+        try:
+            self.worker.submit(job)
+        except QueueFull:
+            self.release(lease)
+            raise
+        return job
 
     def _check_name(self, name: str, version: str) -> None:
         if name == self.base_name:
@@ -220,25 +239,6 @@ class ModelRegistry(VersionTable):
                        seed=cfg.seed)
         load_versions(registry, cfg)
         return registry
-
-    # ------------------------------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        self.worker.start()
-
-    def stop(self) -> None:
-        self.worker.stop()
-
-    # ------------------------------------------------------------------------------------------ requests
-    def submit(self, lease: Lease, prompt_ids: list[int], sampling: RowSampling, emit: Callable[[Event], None]) -> Job:
-        """Queue a request on the version ``lease`` holds; the lease is released when the job ends, or now when the
-        queue is full (:class:`~posttrain.serve.worker.QueueFull`)."""
-        job = Job(prompt_ids, sampling, group=lease.adapter, emit=emit, lease=lease)
-        try:
-            self.worker.submit(job)
-        except QueueFull:
-            self.release(lease)
-            raise
-        return job
 
     # ------------------------------------------------------------------------------------------ hot swap
     def set_version(self, name: str, adapter_dir: str, version: str) -> str | None:

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any
 from posttrain.errors import ConfigError
 from posttrain.serve.decode import GREEDY_BELOW, Delta, Event, Failed, Finished, Job, RowSampling, TextStream
 from posttrain.serve.models import (
-    Lease,
     LoadedAdapter,
     VersionTable,
     _dtype,
@@ -383,25 +382,6 @@ class VLLMModelRegistry(VersionTable):
             registry.stop()
             raise
         return registry
-
-    # ------------------------------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        self.worker.start()
-
-    def stop(self) -> None:
-        self.worker.stop()
-
-    # ------------------------------------------------------------------------------------------ requests
-    def submit(self, lease: Lease, prompt_ids: list[int], sampling: RowSampling, emit: Callable[[Event], None]) -> Job:
-        """Queue a request on the version ``lease`` holds; the lease is released when the job ends, or now when the
-        queue is full (:class:`~posttrain.serve.worker.QueueFull`)."""
-        job = Job(prompt_ids, sampling, group=lease.adapter, emit=emit, lease=lease)
-        try:
-            self.worker.submit(job)
-        except QueueFull:
-            self.release(lease)
-            raise
-        return job
 
     def _params(self, sampling: RowSampling):
         from vllm import SamplingParams
