@@ -232,10 +232,10 @@ class RLObjective:  # an engine.trainer.RolloutObjective
     # ------------------------------------------------------------------------------------------ engine hooks
     def rollout(self, model, examples: list[PromptExample], step: int):
         t0 = time.perf_counter()
-        synced = self.sampler.sync_seconds, getattr(self.sampler, "syncs", 0)
+        syncs = self.sampler.syncs
         completions = self.sample(model, examples, step)
         self._rollout_seconds = time.perf_counter() - t0
-        if getattr(self.sampler, "syncs", 0) != synced[1]:  # generation alone; the sync is logged apart
+        if self.sampler.syncs != syncs:  # generation alone; the sync is logged apart
             self._rollout_seconds -= self.sampler.sync_seconds
         totals, per_source = self.score(self.rewards, examples, completions)
         updates, kl_tokens = self.build_updates(model, examples, completions, totals, step)

@@ -114,7 +114,8 @@ class RolloutSampler:
     """Samples completions from a causal LM (or a PeftModel with LoRA) with the transformers backend."""
 
     engine_name = "builtin"
-    sync_seconds = 0.0
+    sync_seconds = 0.0  # this engine never syncs (see sync)
+    syncs = 0
 
     def __init__(self, tokenizer, *, prompts_per_batch: int = 16, eos_token_ids: list[int] | None = None):
         if tokenizer.pad_token_id is None:
