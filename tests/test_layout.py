@@ -108,9 +108,9 @@ LAYERS = [
     {"data", "models", "plan", "rewards", "openai_compat", "generation", "vllm_backend"},
     {"engine"},
     {"rl"},
-    {"curate", "feedback", "loop.registry"},
+    {"curate", "feedback", "loop.registry", "evals"},
     {"stages", "serve"},
-    {"commands", "loop"},
+    {"commands", "loop", "pipeline"},
     {"cli", "__main__"},
 ]
 

@@ -54,6 +54,20 @@ def test_simpo_matches_hand_value_and_never_reads_the_reference():
     assert float(again) == float(loss)
 
 
+def test_rpo_adds_alpha_times_the_chosen_mean_nll_per_token():
+    tokens_c, tokens_r = torch.tensor([5.0, 2.0], dtype=torch.float64), torch.tensor([4.0, 4.0], dtype=torch.float64)
+    loss, metrics = dpo_loss(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, beta=0.1, chosen_tokens=tokens_c,
+                             rejected_tokens=tokens_r, rpo_alpha=0.5)
+    # DPO's two pair losses (hand values above) + 0.5 * (10/5 + 5/2)
+    assert float(loss) == pytest.approx(sum(HAND[("sigmoid", 0.0)]) + 0.5 * (2.0 + 2.5), rel=1e-12)
+    assert float(metrics["nll/chosen"]) == pytest.approx(4.5)
+    # its gradient raises the chosen log-prob even where DPO's alone is satisfied
+    chosen = CHOSEN.clone().requires_grad_(True)
+    dpo_loss(chosen, REJECTED - 100, REF_CHOSEN, REF_REJECTED, beta=0.1, chosen_tokens=tokens_c,
+             rejected_tokens=tokens_r, rpo_alpha=1.0)[0].backward()
+    assert (chosen.grad < 0).all()
+
+
 @pytest.mark.parametrize("loss_type", DPO_LOSSES)
 def test_every_preference_loss_pushes_chosen_up_relative_to_rejected(loss_type):
     chosen = torch.tensor([-10.0, -7.0], dtype=torch.float64, requires_grad=True)

@@ -75,6 +75,7 @@ def dpo_loss(
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     simpo_gamma: float = 0.5,
+    rpo_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DPO family on a batch of B pairs. With the policy/reference log-ratio margin
 
@@ -94,6 +95,11 @@ def dpo_loss(
     - ``simpo``: SimPO, Meng et al. 2024, reference-free and length-normalised:
       -log sigma(beta (log pi(y_w|x)/|y_w| - log pi(y_l|x)/|y_l|) - gamma), gamma = ``simpo_gamma``. Needs
       ``chosen_tokens``/``rejected_tokens`` (target tokens per sequence); the reference is never read.
+
+    With ``rpo_alpha`` a > 0, every pair's loss also gets a times the chosen response's mean negative log-likelihood
+    per token, -log pi(y_w|x) / |y_w| (RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization", the
+    DPO+NLL loss; TRL's ``rpo_alpha``): DPO alone can widen the margin by pushing both responses down, and the NLL
+    term keeps the chosen one likely. Needs ``chosen_tokens``.
 
     Metrics (sums over the pairs): ``rewards/chosen`` = beta (log pi - log pi_ref) of y_w (for SimPO the
     length-normalised beta log pi), ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracy`` (chosen
@@ -124,6 +130,11 @@ def dpo_loss(
             losses = torch.relu(1 - beta * h)
         chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
         kl = ((chosen_ratio + rejected_ratio) / 2).detach()
+    nll = None
+    if rpo_alpha > 0:
+        assert chosen_tokens is not None, "rpo_alpha needs chosen_tokens"
+        nll = -chosen_logps / chosen_tokens
+        losses = losses + rpo_alpha * nll
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     metrics = {
         "rewards/chosen": chosen_rewards.sum(),
@@ -135,6 +146,8 @@ def dpo_loss(
     }
     if kl is not None:
         metrics["kl"] = kl.sum()
+    if nll is not None:
+        metrics["nll/chosen"] = nll.detach().sum()
     return losses.sum(), metrics
 
 

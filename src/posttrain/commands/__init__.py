@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 COMMANDS = ("sft", "rm", "dpo", "kto", "grpo", "ppo", "score", "generate", "chat", "merge", "eval", "plan", "serve",
-            "data", "feedback", "loop", "rollback")
+            "data", "feedback", "loop", "rollback", "pipeline", "compare")
 
 
 def command(name: str) -> ModuleType:

@@ -23,6 +23,7 @@ class DPOConfig(TrainConfig):
     beta: float = opt(0.1, "Strength of the KL anchor to the reference (DPO's beta); SimPO's reward scale (its paper uses 2-2.5).")
     label_smoothing: float = opt(0.0, "Assumed rate of flipped preference labels, in [0, 0.5): conservative DPO (sigmoid) or robust DPO (robust).")
     simpo_gamma: float = opt(0.5, "SimPO's target reward margin gamma.")
+    rpo_alpha: float = opt(0.0, "Add rpo_alpha x the chosen response's mean NLL per token to each pair's loss (RPO / DPO+NLL, Pang et al. 2024; TRL's rpo_alpha): keeps the chosen answers likely while the margin grows. 0 = off; ~1 is the paper's.")
     precompute_ref: bool = opt(False, "Compute the reference log-probs once before training (with the initial model) and cache them in output_dir: one forward pass per step instead of two, and no reference copy in memory.")
 
     def validate(self) -> None:
@@ -31,6 +32,8 @@ class DPOConfig(TrainConfig):
             raise ConfigError(f"beta: must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"rpo_alpha: must be >= 0, got {self.rpo_alpha}")
         if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
             raise ConfigError(f"label_smoothing: only used by loss sigmoid or robust, not {self.loss}")
 

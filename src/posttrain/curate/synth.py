@@ -39,6 +39,7 @@ from typing import Literal, Protocol
 
 from posttrain.config import build_config, opt, section
 from posttrain.curate.clean import CleanConfig
+from posttrain.data.prompts import prompt_rows
 from posttrain.errors import ConfigError, DataError
 
 SELF_INSTRUCT_MAX_SIMILARITY = 0.7  # Wang et al. 2023, section 2.3
@@ -374,23 +375,6 @@ def synth_sft(cfg: SynthConfig, teacher: Teacher, journal: Journal, progress: bo
 
 
 # --------------------------------------------------------------------------------------------- preference
-def _load_prompts(path: str) -> list[tuple[object, dict]]:
-    from posttrain.data.io import read_records
-    from posttrain.data.prompts import normalize_prompt
-
-    out = []
-    for rec in read_records(path):
-        if rec.error:
-            raise DataError(rec.where, rec.error)
-        try:
-            out.append(normalize_prompt(rec.data))
-        except ValueError as e:
-            raise DataError(rec.where, str(e)) from None
-    if not out:
-        raise DataError(path, "no prompts")
-    return out
-
-
 def _as_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
@@ -400,7 +384,7 @@ def synth_preference(cfg: SynthConfig, teacher: Teacher, rewards, journal: Journ
 
     from tqdm.auto import tqdm
 
-    prompts = _load_prompts(cfg.prompts)
+    prompts = prompt_rows(cfg.prompts)
     todo = [i for i in range(len(prompts)) if i not in journal.done]
     batch = max(1, (cfg.teacher.concurrency if cfg.teacher.base_url else cfg.teacher.batch_size) // cfg.num_samples)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="synth preference prompts", unit="prompt",

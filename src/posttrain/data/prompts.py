@@ -95,3 +95,22 @@ def prompts_from_file(path: str) -> list[list[dict]]:
         except ValueError as e:
             raise DataError(rec.where, str(e)) from e
     return prompts
+
+
+def prompt_rows(path: str | Path) -> list[tuple[str | list[dict], dict]]:
+    """Every row of a prompt file as (prompt, other columns), untokenized; the first invalid row raises
+    :class:`~posttrain.errors.DataError` naming its file and line (held-out sets are small and must be whole)."""
+    from posttrain.data.io import read_records
+    from posttrain.errors import DataError
+
+    out = []
+    for rec in read_records(str(path)):
+        if rec.error:
+            raise DataError(rec.where, rec.error)
+        try:
+            out.append(normalize_prompt(rec.data))
+        except ValueError as e:
+            raise DataError(rec.where, str(e)) from None
+    if not out:
+        raise DataError(str(path), "no prompts")
+    return out

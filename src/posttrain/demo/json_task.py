@@ -217,3 +217,18 @@ def evaluate(
         "n": len(rows),
         "samples": [(sentence_of(row), c) for row, c in zip(rows[:num_samples], completions, strict=False)],
     }
+
+
+def prompt_row(row: dict) -> dict:
+    """A held-out prompt row for the recipes' task evaluation: the conversation without its answer, plus the
+    reference ``record`` that :func:`field_reward` compares against."""
+    return {"prompt": row["messages"][:-1], "record": reference_of(row)}
+
+
+def field_reward(prompt, completion: str, record: dict, **row) -> float:
+    """Reward-function form of :func:`score`'s ``field_accuracy``: the share of the 4 fields the completion's
+    JSON object gets right (value and type); 0 when the completion is not a JSON object."""
+    parsed = parse_record(completion)
+    if parsed is None:
+        return 0.0
+    return sum(key in parsed and _same(parsed[key], record[key]) for key in KEYS) / len(KEYS)

@@ -16,6 +16,7 @@ Metrics (present when their data is configured):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from posttrain.config import opt
@@ -38,42 +39,60 @@ class GatesSection:
     max_new_tokens: int = opt(64, "Tokens per greedy held-out answer.")
 
 
+class Verdict:
+    """Gates collected one by one: each adds a line "pass: ..." or "FAIL: ..." with its numbers; ``ok`` is False
+    once any gate failed. Shared by the loop's promotion gates and the pipeline's stage gates."""
+
+    def __init__(self) -> None:
+        self.ok = True
+        self.reasons: list[str] = []
+
+    def gate(self, passed: bool, text: str) -> bool:
+        self.ok = self.ok and passed
+        self.reasons.append(("pass: " if passed else "FAIL: ") + text)
+        return passed
+
+    def gain(self, label: str, before: float, after: float, min_gain: float, higher: bool = True) -> bool:
+        """``after`` must beat ``before`` by more than ``min_gain`` (in the metric's better direction)."""
+        gain = (after - before) if higher else (before - after)
+        return self.gate(gain > min_gain, f"{label} {before:.3f} -> {after:.3f} (gain {gain:+.3f}, needs > {min_gain:+.3f})")
+
+    def drop(self, label: str, before: float, after: float, max_drop: float, higher: bool = True) -> bool:
+        """``after`` may be worse than ``before`` by at most ``max_drop`` (absolute)."""
+        drop = (before - after) if higher else (after - before)
+        return self.gate(drop <= max_drop, f"{label} {before:.3f} -> {after:.3f} (drop {drop:+.3f}, at most {max_drop:.3f})")
+
+    def relative_rise(self, label: str, before: float, after: float, max_rise: float) -> bool:
+        """``after`` may exceed ``before`` by at most ``max_rise`` relative (0.05 = 5%)."""
+        rise = after / before - 1.0 if before else math.inf
+        return self.gate(rise <= max_rise, f"{label} {before:.3f} -> {after:.3f} ({rise:+.1%}, at most {max_rise:+.1%})")
+
+    def at_most(self, label: str, value: float, limit: float) -> bool:
+        return self.gate(value <= limit, f"{label} {value:.3f} (at most {limit:.3f})")
+
+
 def check(serving: dict, candidate: dict, g: GatesSection) -> tuple[bool, list[str]]:
     """(promote?, reasons): one line per gate, each saying pass or fail with the numbers."""
-    reasons: list[str] = []
-    ok = True
-
-    def gate(passed: bool, text: str) -> None:
-        nonlocal ok
-        ok = ok and passed
-        reasons.append(("pass: " if passed else "FAIL: ") + text)
-
+    v = Verdict()
     improved = False
     if "reward" in candidate:
-        gain = candidate["reward"] - serving["reward"]
         improved = True
-        gate(gain > g.min_reward_gain, f"held-out reward {serving['reward']:.3f} -> {candidate['reward']:.3f} "
-             f"(gain {gain:+.3f}, needs > {g.min_reward_gain:+.3f})")
+        v.gain("held-out reward", serving["reward"], candidate["reward"], g.min_reward_gain)
     if "preference_accuracy" in candidate:
-        gain = candidate["preference_accuracy"] - serving["preference_accuracy"]
         improved = True
-        gate(gain > g.min_preference_gain, f"held-out preference accuracy {serving['preference_accuracy']:.3f} -> "
-             f"{candidate['preference_accuracy']:.3f} (gain {gain:+.3f}, needs > {g.min_preference_gain:+.3f})")
+        v.gain("held-out preference accuracy", serving["preference_accuracy"], candidate["preference_accuracy"],
+               g.min_preference_gain)
     if not improved:
-        gate(False, "no improvement gate is configured (gates.prompts + gates.rewards, or gates.preference_data)")
+        v.gate(False, "no improvement gate is configured (gates.prompts + gates.rewards, or gates.preference_data)")
     if "perplexity" in candidate:
-        rise = candidate["perplexity"] / serving["perplexity"] - 1.0
-        gate(rise <= g.max_perplexity_increase, f"general perplexity {serving['perplexity']:.3f} -> "
-             f"{candidate['perplexity']:.3f} ({rise:+.1%}, at most {g.max_perplexity_increase:+.1%})")
+        v.relative_rise("general perplexity", serving["perplexity"], candidate["perplexity"], g.max_perplexity_increase)
     if "task_accuracy" in candidate:
-        drop = serving["task_accuracy"] - candidate["task_accuracy"]
-        gate(drop <= g.max_task_drop, f"fixed-task accuracy {serving['task_accuracy']:.3f} -> "
-             f"{candidate['task_accuracy']:.3f} (drop {drop:+.3f}, at most {g.max_task_drop:.3f})")
+        v.drop("fixed-task accuracy", serving["task_accuracy"], candidate["task_accuracy"], g.max_task_drop)
     if "mean_words" in candidate and serving.get("mean_words"):
         change = candidate["mean_words"] / serving["mean_words"] - 1.0
-        gate(abs(change) <= g.max_length_change, f"answer length {serving['mean_words']:.1f} -> "
-             f"{candidate['mean_words']:.1f} words ({change:+.0%}, at most +/-{g.max_length_change:.0%})")
+        v.gate(abs(change) <= g.max_length_change, f"answer length {serving['mean_words']:.1f} -> "
+               f"{candidate['mean_words']:.1f} words ({change:+.0%}, at most +/-{g.max_length_change:.0%})")
     if "duplicate_share" in candidate:
-        gate(candidate["duplicate_share"] <= g.max_duplicate_share, f"duplicate answers "
-             f"{candidate['duplicate_share']:.0%} (at most {g.max_duplicate_share:.0%})")
-    return ok, reasons
+        v.gate(candidate["duplicate_share"] <= g.max_duplicate_share, f"duplicate answers "
+               f"{candidate['duplicate_share']:.0%} (at most {g.max_duplicate_share:.0%})")
+    return v.ok, v.reasons

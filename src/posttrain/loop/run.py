@@ -98,9 +98,9 @@ def evaluate_version(model, tokenizer, g: GatesSection, cache: dict | None = Non
 
     def prompts_of(path):
         if path not in cache:
-            from posttrain.curate.synth import _load_prompts
+            from posttrain.data.prompts import prompt_rows
 
-            cache[path] = _load_prompts(path)
+            cache[path] = prompt_rows(path)
         return cache[path]
 
     def scored(path, rewards):

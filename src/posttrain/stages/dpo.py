@@ -61,7 +61,7 @@ class DPOObjective:
         return dpo_loss(
             logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
             beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-            chosen_tokens=tokens[:b], rejected_tokens=tokens[b:], simpo_gamma=cfg.simpo_gamma,
+            chosen_tokens=tokens[:b], rejected_tokens=tokens[b:], simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha,
         )
 
 
