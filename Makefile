@@ -9,7 +9,7 @@ VVENV  ?= .venv-vllm
 VBIN   := $(VVENV)/bin
 VSTAMP := $(VVENV)/.installed
 
-.PHONY: install dev demo demo-loop test test-fast test-vllm vllm lint clean
+.PHONY: install dev demo demo-full demo-loop test test-fast test-vllm vllm lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,13 @@ vllm: $(VSTAMP)
 install: $(STAMP)
 dev: $(DEVSTAMP)
 
+# The seed's second strategy as one recipe: SFT (brand voice) then DPO (safety), evaluated and gated after each stage.
 demo: $(STAMP)
-	$(BIN)/python -m posttrain.demo
+	$(BIN)/posttrain pipeline examples/recipes/brand_voice.yaml
+
+# All stages: SFT, DPO, then online RL (GRPO) on verifiable arithmetic problems.
+demo-full: $(STAMP)
+	$(BIN)/posttrain pipeline examples/recipes/adaptive_assistant.yaml
 
 # The live feedback loop: serve, a scripted user rates answers over HTTP, the loop trains, gates and promotes.
 demo-loop: $(STAMP)

@@ -19,7 +19,7 @@ def test_every_module_imports():
     names = [m.name for m in pkgutil.walk_packages(posttrain.__path__, prefix="posttrain.")]
     assert "posttrain.stages.sft" in names and "posttrain.engine.trainer" in names
     for name in names:
-        if name in ("posttrain.__main__", "posttrain.demo.__main__", "posttrain.docs"):
+        if name in ("posttrain.__main__", "posttrain.docs"):
             continue  # these run the CLI on import
         importlib.import_module(name)
 

@@ -15,13 +15,24 @@ from posttrain.errors import ConfigError
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as the Linux kernel reports them (empty elsewhere)."""
+    """The CPU's feature flags as the Linux kernel reports them (empty elsewhere).
+
+    ``POSTTRAIN_CPU_ISA=avx2`` hides the AVX-512 and AMX flags, so posttrain takes the path of a CPU without them
+    (fp32 under ``precision: auto``, no native bf16 kernel): with ``ATEN_CPU_CAPABILITY=avx2`` and
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` for PyTorch's own kernels, an AVX-512 machine then runs what an AVX2 one runs
+    (at its own clock speed), which is how the AVX2 timings in the README are taken on such a machine."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
-    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
-                           if line.startswith("flags")), []))
+    flags = frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                            if line.startswith("flags")), []))
+    isa = os.environ.get("POSTTRAIN_CPU_ISA", "").lower()
+    if isa == "avx2":
+        flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+    elif isa:
+        raise ConfigError(f"POSTTRAIN_CPU_ISA: expected 'avx2' (or unset), got {isa!r}")
+    return flags
 
 
 def cpu_has_native_bf16() -> bool:

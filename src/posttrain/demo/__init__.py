@@ -1,1 +1,1 @@
-"""``make demo`` and ``make demo-loop``: the embedded model trained end to end on small tasks that ship with posttrain."""
+"""The built-in tasks behind `make demo`, the shipped recipes (`examples/recipes/`) and `make demo-loop`: small tasks on the embedded model that ship with posttrain."""
