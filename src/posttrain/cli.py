@@ -68,11 +68,15 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def quiet_known_warnings() -> None:
-    """Silence library deprecation notices a user cannot act on (PEFT reads a transformers property that
-    transformers deprecated); posttrain's own messages are unaffected."""
+    """Silence library notices a user cannot act on (PEFT reads a transformers property that transformers
+    deprecated; bitsandbytes' hub kernel lookup); posttrain's own messages are unaffected."""
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes on AVX512-BF16 CPUs tries to fetch a kernel from the Hugging Face hub at import and logs a
+    # warning when it cannot (offline, or untrusted); its own CPU path is used either way.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,11 @@ def test_methods_and_configs_are_checked_before_training():
     assert spec.methods == ["lora", "prompt"] and spec.configs["prompt"].method == "prompt"
     assert spec.configs["lora"].output_dir.endswith("compare/lora")
     assert spec.evals.tasks == [{"name": "eval", "data": TINY}]  # default task: the eval loss on data.eval
+    spec = load_spec(str(Path(__file__).resolve().parents[2] / "examples" / "compare_json.yaml"), [])
+    assert spec.methods == ["full", "lora", "qlora", "prompt", "prefix"]
+    assert spec.configs["full"].lr == 2e-5 and spec.configs["lora"].lr == 1e-3 and spec.configs["prompt"].lr == 3e-2
+    with pytest.raises(ConfigError, match="method_overrides"):
+        load_spec(None, [f"data.train={TINY}", "method_overrides={lora2: {lr: 1}}"])
     with pytest.raises(ConfigError, match="methods: expected a list of distinct methods"):
         load_spec(None, [f"data.train={TINY}", "methods=[lora,lora]"])
     with pytest.raises(ConfigError, match="method full: lora.r: must be >= 1"):

@@ -176,6 +176,9 @@ def test_rerun_skips_finished_stages_and_an_edit_reruns_that_stage_and_the_later
     assert "data:image/png;base64," in html and "<table>" in html and (run / "report.png").stat().st_size > 10_000
     adapter_mtime = (run / "dpo" / "adapter_model.safetensors").stat().st_mtime_ns
 
+    dry = _run(recipe, "dpo.beta=0.25", "--dry-run")
+    assert dry.returncode == 0 and [line.split()[-1] for line in dry.stdout.splitlines()[1:]] == ["skipped]", "[runs]", "[runs]"]
+
     again = _run(recipe)
     assert again.returncode == 0 and _trained(again.stdout) == [], again.stdout[-3000:]
     assert again.stdout.count("unchanged since its last run: skipped") == 3 and "evaluate dpo: cached" in again.stdout

@@ -12,12 +12,14 @@ HELP = ("Train one SFT config under several methods (full, lora, qlora, prompt, 
 
 EPILOG = """keys (besides every `posttrain sft` key):
   methods=[full,lora,qlora,prompt,prefix]   the methods to compare (each from the base model)
+  method_overrides={full: {lr: 2e-5}}       keys one method gets on top of the shared config
   output_dir=runs/compare                   one sub-folder per method, and compare.md/.json/.png
   evals.*                                   as a recipe's evals section (`posttrain pipeline --help`); default: the
                                             eval loss on data.eval (when set), the built-in general questions,
                                             general text (perplexity, KL to the base model) and sycophancy probe
 
 examples:
+  posttrain compare examples/compare_json.yaml
   posttrain compare examples/sft_lora.yaml data.train=examples/recipes/data/json_train.jsonl max_steps=20
   posttrain compare examples/sft_lora.yaml methods=[lora,qlora] evals.limit=20
 """

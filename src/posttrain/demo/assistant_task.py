@@ -143,9 +143,10 @@ def voice_rows(split: str) -> list[dict]:
 REPLAY_STYLES = ("", " Answer in a few words.", " Be brief.", " One short sentence, please.", " Just the answer.")
 
 
-def replay_rows(n: int, avoid: list[str], seed: int = 1) -> list[dict]:
-    """``n`` general questions answered in the voice (concise_task's train facts), skipping every fact whose country,
-    capital or sum is mentioned in ``avoid`` (the evaluation sets' texts), so replay never teaches an eval answer."""
+def replay_rows(n: int, avoid: list[str], seed: int = 1, in_voice: bool = True) -> list[dict]:
+    """``n`` general questions answered in the voice (or plainly, ``in_voice=False``; concise_task's train facts),
+    skipping every fact whose country, capital or sum is mentioned in ``avoid`` (the evaluation sets' texts), so
+    replay never teaches an eval answer."""
     from posttrain.demo.concise_task import make_pairs
     from posttrain.evals.scoring import mentions
 
@@ -159,7 +160,8 @@ def replay_rows(n: int, avoid: list[str], seed: int = 1) -> list[dict]:
         question += REPLAY_STYLES[len(rows) % len(REPLAY_STYLES)]
         if any(r["messages"][0]["content"] == question for r in rows):
             continue
-        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": voice(answer)}]})
+        reply = voice(answer) if in_voice else answer
+        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]})
         if len(rows) == n:
             break
     return rows

@@ -28,13 +28,14 @@ from posttrain.methods import METHODS
 from posttrain.pipeline.run import STATE, _say, run_command
 
 DEFAULT_METHODS = list(METHODS)
-COMPARE_KEYS = {"methods", "evals"}
+COMPARE_KEYS = {"methods", "evals", "method_overrides"}
 
 
 @dataclass
 class CompareSpec:
     methods: list[str]
     values: dict  # the SFT config (output_dir = the comparison's folder)
+    overrides: dict  # method -> keys that method gets on top (e.g. a full fine-tuning learning rate)
     evals: EvalsSection
     base_dir: Path
     configs: dict  # method -> validated SFTConfig
@@ -60,6 +61,9 @@ def load_spec(path: str | None, overrides: list[str]) -> CompareSpec:
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not isinstance(methods, list) or not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
         raise ConfigError(f"methods: expected a list of distinct methods from {', '.join(METHODS)}, got {methods!r}")
+    overrides = values.pop("method_overrides", {}) or {}
+    if not isinstance(overrides, dict) or any(m not in METHODS or not isinstance(v, dict) for m, v in overrides.items()):
+        raise ConfigError(f"method_overrides: expected {{method: {{key: value}}}} with methods from {', '.join(METHODS)}, got {overrides!r}")
     evals = build(EvalsSection, values.pop("evals", {}) or {}, "evals.")
     values.setdefault("output_dir", "runs/compare")
     if not evals.tasks and (values.get("data") or {}).get("eval"):
@@ -67,18 +71,18 @@ def load_spec(path: str | None, overrides: list[str]) -> CompareSpec:
     evals.validate("evals")
     configs = {}
     for m in methods:
-        v = method_values(values, m)
+        v = method_values(values, m, overrides)
         try:
             cfg = build(command("sft").Config, v)
             cfg.validate()
         except ConfigError as e:
             raise ConfigError(f"method {m}: {e}") from None
         configs[m] = cfg
-    return CompareSpec(methods, values, evals, base_dir, configs)
+    return CompareSpec(methods, values, overrides, evals, base_dir, configs)
 
 
-def method_values(values: dict, method: str) -> dict:
-    v = copy.deepcopy(values)
+def method_values(values: dict, method: str, overrides: dict | None = None) -> dict:
+    v = _merge(copy.deepcopy(values), copy.deepcopy((overrides or {}).get(method, {})))
     v["method"] = method
     v["output_dir"] = str(Path(values["output_dir"]) / method)
     return v
@@ -149,7 +153,8 @@ def run(spec: CompareSpec) -> dict:
         for method in spec.methods:
             cfg = spec.configs[method]
             out = Path(cfg.output_dir)
-            seconds, peak = run_command(method, "sft", method_values(spec.values, method), root / STATE / f"{method}.yaml")
+            seconds, peak = run_command(method, "sft", method_values(spec.values, method, spec.overrides),
+                                        root / STATE / f"{method}.yaml")
             params, size = saved_weights(out)
             adapter = method != "full"
             model = load_for_inference(cfg.model if adapter else str(out), str(out) if adapter else None, cfg.trust_remote_code)

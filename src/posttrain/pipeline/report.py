@@ -41,6 +41,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _secs(s) -> str:
+    return "-" if s is None else f"{s:.0f}"
+
+
 def _mb(n) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f} MB"
 
@@ -136,11 +140,11 @@ def markdown(result: PipelineResult, png: Path | None) -> str:
     for r in result.records:
         s = plan.stage(r.name)
         ev = r.eval["seconds"] if r.eval else None
-        stage_rows.append([r.name, r.kind, s.values["method"], r.status, _fmt(None if r.seconds is None else round(r.seconds, 1)),
-                           _mb(r.peak_rss_bytes), _fmt(ev), "-" if r.gate is None else ("pass" if r.gate["ok"] else "FAIL")])
+        stage_rows.append([r.name, r.kind, s.values["method"], r.status, _secs(r.seconds),
+                           _mb(r.peak_rss_bytes), _secs(ev), "-" if r.gate is None else ("pass" if r.gate["ok"] else "FAIL")])
     lines += [_md_table(["stage", "kind", "method", "status", "train s", "peak memory", "eval s", "gates"], stage_rows), ""]
     base_s = result.base_eval["seconds"] if result.base_eval else None
-    lines += [f"Base model evaluation: {_fmt(base_s)} s. Train time and peak memory (max RSS of the stage's process) "
+    lines += [f"Base model evaluation: {_secs(base_s)} s. Train time and peak memory (max RSS of the stage's process) "
               "are from the run that trained the stage; `skipped` stages were unchanged and reused.", ""]
     for r in result.records:
         if not (r.gate or r.guard_stop):

@@ -82,9 +82,11 @@ def _finished(plan: Plan, stage: PlannedStage) -> dict | None:
 def describe(plan: Plan) -> str:
     """The plan, one line per stage: what it starts from, what it trains, and whether it would run."""
     lines = [f"recipe {plan.path} -> {plan.output_dir}/"]
+    runs = False
     for s in plan.stages:
         start = s.values.get("adapter") or s.values["model"]
-        state = "unchanged: skipped" if _finished(plan, s) else "runs"
+        runs = runs or _finished(plan, s) is None
+        state = "runs" if runs else "unchanged: skipped"
         role = f"from {start}" if s.policy else f"reward model on {s.values['model']} (side stage)"
         improves = f"; must improve {', '.join(s.improves)}" if s.improves else ""
         lines.append(f"  {s.name:<10} {s.kind:<4} {s.values['method']:<6} {role}{improves}  [{state}]")
