@@ -48,7 +48,7 @@ def test_compare_measures_all_five_methods_on_the_embedded_model(tmp_path):
         assert {"task/eval/loss", "general/accuracy", "general/perplexity", "general/kl_to_base"} <= set(r["metrics"])
         # what was saved is what the planner counts as trainable
         assert r["trainable_params"] == r["predicted"]["trainable_params"], method
-    assert rows["full"]["trainable_params"] > 100 * rows["lora"]["trainable_params"] > 100 * rows["prompt"]["trainable_params"] / 100
+    assert rows["full"]["trainable_params"] > 20 * rows["lora"]["trainable_params"] > 2000 * rows["prompt"]["trainable_params"]
     assert rows["full"]["saved_bytes"] > 10 * rows["lora"]["saved_bytes"]
     text = (out / "compare.md").read_text()
     assert text.count("\n| ") == 7 and "| qlora |" in text  # header row, base and five methods

@@ -6,8 +6,8 @@ Measured per method: wall time of the training process and its trained tokens pe
 summed step time, from metrics.jsonl), the process's peak memory (max RSS from ``wait4``; on a GPU the device
 memory is not included), trainable parameters and the size on disk of the saved weights (both read from the
 saved safetensors: the adapter, or the whole model), the task metric(s) and the forgetting metrics of
-:mod:`posttrain.evals` (base model first). Predicted: trainable parameters, peak memory and output size from
-:func:`posttrain.plan.memory.estimate` with the run's settings. Writes ``compare.md``, ``compare.json`` and
+posttrain.evals (base model first). Predicted: trainable parameters, peak memory and output size from
+posttrain.plan.memory.estimate with the run's settings. Writes ``compare.md``, ``compare.json`` and
 ``compare.png`` under the output folder.
 """
 
@@ -177,7 +177,9 @@ def run(spec: CompareSpec) -> dict:
 
 
 def _mb(n) -> str:
-    return "-" if n is None else f"{n / 2**20:,.0f} MB"
+    if n is None:
+        return "-"
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
 
 
 def _count(n) -> str:
