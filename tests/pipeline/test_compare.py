@@ -20,7 +20,7 @@ def test_methods_and_configs_are_checked_before_training():
     assert spec.methods == ["lora", "prompt"] and spec.configs["prompt"].method == "prompt"
     assert spec.configs["lora"].output_dir.endswith("compare/lora")
     assert spec.evals.tasks == [{"name": "eval", "data": TINY}]  # default task: the eval loss on data.eval
-    spec = load_spec(str(Path(__file__).resolve().parents[2] / "examples" / "compare_json.yaml"), [])
+    spec = load_spec(str(Path(__file__).resolve().parents[2] / "examples" / "compare" / "json_records.yaml"), [])
     assert spec.methods == ["full", "lora", "qlora", "prompt", "prefix"]
     assert spec.configs["full"].lr == 2e-5 and spec.configs["lora"].lr == 1e-3 and spec.configs["prompt"].lr == 3e-2
     with pytest.raises(ConfigError, match="method_overrides"):
@@ -51,6 +51,6 @@ def test_compare_measures_all_five_methods_on_the_embedded_model(tmp_path):
     assert rows["full"]["trainable_params"] > 20 * rows["lora"]["trainable_params"] > 2000 * rows["prompt"]["trainable_params"]
     assert rows["full"]["saved_bytes"] > 10 * rows["lora"]["saved_bytes"]
     text = (out / "compare.md").read_text()
-    assert text.count("\n| ") == 7 and "| qlora |" in text  # header row, base and five methods
+    assert text.count("\n| ") == 6 and "| qlora |" in text  # after the header: base and five methods
     assert (out / "compare.png").stat().st_size > 10_000
     assert "| prefix |" in proc.stdout

@@ -19,7 +19,7 @@ EPILOG = """keys (besides every `posttrain sft` key):
                                             general text (perplexity, KL to the base model) and sycophancy probe
 
 examples:
-  posttrain compare examples/compare_json.yaml
+  posttrain compare examples/compare/json_records.yaml
   posttrain compare examples/sft_lora.yaml data.train=examples/recipes/data/json_train.jsonl max_steps=20
   posttrain compare examples/sft_lora.yaml methods=[lora,qlora] evals.limit=20
 """
