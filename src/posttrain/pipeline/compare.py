@@ -28,7 +28,6 @@ from posttrain.methods import METHODS
 from posttrain.pipeline.run import STATE, _say, run_command
 
 DEFAULT_METHODS = list(METHODS)
-COMPARE_KEYS = {"methods", "evals", "method_overrides"}
 
 
 @dataclass
