@@ -23,12 +23,14 @@ def _device() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    from posttrain.runtime import cpu_flags
-
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor() or "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
     import os
 
+    from posttrain.runtime import cpu_flags
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or "CPU")
     bf16 = "AVX512-BF16" if "avx512_bf16" in cpu_flags() else ("AVX2" if "avx2" in cpu_flags() else "no AVX2")
     return f"{name} ({bf16}, {os.cpu_count()} cores)"
 

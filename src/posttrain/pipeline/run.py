@@ -29,6 +29,7 @@ import yaml
 
 from posttrain.errors import PosttrainError
 from posttrain.loop.gates import Verdict
+from posttrain.methods import ADAPTER_METHODS
 from posttrain.pipeline.recipe import Plan, PlannedStage
 
 STATE = ".pipeline"  # under the run's output_dir: <name>.yaml (resolved config), <name>.json (finished marker)
@@ -212,7 +213,7 @@ class _Models:
         r = self.plan.recipe
         if stage is None:
             return self.base()
-        adapter = stage.output_dir if stage.values["method"] in ("lora", "qlora", "prompt", "prefix") else None
+        adapter = stage.output_dir if stage.values["method"] in ADAPTER_METHODS else None
         model = stage.values["model"] if adapter else stage.output_dir
         return load_for_inference(str(model), str(adapter) if adapter else None, r.trust_remote_code)
 
@@ -226,7 +227,7 @@ class _Models:
     def base_for(self, stage: PlannedStage):
         """The base model KL is measured against: None where the policy is a PEFT model on the recipe's base
         (its adapter disabled is the base), else the loaded base model."""
-        adapter = stage.values["method"] in ("lora", "qlora", "prompt", "prefix")
+        adapter = stage.values["method"] in ADAPTER_METHODS
         if adapter and stage.values["model"] == self.plan.recipe.model and stage.values["method"] != "qlora":
             return None
         return self.base()
