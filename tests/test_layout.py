@@ -110,7 +110,7 @@ LAYERS = [
     {"rl"},
     {"curate", "feedback", "loop.registry", "evals"},
     {"stages", "serve"},
-    {"commands", "loop", "pipeline"},
+    {"commands", "loop", "pipeline", "ui"},
     {"cli", "__main__"},
 ]
 

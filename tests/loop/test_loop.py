@@ -97,7 +97,7 @@ def test_rollback_serves_only_versions_that_passed_their_gates(tmp_path):
         reg.rollback(v1, override=True)
     reg.rollback(v1, "gates broken, verified by hand", override=True)
     reg.confirm(v1, "test")
-    assert reg.serving == v1 and [e["event"] for e in reg.audit()][-3:] == ["override", "rollback", "serving"]
+    assert reg.serving == v1 and [e["event"] for e in reg.audit()][-3:] == ["override", "promote", "serving"]
     with pytest.raises(PosttrainError, match="already decided"):
         reg.decide("v0", False, [], {})
 

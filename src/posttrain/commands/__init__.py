@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 COMMANDS = ("sft", "rm", "dpo", "kto", "grpo", "ppo", "score", "generate", "chat", "merge", "eval", "plan", "serve",
-            "data", "feedback", "loop", "rollback", "pipeline", "compare")
+            "data", "feedback", "loop", "rollback", "pipeline", "compare", "ui")
 
 
 def command(name: str) -> ModuleType:

@@ -15,7 +15,7 @@ HELP = "Serve an earlier registry version again: `posttrain rollback VERSION [CO
 def main(argv: list[str]) -> int:
     from posttrain.config import build_config
     from posttrain.loop.registry import Registry
-    from posttrain.loop.run import LoopConfig, switch
+    from posttrain.loop.run import LoopConfig, serve_version
 
     p = argparse.ArgumentParser(prog="posttrain rollback", description="Serve an earlier version again: the registry "
                                 "records it (audit.jsonl) and a running server switches without restart.")
@@ -30,9 +30,7 @@ def main(argv: list[str]) -> int:
         cfg = build_config(LoopConfig, path, a.args[1:] if path else a.args, "loop options")
         if not Path(cfg.registry, "registry.json").is_file():
             raise PosttrainError(f"registry: {cfg.registry}: no registry.json (run `posttrain loop` first)")
-        registry = Registry(cfg.registry)
-        registry.rollback(a.version, a.reason, override=a.override)
-        print(f"rollback: {cfg.served_model} = {a.version} ({switch(cfg, registry, a.version)})")
+        print(serve_version(cfg, Registry(cfg.registry), a.version, a.reason, override=a.override, via="cli"))
     except PosttrainError as e:
         print(f"posttrain rollback: error: {e}", file=sys.stderr)
         return 2

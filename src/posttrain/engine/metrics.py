@@ -7,6 +7,24 @@ import math
 from pathlib import Path
 
 
+def write_status(output_dir: Path, **fields) -> None:
+    """Merge ``fields`` into ``run.json``, the run's status file (replaced atomically): what ``posttrain ui`` reads
+    to show a run's progress and ETA. ``status`` is ``running``, ``finished``, ``stopped`` (an RL guard or a
+    stage's own stop) or ``diverged``; a ``running`` run whose process is gone is shown as interrupted."""
+    import os
+    import time
+
+    path = output_dir / "run.json"
+    try:
+        status = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        status = {}
+    status.update(fields, updated=time.time())
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(status, indent=2))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.enabled = enabled

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -40,7 +42,7 @@ from posttrain.engine.checkpoint import (
     save_rng_state,
     staging_dir,
 )
-from posttrain.engine.metrics import MetricsLogger, plot_metrics
+from posttrain.engine.metrics import MetricsLogger, plot_metrics, write_status
 from posttrain.errors import ConfigError, TrainingDiverged
 from posttrain.models import router
 from posttrain.runtime import resolve_mixed_precision
@@ -455,6 +457,10 @@ class Engine:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "posttrain_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            (self.output_dir / "run.json").unlink(missing_ok=True)
+            write_status(self.output_dir, status="running", objective=type(objective).__name__,
+                         total_steps=self.total_steps, start_step=start_step, started=time.time(), pid=os.getpid(),
+                         host=socket.gethostname(), processes=acc.num_processes)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         bar = tqdm(total=self.total_steps, initial=start_step, disable=not acc.is_main_process,
@@ -488,6 +494,8 @@ class Engine:
             except _Diverged as d:
                 bar.close()
                 logger.close()
+                if acc.is_main_process:
+                    write_status(self.output_dir, status="diverged", step=step, ended=time.time())
                 kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint had been saved yet"
                 raise TrainingDiverged(
                     f"loss became {d.loss} at step {step + 1}; stopped before updating the weights, {kept}. "
@@ -540,5 +548,7 @@ class Engine:
         logger.close()
         if acc.is_main_process:
             plot_metrics(self.output_dir)
+            write_status(self.output_dir, status="stopped" if result.stopped else "finished", step=result.steps,
+                         ended=time.time(), **({"reason": result.stopped} if result.stopped else {}))
         self.model = acc.unwrap_model(self.model)
         return result

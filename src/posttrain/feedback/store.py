@@ -48,6 +48,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    case,
     create_engine,
     event,
     func,
@@ -266,6 +267,61 @@ class FeedbackStore:
         """The newest feedback id (0 when there is none): the ``since_id`` of the next export."""
         with self._engine.connect() as conn:
             return conn.scalar(select(func.coalesce(func.max(feedback.c.id), 0)))
+
+    # ------------------------------------------------------------------------------------------ browsing
+    def _filters(self, c, kind: str | None, version: str | None, since: float | None, until: float | None) -> list:
+        where = []
+        if kind is not None:
+            if kind not in KINDS:
+                raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+            where.append(feedback.c.kind == kind)
+        if version is not None:
+            where.append(c.c.version == version)
+        if since is not None:
+            where.append(feedback.c.created >= since)
+        if until is not None:
+            where.append(feedback.c.created < until)
+        return where
+
+    def query_feedback(self, *, kind: str | None = None, version: str | None = None, since: float | None = None,
+                       until: float | None = None, limit: int = 50, offset: int = 0) -> tuple[int, list[dict]]:
+        """(how many match, one page of them newest first): feedback filtered by kind, the answering version and
+        creation time (Unix seconds, ``since`` <= created < ``until``), each as :meth:`iter_feedback` gives it."""
+        c, o = completions.alias("c"), completions.alias("o")
+        where = self._filters(c, kind, version, since, until)
+        joined = feedback.join(c, c.c.id == feedback.c.completion_id)
+        query = (select(feedback, c.c.model, c.c.version, c.c.messages, c.c.response, c.c.sampling,
+                        *(col.label(f"other_{col.name}") for col in o.c))
+                 .select_from(joined.outerjoin(o, o.c.id == feedback.c.other_completion_id)).where(*where)
+                 .order_by(feedback.c.id.desc()).limit(limit).offset(offset))
+        with self._engine.connect() as conn:
+            total = conn.scalar(select(func.count()).select_from(joined).where(*where))
+            rows = conn.execute(query).mappings().all()
+        return total, [_feedback_dict(row) for row in rows]
+
+    def feedback_counts(self) -> list[dict]:
+        """Feedback counted by the answering version, kind and value: ``[{version, kind, value, n}]``. Values are
+        kept only where they are few (thumbs and ratings); other kinds are counted as one value ``None``."""
+        c = completions.alias("c")
+        few = feedback.c.kind.in_(("thumbs", "rating"))
+        value = case((few, feedback.c.value), else_=None).label("value")
+        query = (select(c.c.version, feedback.c.kind, value, func.count().label("n"))
+                 .select_from(feedback.join(c, c.c.id == feedback.c.completion_id))
+                 .group_by(c.c.version, feedback.c.kind, value))
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{"version": r["version"], "kind": r["kind"], "n": r["n"],
+                 "value": None if r["value"] is None else json.loads(r["value"])} for r in rows]
+
+    def iter_ratings(self) -> Iterator[dict]:
+        """Thumbs and ratings only, oldest first, as ``{version, kind, value, created}``: what a satisfaction trend
+        is computed from (paged like :meth:`iter_feedback`)."""
+        c = completions.alias("c")
+        query = (select(feedback.c.id, c.c.version, feedback.c.kind, feedback.c.value, feedback.c.created)
+                 .select_from(feedback.join(c, c.c.id == feedback.c.completion_id))
+                 .where(feedback.c.kind.in_(("thumbs", "rating"))))
+        yield from self._pages(query, feedback.c.id, 0, lambda r: {
+            "version": r["version"], "kind": r["kind"], "value": json.loads(r["value"]), "created": r["created"]})
 
     def close(self) -> None:
         self._engine.dispose()

@@ -204,9 +204,11 @@ class Registry:
                 v["status"] = "rejected"
                 self._log("reject", version=version, parent=v["parent"], reasons=reasons, metrics=metrics)
 
-    def rollback(self, version: str, reason: str = "", *, override: bool = False) -> None:
-        """Ask for ``version`` to serve again: it must have passed its gates (or, for a never-gated candidate,
-        ``override`` with a reason, audited). Pending until :meth:`confirm`."""
+    def rollback(self, version: str, reason: str = "", *, override: bool = False, via: str = "cli") -> str:
+        """Ask for ``version`` to serve (again): it must have passed its gates (or, for a never-gated candidate,
+        ``override`` with a reason, audited). Pending until :meth:`confirm`. The audit event is ``rollback`` for a
+        version that served before and ``promote`` for one that never has (an approved version whose switch was
+        superseded, or an override); ``via`` records who asked (``cli`` or ``ui``). Returns the event."""
         with self.transaction():
             v = self.get(version)
             ok, why = self.servable(version)
@@ -218,8 +220,10 @@ class Registry:
                 self._log("override", version=version, reason=reason)
             elif not ok:
                 raise PosttrainError(why)
-            self.pending = {"version": version, "event": "rollback", "since": time.time()}
-            self._log("rollback", version=version, previous=self.serving, reason=reason)
+            event = "rollback" if v["status"] in ("serving", "retired") else "promote"
+            self.pending = {"version": version, "event": event, "since": time.time()}
+            self._log(event, version=version, previous=self.serving, reason=reason, via=via)
+            return event
 
     def confirm(self, version: str, where: str) -> None:
         """The server serves ``version`` now (``where`` says how we know): it becomes ``serving``."""

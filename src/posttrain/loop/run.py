@@ -168,8 +168,8 @@ def _fresh_lora(model_spec: str, out: Path) -> Path:
 
 
 def _admin_headers(cfg: LoopConfig) -> dict:
-    key = os.environ.get(cfg.admin_key_env)
-    return {"Authorization": f"Bearer {key}"} if key else {}
+    keys = [k.strip() for k in os.environ.get(cfg.admin_key_env, "").split(",") if k.strip()]  # the server's format
+    return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
 
 def served_version(cfg: LoopConfig) -> str | None:
@@ -207,6 +207,15 @@ def switch(cfg: LoopConfig, registry: Registry, version: str) -> str:
         raise PosttrainError(f"the server refused to switch to {version}: HTTP {r.status_code} {r.text[:300]}")
     registry.confirm(version, f"server {cfg.server_url}")
     return f"server {cfg.server_url} now serves {cfg.served_model} = {version}"
+
+
+def serve_version(cfg: LoopConfig, registry: Registry, version: str, reason: str = "", *, override: bool = False,
+                  via: str = "cli") -> str:
+    """An operator's promotion or rollback (``posttrain rollback`` and the dashboard's buttons, audited the same
+    way): record it as pending in the registry (gated versions only, see :meth:`Registry.rollback`), then switch
+    the server and confirm. Returns what was done."""
+    event = registry.rollback(version, reason, override=override, via=via)
+    return f"{event}: {cfg.served_model} = {version} ({switch(cfg, registry, version)})"
 
 
 def reconcile(cfg: LoopConfig, registry: Registry, log=print) -> str:

@@ -219,6 +219,7 @@ class RLObjective:  # an engine.trainer.RolloutObjective
     def check_guards(self, model, step: int, metrics: dict[str, float]) -> None:
         done = step + 1
         events = self.monitor.observe(done, metrics)
+        metrics["guards/fired"] = float(len(self.monitor.events))  # warnings and stops so far (charted by `posttrain ui`)
         if self.accelerator.is_main_process:
             for e in events:
                 if e.action == "warn":
