@@ -9,7 +9,7 @@ VVENV  ?= .venv-vllm
 VBIN   := $(VVENV)/bin
 VSTAMP := $(VVENV)/.installed
 
-.PHONY: install dev demo demo-full demo-loop test test-fast test-vllm vllm lint clean
+.PHONY: install dev demo demo-full demo-loop ui browser test test-fast test-vllm vllm lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,7 +62,15 @@ demo-full: $(STAMP)
 demo-loop: $(STAMP)
 	$(BIN)/python -m posttrain.demo.loop
 
-test: $(DEVSTAMP)
+# The dashboard over ./runs (add --loop LOOP.yaml for the loop's registry and feedback).
+ui: $(STAMP)
+	$(BIN)/posttrain ui
+
+# Debian's Chromium for the dashboard's browser tests (Playwright drives /usr/bin/chromium; no browser download).
+browser:
+	.ci/chromium.sh
+
+test: $(DEVSTAMP) browser
 	$(BIN)/python -m pytest -q
 
 # The vLLM tests (real vLLM on this machine) and the tests of the decoding paths that depend on the transformers

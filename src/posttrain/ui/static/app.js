@@ -98,7 +98,8 @@ function chartOf(canvas, title, yLabel, xType = "linear") {
                  title: { display: !!title, text: title } },
       scales: {
         x: xType === "time"
-          ? { type: "linear", ticks: { callback: (v) => new Date(v * 1000).toLocaleString() } }
+          ? { type: "linear", ticks: { maxTicksLimit: 8, callback: (v) => new Date(v * 1000).toLocaleString([], {
+                month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" }) } }
           : { type: "linear", title: { display: true, text: "step" } },
         y: { title: { display: !!yLabel, text: yLabel } },
       },
@@ -135,7 +136,7 @@ function renderCharts() {
     let card = box.querySelector(`[data-card="${CSS.escape(g.id)}"]`);
     if (!card) {
       card = el("div", { class: "chart-card", "data-card": g.id }, el("h3", {}, g.title),
-                el("div", { style: "height:240px;position:relative" }, el("canvas", { "data-chart": g.id })));
+                el("div", { class: "chart-box" }, el("canvas", { "data-chart": g.id })));
       box.append(card);
     }
     const chart = state.charts[g.id] || (state.charts[g.id] = chartOf(card.querySelector("canvas"), "", ""));
@@ -212,7 +213,7 @@ function renderRunDetail() {
   if (r.kind !== "train" && r.report) {
     if (inline.dataset.run !== r.id || inline.dataset.updated !== String(r.updated)) {
       inline.dataset.run = r.id; inline.dataset.updated = String(r.updated);
-      reportHTML(r.id).then((html) => { inline.srcdoc = html; });
+      reportHTML(r.id).then((html) => { inline.srcdoc = html; }).catch(showError);
     }
     inline.hidden = false;
   } else {
@@ -398,6 +399,11 @@ async function refreshFeedbackSummary() {
     label: version, data: points.map((p) => ({ x: p.t, y: p.satisfaction })), borderColor: COLORS[i % COLORS.length],
     backgroundColor: COLORS[i % COLORS.length], pointRadius: 3 }));
   chart.options.scales.y.min = 0; chart.options.scales.y.max = 1;
+  const times = Object.values(s.trend.series).flat().map((p) => p.t);
+  if (times.length) {  // one bucket either side, so that a single bucket is not drawn on a range of years
+    chart.options.scales.x.min = Math.min(...times) - s.trend.bucket_s;
+    chart.options.scales.x.max = Math.max(...times) + s.trend.bucket_s;
+  }
   chart.update("none");
   return true;
 }
