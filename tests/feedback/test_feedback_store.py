@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -347,3 +348,30 @@ def test_a_database_from_before_owners_gets_the_column_on_open(tmp_path):
         s.log_completion(id="new", model="m", version="v1", messages=[], response="r", sampling={}, owner="k")
         assert s.get_completion("new")["owner"] == "k"
         assert s.add_feedback(completion_id="old", kind="thumbs", value="down")
+
+
+def test_browsing_queries_filter_page_and_count_on_both_backends(store):
+    """What `posttrain ui` reads: filtered pages newest first, counts by version/kind/value, thumbs and ratings."""
+    for i, version in enumerate(("v0", "v0", "v1")):
+        store.log_completion(id=f"c{i}", model="m", version=version, messages=[{"role": "user", "content": f"q{i}"}],
+                             response=f"a{i}", sampling={}, created=1000.0 + i)
+    store.add_feedback(completion_id="c0", kind="thumbs", value="up")
+    store.add_feedback(completion_id="c1", kind="rating", value=2)
+    store.add_feedback(completion_id="c2", kind="rating", value=2)
+    store.add_feedback(completion_id="c2", kind="preference", value="c1")
+    store.add_feedback(completion_id="c2", kind="correction", value="better")
+    total, rows = store.query_feedback()
+    assert total == 5 and [r["id"] for r in rows] == sorted((r["id"] for r in rows), reverse=True)
+    total, rows = store.query_feedback(kind="rating", version="v1")
+    assert total == 1 and rows[0]["completion_id"] == "c2" and rows[0]["value"] == 2
+    total, rows = store.query_feedback(limit=2, offset=1)
+    assert total == 5 and len(rows) == 2
+    now = time.time()
+    assert store.query_feedback(since=now + 60)[0] == 0 and store.query_feedback(until=now + 60)[0] == 5
+    with pytest.raises(ValueError, match="kind"):
+        store.query_feedback(kind="stars")
+    counts = sorted((c["version"], c["kind"], str(c["value"]), c["n"]) for c in store.feedback_counts())
+    assert counts == [("v0", "rating", "2", 1), ("v0", "thumbs", "up", 1), ("v1", "correction", "None", 1),
+                      ("v1", "preference", "None", 1), ("v1", "rating", "2", 1)]
+    assert [(r["version"], r["kind"], r["value"]) for r in store.iter_ratings()] == [
+        ("v0", "thumbs", "up"), ("v0", "rating", 2), ("v1", "rating", 2)]

@@ -107,6 +107,8 @@ def test_guard_stop_keeps_the_last_passing_policy(tiny_model_dir, rl_files, tmp_
     assert stopped.fit.steps == 2  # steps 1 and 2 were applied, step 3's update was not
     info = json.loads((tmp_path / "stopped" / "guard_stop.json").read_text())
     assert info == {"reason": stopped.stopped, "stopped_at_step": 3, "kept_step": 2}
+    status = json.loads((tmp_path / "stopped" / "run.json").read_text())  # what `posttrain ui` shows
+    assert (status["status"], status["reason"], status["step"]) == ("stopped", stopped.stopped, 2)
     report = (tmp_path / "stopped" / "report.md").read_text()
     assert "length/mean" in report and "3" in report
     run("grpo", tiny_model_dir, rl_files, tmp_path / "one", "max_steps=1")
@@ -115,6 +117,14 @@ def test_guard_stop_keeps_the_last_passing_policy(tiny_model_dir, rl_files, tmp_
     assert kept.keys() == after_one.keys()
     for k in kept:
         torch.testing.assert_close(kept[k], after_one[k], rtol=1e-5, atol=1e-7)
+
+
+def test_guard_trips_are_counted_in_the_logged_metrics(tiny_model_dir, rl_files, tmp_path):
+    # A warn rule fires once per streak: length/mean >= 1 > 0.5 from step 1 on, so one event, logged from step 1.
+    rules = "guards.rules=[{metric: length/mean, max: 0.5, action: warn}]"
+    run("grpo", tiny_model_dir, rl_files, tmp_path / "w", rules, "max_steps=2")
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/guards/fired"] for r in rows if "train/loss" in r] == [1.0, 1.0]
 
 
 def test_guard_rewards_and_gap_are_logged(tiny_model_dir, rl_files, tmp_path):

@@ -22,8 +22,9 @@ rollback need --actions and the admin key ($POSTTRAIN_ADMIN_KEY, the server's ad
 examples:
   posttrain ui                                   # runs under ./runs on http://127.0.0.1:7860
   posttrain ui --root runs/recipes/brand_voice   # one pipeline's stages and report
-  posttrain ui --loop examples/loop.yaml         # also the loop: registry, served version, feedback (its db)
-  POSTTRAIN_ADMIN_KEY=... posttrain ui --loop examples/loop.yaml --actions
+  posttrain ui --loop loop.yaml                  # also the loop: registry, served version, feedback (its db)
+  posttrain ui --root runs/demo-loop --registry runs/demo-loop/registry --db sqlite:///runs/demo-loop/feedback.db
+  POSTTRAIN_ADMIN_KEY=... posttrain ui --loop loop.yaml --actions   # with `posttrain serve`'s admin key
 """
 
 
@@ -116,7 +117,7 @@ def serve(cfg: UIConfig) -> None:
 def main(argv: list[str]) -> int:
     from posttrain.config import build_config, help_table
 
-    p = argparse.ArgumentParser(prog="posttrain ui", description=__doc__ + "\n\n" + HELP,
+    p = argparse.ArgumentParser(prog="posttrain ui", description=HELP.split(" (see")[0] + ".",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="keys (key=value):\n" + "\n".join(f"  {k} = {d}: {h}" for k, d, h in
                                                                           help_table(UIConfig)) + "\n\n" + EPILOG)

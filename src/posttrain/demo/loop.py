@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("\nsatisfaction by serving version: " + " -> ".join(f"{v} {s:.1%}" for v, s in history))
     print(f"audit log: {registry.audit_path}; whole demo {time.perf_counter() - t0:.0f} s")
+    print(f"see it in the dashboard: posttrain ui --root {out} --registry {registry.root} --db {db}")
     (out / "demo_loop_results.json").write_text(json.dumps({"history": history, "audit": registry.audit()}, indent=2, default=str))
     return 0
 

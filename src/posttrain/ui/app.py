@@ -248,10 +248,8 @@ def create_app(cfg: UIConfig, access: Access, loop_cfg=None) -> FastAPI:
         if loop_cfg.server_url:
             import httpx
 
-            from posttrain.loop.run import _admin_headers
-
-            key = (access.admin_keys or access.view_keys or [None])[0]
-            headers = {"Authorization": f"Bearer {key}"} if key else _admin_headers(loop_cfg)
+            key = (access.admin_keys or access.view_keys or [None])[0]  # the server's keys (an admin key reads too)
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
             try:
                 r = httpx.get(loop_cfg.server_url.rstrip("/") + "/v1/models", headers=headers, timeout=5)
                 out["server"] = ({"models": [{"id": m["id"], "version": m.get("version")} for m in r.json()["data"]]}

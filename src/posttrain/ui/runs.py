@@ -140,9 +140,38 @@ def _process_alive(status: dict) -> bool | None:
     return True
 
 
+_CACHE: dict[Path, tuple[tuple, dict]] = {}  # run folder -> (its files' (mtime, size), summary): unchanged runs are not re-read
+
+
+def _stamp(folder: Path) -> tuple:
+    out = []
+    for name in ("metrics.jsonl", "run.json", "posttrain_config.json", *WEIGHTS):
+        try:
+            st = (folder / name).stat()
+            out.append((name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            pass
+    return tuple(out)
+
+
 def train_summary(folder: Path, now: float | None = None) -> dict:
-    """Status, progress, ETA and last metrics of a training run."""
+    """Status, progress, ETA and last metrics of a training run (re-read only when one of its files changed; a
+    running run's process is checked every time)."""
     now = time.time() if now is None else now
+    stamp = _stamp(folder)
+    cached = _CACHE.get(folder)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, _read_summary(folder))
+        _CACHE[folder] = cached
+    summary = dict(cached[1])
+    status = summary.pop("_status")
+    if summary["status"] == "running" and _process_alive(status) is False:
+        summary["status"], summary["eta_s"] = "interrupted", None
+    summary["age_s"] = now - summary["updated"]
+    return summary
+
+
+def _read_summary(folder: Path) -> dict:
     status = _read_json(folder / "run.json") or {}
     config = _read_json(folder / "posttrain_config.json") or {}
     rows = _tail_rows(folder / "metrics.jsonl")
@@ -150,12 +179,10 @@ def train_summary(folder: Path, now: float | None = None) -> dict:
     step = max((r.get("step", 0) for r in train), default=0)
     total = status.get("total_steps") or (config.get("max_steps") if (config.get("max_steps") or 0) > 0 else None)
     state = status.get("status")
-    if state == "running" and _process_alive(status) is False:
-        state = "interrupted"
     if state is None:
         state = "finished" if any((folder / w).exists() for w in WEIGHTS) else "unknown"
     eta = None
-    if state == "running" and total and step:
+    if state == "running" and total and step and step < total:
         recent = [r["train/step_seconds"] for r in train[-20:] if _finite(r.get("train/step_seconds"))]
         if recent:
             eta = max(0.0, (total - step) * sum(recent) / len(recent))
@@ -170,7 +197,7 @@ def train_summary(folder: Path, now: float | None = None) -> dict:
     return {"status": state, "stage": stage or _guess_stage(config), "step": step, "total_steps": total,
             "eta_s": eta, "started": status.get("started"), "ended": status.get("ended"), "updated": updated,
             "reason": status.get("reason"), "last": last, "method": config.get("method"),
-            "model": config.get("model"), "age_s": now - updated}
+            "model": config.get("model"), "_status": status}
 
 
 def _guess_stage(config: dict) -> str:
