@@ -373,5 +373,5 @@ def test_browsing_queries_filter_page_and_count_on_both_backends(store):
     counts = sorted((c["version"], c["kind"], str(c["value"]), c["n"]) for c in store.feedback_counts())
     assert counts == [("v0", "rating", "2", 1), ("v0", "thumbs", "up", 1), ("v1", "correction", "None", 1),
                       ("v1", "preference", "None", 1), ("v1", "rating", "2", 1)]
-    assert [(r["version"], r["kind"], r["value"]) for r in store.iter_ratings()] == [
-        ("v0", "thumbs", "up"), ("v0", "rating", 2), ("v1", "rating", 2)]
+    assert [(r["version"], r["kind"], r["value"]) for r in store.iter_scored()] == [
+        ("v0", "thumbs", "up"), ("v0", "rating", 2), ("v1", "rating", 2), ("v1", "correction", "better")]

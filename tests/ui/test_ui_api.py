@@ -302,7 +302,7 @@ def test_feedback_is_filtered_counted_and_scored(tmp_path, db):
     assert (v0["version"], v0["total"], v0["thumbs_up"], v0["thumbs_down"], v0["ratings"]) == ("v0", 3, 1, 1, {"2": 1})
     assert v0["satisfaction"] == pytest.approx((1 + 0 + 0.25) / 3)  # up 1, down 0, rating 2 -> 1/4
     assert (v1["total"], v1["preference"], v1["correction"], v1["ratings"]) == (4, 1, 1, {"5": 1})
-    assert v1["satisfaction"] == pytest.approx((1.0 + 1.0) / 2)  # rating 5 -> 1, thumbs up -> 1
+    assert v1["satisfaction"] == pytest.approx((1.0 + 1.0 + 0.0) / 3)  # rating 5 -> 1, up -> 1, a correction -> 0
     assert s["trend"]["bucket_s"] == 3600 and set(s["trend"]["series"]) == {"v0", "v1"}
     assert [p["n"] for p in s["trend"]["series"]["v0"]] == [3]
 
@@ -318,8 +318,10 @@ def test_satisfaction_trend_buckets_by_the_span_of_the_data():
     items = [{"version": "v0", "kind": "thumbs", "value": "up", "created": 0.0},
              {"version": "v0", "kind": "thumbs", "value": "down", "created": 30.0},
              {"version": "v1", "kind": "rating", "value": 4, "created": 90.0},
-             {"version": "v1", "kind": "correction", "value": "x", "created": 95.0}]
+             {"version": "v1", "kind": "correction", "value": "x", "created": 95.0},
+             {"version": "v1", "kind": "preference", "value": "c9", "created": 96.0}]
     trend = satisfaction_trend(items)
     assert trend["bucket_s"] == 60
-    assert trend["series"] == {"v0": [{"t": 0, "satisfaction": 0.5, "n": 2}], "v1": [{"t": 60, "satisfaction": 0.75, "n": 1}]}
+    assert trend["series"] == {"v0": [{"t": 0, "satisfaction": 0.5, "n": 2}],
+                               "v1": [{"t": 60, "satisfaction": 0.375, "n": 2}]}  # (0.75 + 0) / 2; preferences unscored
     assert satisfaction_trend([])["series"] == {}

@@ -313,13 +313,13 @@ class FeedbackStore:
         return [{"version": r["version"], "kind": r["kind"], "n": r["n"],
                  "value": None if r["value"] is None else json.loads(r["value"])} for r in rows]
 
-    def iter_ratings(self) -> Iterator[dict]:
-        """Thumbs and ratings only, oldest first, as ``{version, kind, value, created}``: what a satisfaction trend
-        is computed from (paged like :meth:`iter_feedback`)."""
+    def iter_scored(self) -> Iterator[dict]:
+        """Thumbs, ratings and corrections (not preferences), oldest first, as ``{version, kind, value, created}``:
+        what a satisfaction trend is computed from (paged like :meth:`iter_feedback`)."""
         c = completions.alias("c")
         query = (select(feedback.c.id, c.c.version, feedback.c.kind, feedback.c.value, feedback.c.created)
                  .select_from(feedback.join(c, c.c.id == feedback.c.completion_id))
-                 .where(feedback.c.kind.in_(("thumbs", "rating"))))
+                 .where(feedback.c.kind.in_(("thumbs", "rating", "correction"))))
         yield from self._pages(query, feedback.c.id, 0, lambda r: {
             "version": r["version"], "kind": r["kind"], "value": json.loads(r["value"]), "created": r["created"]})
 

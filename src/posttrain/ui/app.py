@@ -117,12 +117,15 @@ def _int(text: str | None, field: str, default: int, lo: int, hi: int) -> int:
 
 
 def satisfaction(kind: str, value) -> float | None:
-    """One feedback item as a 0..1 satisfaction score: thumbs up 1, down 0; a rating r of 1..5 as (r - 1) / 4.
-    Preferences and corrections are not scores of one answer's quality on this scale (None)."""
+    """One feedback item as a 0..1 satisfaction score: thumbs up 1, down 0; a rating r of 1..5 as (r - 1) / 4; a
+    correction 0 (the user had to write the answer they wanted). A preference ranks two answers without saying
+    whether either was good: not scored (None)."""
     if kind == "thumbs":
         return 1.0 if value == "up" else 0.0
     if kind == "rating" and isinstance(value, (int, float)):
         return (float(value) - 1.0) / 4.0
+    if kind == "correction":
+        return 0.0
     return None
 
 
@@ -333,7 +336,7 @@ def create_app(cfg: UIConfig, access: Access, loop_cfg=None) -> FastAPI:
             for v in versions.values():
                 v["satisfaction"] = v.pop("score_sum") / v["scored"] if v["scored"] else None
             return {"versions": sorted(versions.values(), key=lambda v: (len(v["version"]), v["version"])),
-                    "trend": satisfaction_trend(list(s.iter_ratings())), "kinds": list(KINDS)}
+                    "trend": satisfaction_trend(list(s.iter_scored())), "kinds": list(KINDS)}
 
         return await run_in_threadpool(summary)
 
