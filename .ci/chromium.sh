@@ -18,7 +18,7 @@ log "installing Chromium from Debian's packages..."
 start=$SECONDS
 export DEBIAN_FRONTEND=noninteractive
 logfile=$(mktemp /tmp/chromium-install.XXXXXX.log)
-if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; } >"$logfile" 2>&1; then
+if ! { apt-get update -qq && apt-get install -y -qq chromium fonts-dejavu-core; } >"$logfile" 2>&1; then
     tail -n 20 "$logfile" >&2
     log "apt-get install chromium failed (log: $logfile)"
     exit 1
