@@ -14,18 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests import ROOT_DIR
+from tests.benchmarks import load_script
 
 ROOT = ROOT_DIR
-SCRIPT = ROOT / "benchmarks" / "sft_throughput.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("sft_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sft_throughput"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sft_throughput")
 
 
 def test_generated_data_is_deterministic_and_chat_shaped(bench):
@@ -269,16 +265,11 @@ def test_posttrain_side_repeats_two_rounds(bench, tiny_model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- GRPO benchmark
-GRPO_SCRIPT = ROOT / "benchmarks" / "grpo_throughput.py"
 
 
 @pytest.fixture(scope="module")
 def grpo_bench():
-    spec = importlib.util.spec_from_file_location("grpo_throughput", GRPO_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["grpo_throughput"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("grpo_throughput")
 
 
 def test_grpo_reward_reads_the_last_number(grpo_bench):
@@ -357,9 +348,7 @@ def test_data_throughput_smoke(tmp_path):
 def test_step_breakdown_accounts_for_every_matmul_flop(tiny_model_dir, tmp_path, precision):
     """benchmarks/step_breakdown.py on the tiny model: categories sum to the profiled time, and the matmul FLOPs
     it reads from the recorded shapes include the body's 4N per token (forward + input gradients)."""
-    spec = importlib.util.spec_from_file_location("step_breakdown", ROOT / "benchmarks" / "step_breakdown.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("step_breakdown")
     out = tmp_path / "breakdown.json"
     result = module.main(["--model", str(tiny_model_dir), "--rows", "120", "--peak-size", "256", "--out", str(out),
                           "--precision", precision])

@@ -3,24 +3,16 @@ model (the TRL side only where TRL, the `bench` extra, is installed)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests import ROOT_DIR
-
-SCRIPT = ROOT_DIR / "benchmarks" / "dpo_throughput.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("dpo_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dpo_throughput"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("dpo_throughput")
 
 
 def test_pairs_are_deterministic_wrong_answers_of_the_same_shape(bench):

@@ -112,6 +112,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_p
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step-00000002"]
     assert not (out / "adapter_model.safetensors").exists()
+    status = json.loads((out / "run.json").read_text())  # what `posttrain ui` shows
+    assert (status["status"], status["step"], status["total_steps"]) == ("diverged", 2, 5)
 
 
 def test_keep_cpu_heap_sets_glibc_thresholds(monkeypatch):

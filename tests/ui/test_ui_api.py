@@ -325,3 +325,17 @@ def test_satisfaction_trend_buckets_by_the_span_of_the_data():
     assert trend["series"] == {"v0": [{"t": 0, "satisfaction": 0.5, "n": 2}],
                                "v1": [{"t": 60, "satisfaction": 0.375, "n": 2}]}  # (0.75 + 0) / 2; preferences unscored
     assert satisfaction_trend([])["series"] == {}
+
+
+def test_an_unreachable_server_is_a_502_and_the_switch_stays_pending(tmp_path, registry, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_ADMIN_KEY", ADMIN)
+    loop_cfg = _loop_cfg(registry)
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        loop_cfg.server_url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    c = _client(tmp_path, Access(view_keys=[ADMIN], admin_keys=[ADMIN], actions=True), loop_cfg)
+    r = c.post("/api/loop/serve", json={"version": "v0", "reason": "x"}, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 502 and "could not reach the server" in r.json()["error"]["message"]
+    reg = Registry(registry.root)
+    assert reg.serving == "v1" and reg.pending["version"] == "v0"  # the next cycle or rollback finishes it
+    assert [e["event"] for e in reg.audit()[-2:]] == ["rollback", "switch_failed"]

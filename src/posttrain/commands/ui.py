@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import sys
 from dataclasses import dataclass
 
@@ -44,10 +43,6 @@ class UIConfig:
     poll_s: float = opt(2.0, "How often the page refreshes live data, in seconds.")
 
 
-def _keys(env: str) -> list[str]:
-    return [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
-
-
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -63,6 +58,7 @@ def resolve(cfg: UIConfig):
 
     from posttrain.config import build_config
     from posttrain.loop.run import LoopConfig
+    from posttrain.serve import env_keys
     from posttrain.ui.app import Access
 
     loop_cfg = None
@@ -82,8 +78,8 @@ def resolve(cfg: UIConfig):
         raise ConfigError(f"root: {cfg.root}: no such folder (where are the runs? --root DIR)")
     if cfg.poll_s < 0.2:
         raise ConfigError(f"poll_s: expected at least 0.2 s, got {cfg.poll_s}")
-    admin = _keys(cfg.admin_key_env)
-    viewers = _keys(cfg.api_key_env)
+    admin = env_keys(cfg.admin_key_env)
+    viewers = env_keys(cfg.api_key_env)
     if set(admin) & set(viewers):
         raise ConfigError(f"admin keys: an admin key is also an API key; give ${cfg.admin_key_env} keys of their own")
     if not viewers and not admin and not _loopback(cfg.host):

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +167,9 @@ def _fresh_lora(model_spec: str, out: Path) -> Path:
 
 
 def _admin_headers(cfg: LoopConfig) -> dict:
-    keys = [k.strip() for k in os.environ.get(cfg.admin_key_env, "").split(",") if k.strip()]  # the server's format
+    from posttrain.serve import env_keys
+
+    keys = env_keys(cfg.admin_key_env)
     return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
 

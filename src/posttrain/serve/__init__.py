@@ -23,13 +23,19 @@ if TYPE_CHECKING:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def env_keys(variable: str) -> list[str]:
+    """The comma-separated keys in environment variable ``variable`` (blanks dropped): the format of the server's
+    API and admin key variables, which the loop and the dashboard read too."""
+    return [k.strip() for k in os.environ.get(variable, "").split(",") if k.strip()]
+
+
 def resolve_api_keys(cfg: ServeConfig) -> list[str] | None:
     """The accepted keys: ``cfg.api_keys`` plus the comma-separated keys in ``$cfg.api_key_env``. None when auth is
     off (only ever by ``auth: false``); a ConfigError when auth is on and there is no key."""
     if not cfg.auth:
         return None
     keys = [k for k in cfg.api_keys if k]
-    keys += [k.strip() for k in os.environ.get(cfg.api_key_env, "").split(",") if k.strip()]
+    keys += env_keys(cfg.api_key_env)
     if not keys:
         raise ConfigError(f"auth: no API key; set {cfg.api_key_env}=<key> in the environment (or api_keys), or run "
                           "with --no-auth (auth=false) for local use only")
@@ -40,7 +46,7 @@ def resolve_admin_keys(cfg: ServeConfig, api_keys: list[str] | None) -> list[str
     """The admin keys: ``cfg.admin_keys`` plus ``$cfg.admin_key_env``; empty means the admin routes are off. An
     admin key that is also an API key is a ConfigError: a user holding it could change what is served."""
     keys = [k for k in cfg.admin_keys if k]
-    keys += [k.strip() for k in os.environ.get(cfg.admin_key_env, "").split(",") if k.strip()]
+    keys += env_keys(cfg.admin_key_env)
     if set(keys) & set(api_keys or []):
         raise ConfigError(f"admin keys: an admin key is also an API key; give ${cfg.admin_key_env} keys of their own")
     return keys

@@ -287,15 +287,18 @@ def create_app(cfg: UIConfig, access: Access, loop_cfg=None) -> FastAPI:
 
         def act() -> str:
             registry = Registry(loop_cfg.registry)
-            registry.get(body["version"])  # unknown version: 404 below
-            return serve_version(loop_cfg, registry, body["version"], reason, via="ui")
+            if body["version"] not in registry.versions:
+                raise UIError(404, f"version {body['version']!r} is not in the registry {registry.root}")
+            try:
+                return serve_version(loop_cfg, registry, body["version"], reason, via="ui")
+            except PosttrainError as e:
+                # recorded as pending: the registry accepted it and the server switch failed (the next loop cycle
+                # or rollback retries it); otherwise the registry refused the version (not gated, rejected)
+                registry.reload()
+                switch_failed = (registry.pending or {}).get("version") == body["version"]
+                raise UIError(502 if switch_failed else 409, str(e)) from None
 
-        try:
-            message = await run_in_threadpool(act)
-        except PosttrainError as e:
-            text = str(e)
-            status = 404 if "is not in the registry" in text else 502 if "server" in text else 409
-            raise UIError(status, text) from None
+        message = await run_in_threadpool(act)
         return {"ok": True, "message": message}
 
     # -- feedback ------------------------------------------------------------------------------------------

@@ -208,9 +208,9 @@ def _guess_stage(config: dict) -> str:
     return "sft" if config else ""
 
 
-def summarize(root: Path, run_id: str, kind: str) -> dict:
-    folder = run_dir(root, run_id)
-    entry = {"id": run_id, "kind": kind, "name": folder.name if run_id != "." else root.resolve().name,
+def summarize(folder: Path, run_id: str, kind: str) -> dict:
+    """One row of the runs table: ``folder`` as :func:`find_runs` found it (no second walk of it)."""
+    entry = {"id": run_id, "kind": kind, "name": folder.name,
              "report": report_path(folder, kind) is not None}
     if kind == "train":
         entry.update(train_summary(folder))
@@ -227,7 +227,8 @@ def summarize(root: Path, run_id: str, kind: str) -> dict:
 
 
 def list_runs(root: Path) -> list[dict]:
-    return [summarize(root, run_id, kind) for run_id, kind in find_runs(root)]
+    root = root.resolve()
+    return [summarize(root / run_id, run_id, kind) for run_id, kind in find_runs(root)]
 
 
 def read_metrics(root: Path, run_id: str, offset: int = 0) -> dict:
