@@ -344,14 +344,16 @@ def main(argv: list[str] | None = None) -> dict:
     from posttrain.models.loading import resolve_model
     from posttrain.runtime import cpu_flags
 
-    if importlib.util.find_spec("trl") is None:
-        raise SystemExit("TRL is not installed: pip install -e '.[bench]'")
     parts = [x for x in args.parts.split(",") if x]
     stages = [x for x in args.stages.split(",") if x]
     tools = [x for x in args.tools.split(",") if x]
     for values, allowed, flag in ((parts, PARTS, "--parts"), (stages, STAGES, "--stages"), (tools, TOOLS, "--tools")):
         if bad := set(values) - set(allowed):
             raise SystemExit(f"{flag}: unknown {sorted(bad)}; choose from {', '.join(allowed)}")
+    needs_trl = "parity" in parts or ("speed" in parts and any(t.startswith("trl") for t in tools))
+    if needs_trl and importlib.util.find_spec("trl") is None:
+        raise SystemExit("TRL is not installed (needed for --parts parity and the trl-* --tools): "
+                         "pip install -e '.[bench]'")
     flags = cpu_flags()
     isa = "avx512bf16" if "avx512_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
     out = Path(args.out or HERE / "results" / f"preference-{isa}-{datetime.date.today()}")
