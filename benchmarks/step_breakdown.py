@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     from posttrain.models.forward import target_logps
     from posttrain.models.loading import resolve_model
 
+    from posttrain.runtime import keep_cpu_heap
+
+    keep_cpu_heap()  # as the training engine does: activations reuse the heap instead of fresh pages every step
     scratch = Path(tempfile.mkdtemp(prefix="posttrain-breakdown-"))
     train = scratch / "train.jsonl"
     bench.write_jsonl(bench.make_conversations(args.rows, seed=0), train)

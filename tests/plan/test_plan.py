@@ -96,7 +96,14 @@ def test_weights_logits_and_peak_by_hand():
     assert memory.logits_bytes(TINY, "full", batch_size=2, seq_len=4, precision="bf16", loss_chunk_size=3) == 3 * 10 * 14 + 320
 
     est = estimate(TINY, "full", device="cpu", precision="fp32", batch_size=1, seq_len=4, packing=False, **ADAPTERS)
-    assert est.activations == 4 * (2 * 488 + 64)  # final norm: input and head rows, 8*4 each
+    # final norm: input and head rows, 8*4 each; on a CPU with AVX2 the fused SwiGLU keeps no silu(gate) (16*4)
+    fused = memory.fused_swiglu_expected(TINY, "cpu", "fp32")
+    assert est.activations == 4 * (2 * (488 - (64 if fused else 0)) + 64)
+    assert not memory.fused_swiglu_expected(TINY, "cuda", "fp32") and not memory.fused_swiglu_expected(TINY, "cpu", "bf16")
+    full_fused = memory.layer_activation_bytes(TINY, "full", precision="fp32", q_len=4, kv_len=4, masked=False,
+                                               fused_swiglu=True, lora_r=2, lora_targets="all-linear")
+    assert full_fused == memory.layer_activation_bytes(TINY, "full", precision="fp32", q_len=4, kv_len=4, masked=False,
+                                                       lora_r=2, lora_targets="all-linear") - 16 * 4  # one (f = 16) fp32 tensor less
     assert est.logits == 4 * 10 * 12 + 320
     assert est.grad_accumulation == 2 * 10 * 8 * 4  # tied, trained embedding: its second gradient and the sum
     assert estimate(TINY, "lora", device="cpu", precision="fp32", batch_size=1, seq_len=4, **ADAPTERS).grad_accumulation == 0
@@ -212,8 +219,9 @@ def test_activation_count_matches_what_autograd_saves(tiny_model_dir, method, pr
         batch["attention_mask"] = causal[None, None].expand(batch_size, 1, seq_len, seq_len).clone()
         batch["position_ids"] = torch.arange(seq_len)[None].expand(batch_size, seq_len).clone()
     measured = _saved_activation_bytes(model, batch, precision == "bf16")
+    fused = memory.fused_swiglu_expected(shape, "cpu", precision)  # fp32 on an AVX2 CPU: silu(gate) not kept
     predicted = memory.activation_bytes(shape, method, batch_size=batch_size, seq_len=seq_len, precision=precision,
-                                      gradient_checkpointing=False, packing=packed, **kw)
+                                      gradient_checkpointing=False, packing=packed, fused_swiglu=fused, **kw)
     assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
 
 
@@ -427,7 +435,8 @@ def test_family_activations_match_what_autograd_saves(family, method, precision,
     measured = _saved_activation_bytes(model, batch, precision == "bf16")
     predicted = memory.activation_bytes(shape, method, batch_size=2, seq_len=48, precision=precision,
                                       gradient_checkpointing=False, packing=True, lora_r=16, lora_targets="all-linear",
-                                      num_virtual_tokens=20, lora_experts=experts)
+                                      num_virtual_tokens=20, lora_experts=experts,
+                                      fused_swiglu=memory.fused_swiglu_expected(shape, "cpu", precision))
     assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
 
 

@@ -228,9 +228,10 @@ def build_model(
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # trainable weights (and so AdamW state) are fp32 whatever the base dtype
-    from posttrain.models import fused_norm
+    from posttrain.models import fused_mlp, fused_norm
 
     fused_norm.enable(model)  # RMSNorm as one autograd node in fp32 (fewer passes, no normalised copy kept)
+    fused_mlp.enable(model)  # silu(gate) * up as one node on a CPU in fp32 (AVX2 kernel; silu(gate) not kept)
     if cfg.method in ("lora", "qlora"):
         from posttrain.models import fused_lora
 

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import native
-from .cpu_attention import _CausalSpanAttention, _NativeSpanAttention, span_table  # noqa: F401
+from .cpu_attention import _CausalSpanAttention, _NativeSpanAttention, native_library, span_table  # noqa: F401
 
 NAME = "packed_spans"
 # The name this implementation had before: transformers reads any name containing "sdpa" as SDPA and refuses it
@@ -380,13 +380,20 @@ def _own_kernel_applies(query, key, value, dropout: float) -> bool:
 
 
 def _native_applies(query, key, value, dropout: float) -> bool:
-    """The case posttrain's C++ kernel serves, with or without gradients (training, and the no-grad passes of
-    eval and reference models over packed rows): bf16 on a CPU with AVX512-BF16, no dropout, heads a multiple
-    of the K/V heads, one head dimension for q, k and v that is a multiple of 32, the kernel built and not
+    """The case posttrain's C++ kernels serve, with or without gradients (training, and the no-grad passes of
+    eval and reference models over packed rows): on a CPU, no dropout, heads a multiple of the K/V heads, one
+    dtype and head dimension for q, k and v, and either bf16 on a CPU with AVX512-BF16 and a head dimension
+    that is a multiple of 32, or fp32 on a CPU with AVX2 and FMA and a multiple of 16; the kernel built and not
     switched off."""
-    return (_cpu_bf16_grouped(query, key, dropout) and key.dtype == value.dtype == torch.bfloat16
-            and key.shape == value.shape and query.shape[-1] == key.shape[-1] and query.shape[-1] % 32 == 0
-            and native.span_attention_library() is not None)
+    dtype = query.dtype
+    if (query.device.type != "cpu" or dropout or query.shape[1] % key.shape[1] or not key.dtype == value.dtype == dtype
+            or key.shape != value.shape or query.shape[-1] != key.shape[-1]):
+        return False
+    if dtype == torch.bfloat16:
+        return query.shape[-1] % 32 == 0 and native.span_attention_library() is not None
+    if dtype == torch.float32:
+        return query.shape[-1] % 16 == 0 and native.span_attention_fp32_library() is not None
+    return False
 
 
 def _split_segments(query, key, value, segments, dropout, scaling):

@@ -140,10 +140,21 @@ def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def native_library(dtype: torch.dtype):
+    """posttrain's C++ span-attention kernel for ``dtype``: the AVX512-BF16 one for bf16, the AVX2/FMA one for
+    fp32; None when it is not available (see :mod:`posttrain.models.native`)."""
+    if dtype == torch.bfloat16:
+        return native.span_attention_library()
+    if dtype == torch.float32:
+        return native.span_attention_fp32_library()
+    return None
+
+
 class _NativeSpanAttention(torch.autograd.Function):
-    """Causal attention of every packed span of a layer in one call of posttrain's AVX512-BF16 kernel
-    (:mod:`posttrain.models.native`): the math of :class:`_CausalSpanAttention`, with the scores' products in
-    fp32 at the bf16 rate (``vdpbf16ps``), softmax and masks fused into the blocks, and no per-span Python.
+    """Causal attention of every packed span of a layer in one call of posttrain's C++ kernel
+    (:mod:`posttrain.models.native`). bf16 (AVX512-BF16): the math of :class:`_CausalSpanAttention`, with the
+    scores' products in fp32 at the bf16 rate (``vdpbf16ps``); fp32 (AVX2 and FMA): the same blocks in fp32.
+    Softmax and masks are fused into the blocks, and there is no per-span Python.
     q (B, H, T, D), k and v (B, H_kv, T, D), any strides with D contiguous; returns (B, T, H, D) contiguous, the
     layout the output projection reads. Saves q, k, v, the output and each row's logsumexp (B H T floats)."""
 
@@ -153,7 +164,7 @@ class _NativeSpanAttention(torch.autograd.Function):
         batch, heads, length, dim = q.shape
         out = torch.empty(batch, length, heads, dim, dtype=q.dtype)
         lse = torch.empty(batch, heads, length, dtype=torch.float32)
-        library = native.span_attention_library()
+        library = native_library(q.dtype)
         status = library.posttrain_span_attention_forward(
             q.data_ptr(), native.strides(q), k.data_ptr(), native.strides(k), v.data_ptr(), native.strides(v),
             out.data_ptr(), native.strides(out.transpose(1, 2)), lse.data_ptr(), batch, heads, k.shape[1], length,
@@ -173,7 +184,7 @@ class _NativeSpanAttention(torch.autograd.Function):
         dq = torch.empty(batch, length, heads, dim, dtype=q.dtype).transpose(1, 2)
         dk = torch.empty(batch, length, kv_heads, dim, dtype=k.dtype).transpose(1, 2)
         dv = torch.empty(batch, length, kv_heads, dim, dtype=v.dtype).transpose(1, 2)
-        library = native.span_attention_library()
+        library = native_library(q.dtype)
         status = library.posttrain_span_attention_backward(
             q.data_ptr(), native.strides(q), k.data_ptr(), native.strides(k), v.data_ptr(), native.strides(v),
             out.data_ptr(), native.strides(out.transpose(1, 2)), grad.data_ptr(), native.strides(grad),

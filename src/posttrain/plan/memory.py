@@ -127,7 +127,7 @@ def experts_train(shape: ModelShape, method: str, lora_experts: bool) -> bool:
 
 
 def trainable_params(shape: ModelShape, method: str, *, lora_r: int, lora_targets: str | list[str],
-                     num_virtual_tokens: int, lora_experts: bool = False) -> int:
+                     num_virtual_tokens: int, lora_experts: bool = False, fused_swiglu: bool = False) -> int:
     if method == "full":
         return shape.num_params
     if method in ("lora", "qlora"):
@@ -184,7 +184,8 @@ def linear_input_bytes(shape: ModelShape, method: str, precision: str, trained: 
 
 
 def layer_activation_bytes(shape: ModelShape, method: str, *, precision: str, q_len: int, kv_len: int, masked: bool,
-                           lora_r: int, lora_targets: str | list[str], lora_experts: bool = False) -> float:
+                           lora_r: int, lora_targets: str | list[str], lora_experts: bool = False,
+                           fused_swiglu: bool = False) -> float:
     """Bytes autograd keeps per query token for one HF ``LlamaDecoderLayer`` with SDPA attention.
 
     Korthikanti et al.'s per-layer count (34 h per token at 2 bytes, plus 5as for the scores), redone for the
@@ -194,7 +195,8 @@ def layer_activation_bytes(shape: ModelShape, method: str, *, precision: str, q_
                         normalised copy, where the eager module would keep its fp32 upcast
       linear inputs     see :func:`linear_input_bytes`: kept only for linears that train or carry LoRA (a frozen
                         linear needs only its weight in backward)
-      SwiGLU            3 * f * e: the gate output, silu(gate) and the up output
+      SwiGLU            3 * f * e: the gate output, silu(gate) and the up output; 2 * f * e with
+                        models/fused_mlp.py's fused node (fp32 on a CPU with AVX2: ``fused_swiglu``)
       attention         2 * a*d * e: q after RoPE, and the output. k and v take 2 * kv*d * e, or 2 * a*d * e
                         repeated to every head when a mask is passed, times kv_len / q_len. The logsumexp
                         takes a * 4. A mask adds its float copy, kv_len * e per query row.
@@ -221,7 +223,7 @@ def layer_activation_bytes(shape: ModelShape, method: str, *, precision: str, q_
         if experts_train(shape, method, lora_experts):
             per_token += k * (h + i) * x  # the projections' inputs: the token's copy, silu(gate) * up
     else:
-        per_token += 3 * f * e
+        per_token += (2 if fused_swiglu else 3) * f * e
     per_token += 2 * shape.num_heads * d * e
     per_token += 2 * kv_heads * d * e * kv_len / q_len
     per_token += shape.num_heads * 4
@@ -253,7 +255,7 @@ def attention_is_masked(method: str, *, batch_size: int, packing: bool) -> bool:
 
 def activation_bytes(shape: ModelShape, method: str, *, batch_size: int, seq_len: int, precision: str,
                      gradient_checkpointing: bool, packing: bool, lora_r: int, lora_targets: str | list[str],
-                     num_virtual_tokens: int, lora_experts: bool = False) -> int:
+                     num_virtual_tokens: int, lora_experts: bool = False, fused_swiglu: bool = False) -> int:
     """All saved activations at the end of the forward (the peak of the activation memory), plus what is alive
     with them: an exact-attention block's recomputed scores (Gemma 2, gpt-oss) and, for LoRA on experts, the
     merged expert weights PEFT's ParamWrapper builds in every forward (W + BA in the base dtype, kept for the
@@ -262,7 +264,7 @@ def activation_bytes(shape: ModelShape, method: str, *, batch_size: int, seq_len
     masked = attention_is_masked(method, batch_size=batch_size, packing=packing)
     per_layer = layer_activation_bytes(shape, method, precision=precision, q_len=q_len, kv_len=kv_len,
                                        masked=masked, lora_r=lora_r, lora_targets=lora_targets,
-                                       lora_experts=lora_experts)
+                                       lora_experts=lora_experts, fused_swiglu=fused_swiglu)
     r, h = residual_bytes(method, precision), shape.hidden_size
     e = 2 if precision == "bf16" else 4
     # Final norm: its fp32 input and the hidden rows kept for the chunked head.
@@ -415,7 +417,8 @@ def estimate(shape: ModelShape, method: str, *, seq_len: int = 512, batch_size: 
         gradients=trainable * 4,
         optimizer_state=trainable * 8,
         activations=activation_bytes(shape, method, batch_size=batch_size, seq_len=seq_len, precision=precision,
-                                     gradient_checkpointing=gradient_checkpointing, packing=packing, **kw),
+                                     gradient_checkpointing=gradient_checkpointing, packing=packing,
+                                     fused_swiglu=fused_swiglu_expected(shape, device, precision), **kw),
         logits=logits_bytes(shape, method, batch_size=batch_size, seq_len=seq_len, precision=precision,
                             loss_chunk_size=loss_chunk_size),
         quantization_overhead=quant,
@@ -428,6 +431,24 @@ def estimate(shape: ModelShape, method: str, *, seq_len: int = 512, batch_size: 
         output_bytes=shape.num_params * 4 if method == "full" else trainable * 4,
     )
 
+
+
+# families whose MLP is Llama's SiLU-gated one, which models/fused_mlp.py routes (Gemma's is GELU, Phi-3 fuses gate+up)
+_LLAMA_SILU_MLP = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite"})
+
+
+def fused_swiglu_expected(shape: ModelShape, device: str, precision: str) -> bool:
+    """Whether training will run models/fused_mlp.py's fused SwiGLU (which keeps no silu(gate)): fp32 on a CPU
+    with AVX2, FMA and a C++ compiler (the kernel is built on first use; checked here without building it), a
+    dense Llama-form SiLU MLP, kernels not switched off."""
+    import os
+    import shutil
+
+    from posttrain.models import native
+
+    return (device == "cpu" and precision == "fp32" and not shape.num_experts and shape.model_type in _LLAMA_SILU_MLP
+            and os.environ.get("POSTTRAIN_CPU_KERNELS", "1") != "0" and native._cpu_has_avx2_fma()
+            and shutil.which(os.environ.get("CXX", "g++")) is not None)
 
 
 STRATEGIES = ("ddp", "fsdp")

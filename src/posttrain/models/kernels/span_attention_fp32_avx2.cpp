@@ -1,0 +1,310 @@
+// Causal attention of packed spans on a CPU with AVX2 and FMA, in fp32, forward and backward, one call per layer.
+//
+// Written for posttrain (built by posttrain/models/native.py, used by models/attention.py). The fp32 counterpart
+// of span_attention_avx512bf16.cpp, for the CPUs without fast bf16 (most laptops and many cloud CPUs), where
+// posttrain trains in fp32 and PyTorch's fp32 CPU flash-attention kernel, called once per span, took 11% of a
+// LoRA step (docs/benchmarks.md). The math:
+//
+//   S  = q k^T                     fp32 products (FMA)
+//   P  = softmax(S * scale), causal; lse = logsumexp per row is kept for the backward
+//   O  = P v
+//   backward: P = exp(S * scale - lse) recomputed, dP = dO v^T, delta = rowsum(dO * O),
+//             dS = P (dP - delta) scale, dQ = dS k, dK = dS^T q, dV = P^T dO
+//
+// Grouped-query heads: the g query heads of one K/V head are one task, so K and V are packed once and dK, dV
+// are summed over the group inside the products. Tasks (span, K/V head) run on OpenMP threads (torch's pool);
+// each walks its query rows in blocks of BLOCK rows, multiplying each block only by the keys it can see. Every
+// product is one register-blocked micro-kernel: C (MR x 16) [+]= A (MR x K, rows) x B (K x 16, rows).
+//
+// Layout: q, k, v, grad and outputs are fp32 addressed by (batch, head, position) strides with the head
+// dimension D contiguous; D must be a multiple of 16. Each task's result depends only on its inputs (no
+// reduction across threads), so results do not depend on the thread count.
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+
+namespace {
+
+constexpr int BLOCK = 32;  // query rows per block
+constexpr int MR = 6;      // micro-kernel rows: 12 accumulators + 2 B vectors + 1 broadcast = 15 of 16 ymm
+constexpr int NR = 16;     // micro-kernel columns (two 8-float vectors)
+
+inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
+
+alignas(32) const int32_t kLaneTable[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+// all-ones in the first `remaining` lanes (clamped to 0..8)
+inline __m256 lane_mask(long remaining) {
+    const long r = std::max<long>(0, std::min<long>(8, remaining));
+    return _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)(kLaneTable + 8 - r)));
+}
+
+inline float hsum(__m256 x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 x) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+// exp(x) for x <= 0 (softmax arguments): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, degree-7 Taylor
+// polynomial (truncation error < 1e-8 relative), 2^n built in the exponent bits. Arguments below -87 give
+// exp(-87) ~ 1.6e-38 (2^n stays a normal number); a NaN argument stays NaN (max keeps its second operand's NaN).
+inline __m256 exp_ps(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// C[R x 16] (row stride ldc) [+]= A[R x k] (row stride lda) x B[k x 16] (row stride ldb)
+template <int R>
+void micro(long k, const float* a, long lda, const float* b, long ldb, float* c, long ldc, bool accumulate) {
+    __m256 c0[R], c1[R];  // kept in registers: every loop over i is unrolled (else GCC spills them each step)
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+        c0[i] = accumulate ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
+        c1[i] = accumulate ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
+    }
+    for (long p = 0; p < k; ++p) {
+        const __m256 b0 = _mm256_loadu_ps(b + p * ldb);
+        const __m256 b1 = _mm256_loadu_ps(b + p * ldb + 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+            const __m256 av = _mm256_broadcast_ss(a + i * lda + p);
+            c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+            c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+        _mm256_storeu_ps(c + i * ldc, c0[i]);
+        _mm256_storeu_ps(c + i * ldc + 8, c1[i]);
+    }
+}
+
+// C[m x n] [+]= A[m x k] B[k x n], n a multiple of 16.
+void gemm(long m, long n, long k, const float* a, long lda, const float* b, long ldb, float* c, long ldc,
+          bool accumulate) {
+    for (long j = 0; j < n; j += NR) {
+        for (long i = 0; i < m; i += MR) {
+            const float* ai = a + i * lda;
+            const float* bj = b + j;
+            float* cij = c + i * ldc + j;
+            switch (std::min<long>(MR, m - i)) {
+                case 6: micro<6>(k, ai, lda, bj, ldb, cij, ldc, accumulate); break;
+                case 5: micro<5>(k, ai, lda, bj, ldb, cij, ldc, accumulate); break;
+                case 4: micro<4>(k, ai, lda, bj, ldb, cij, ldc, accumulate); break;
+                case 3: micro<3>(k, ai, lda, bj, ldb, cij, ldc, accumulate); break;
+                case 2: micro<2>(k, ai, lda, bj, ldb, cij, ldc, accumulate); break;
+                default: micro<1>(k, ai, lda, bj, ldb, cij, ldc, accumulate); break;
+            }
+        }
+    }
+}
+
+struct Tensor4 {  // an fp32 tensor addressed as (batch, head, position, d), d contiguous
+    float* data;
+    long sb, sh, st;
+    float* row(long b, long h, long t) const { return data + b * sb + h * sh + t * st; }
+};
+
+struct Problem {
+    Tensor4 q, k, v, out, grad, dq, dk, dv;
+    float* lse;  // [B][H][T]
+    long B, H, Hkv, T, D;
+    float scale;
+    const int32_t* spans;  // [n][3]: batch row, start, end
+    long n_spans;
+};
+
+// Per-thread work memory, sized for the longest span (lp columns, a multiple of 16).
+struct Work {
+    std::unique_ptr<float[]> kt, vt, s, dp, pn, dsn, qt, dot, dkt, dvt;
+    Work(long lp, long d, long g)
+        : kt(new float[d * lp]), vt(new float[d * lp]), s(new float[BLOCK * lp]), dp(new float[BLOCK * lp]),
+          pn(new float[g * BLOCK * lp]), dsn(new float[g * BLOCK * lp]), qt(new float[d * g * BLOCK]),
+          dot(new float[d * g * BLOCK]), dkt(new float[d * lp]), dvt(new float[d * lp]) {}
+};
+
+// x^T of one span: xt[e][j] = x[start + j][e], zero for len <= j < lp.
+void transpose_keys(const Tensor4& x, long b, long h, long start, long len, long lp, long d, float* xt) {
+    for (long j = 0; j < lp; ++j) {
+        const float* row = j < len ? x.row(b, h, start + j) : nullptr;
+        for (long e = 0; e < d; ++e) xt[e * lp + j] = row ? row[e] : 0.f;
+    }
+}
+
+// softmax over the visible keys of one row (in place), zero up to `width`; returns logsumexp.
+float softmax_row(float* s, long visible, long width, float scale) {
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    for (long j = 0; j < visible; j += 8)
+        vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + j),
+                                                     lane_mask(visible - j)));
+    const float mx = hmax(vmax) * scale;
+    const __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    long j = 0;
+    for (; j < visible; j += 8) {
+        const __m256 e = _mm256_and_ps(exp_ps(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vs, vm)), lane_mask(visible - j));
+        vsum = _mm256_add_ps(vsum, e);
+        _mm256_storeu_ps(s + j, e);
+    }
+    for (; j < width; j += 8) _mm256_storeu_ps(s + j, _mm256_setzero_ps());
+    const float sum = hsum(vsum);
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (long i = 0; i < visible; i += 8) _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), inv));
+    return mx + std::log(sum);
+}
+
+void forward_task(const Problem& pb, Work& w, long b, long start, long len, long hk) {
+    const long d = pb.D, g = pb.H / pb.Hkv, lp = round_up(len, NR);
+    transpose_keys(pb.k, b, hk, start, len, lp, d, w.kt.get());
+    const float* v0 = pb.v.row(b, hk, start);
+    for (long r0 = 0; r0 < len; r0 += BLOCK) {
+        const long rows = std::min<long>(BLOCK, len - r0), keys = r0 + rows, np = round_up(keys, NR);
+        for (long hq = hk * g; hq < (hk + 1) * g; ++hq) {
+            gemm(rows, np, d, pb.q.row(b, hq, start + r0), pb.q.st, w.kt.get(), lp, w.s.get(), lp, false);
+            float* lse = pb.lse + (b * pb.H + hq) * pb.T + start + r0;
+            for (long i = 0; i < rows; ++i) lse[i] = softmax_row(w.s.get() + i * lp, r0 + i + 1, np, pb.scale);
+            // O = P v over the visible keys only (the zero tail of P needs no rows of v)
+            gemm(rows, d, keys, w.s.get(), lp, v0, pb.v.st, pb.out.row(b, hq, start + r0), pb.out.st, false);
+        }
+    }
+}
+
+void backward_task(const Problem& pb, Work& w, long b, long start, long len, long hk) {
+    const long d = pb.D, g = pb.H / pb.Hkv, lp = round_up(len, NR), gb = g * BLOCK;
+    transpose_keys(pb.k, b, hk, start, len, lp, d, w.kt.get());
+    transpose_keys(pb.v, b, hk, start, len, lp, d, w.vt.get());
+    const float* k0 = pb.k.row(b, hk, start);
+    std::fill(w.dkt.get(), w.dkt.get() + d * lp, 0.f);
+    std::fill(w.dvt.get(), w.dvt.get() + d * lp, 0.f);
+    const __m256 vs = _mm256_set1_ps(pb.scale);
+    for (long r0 = 0; r0 < len; r0 += BLOCK) {
+        const long rows = std::min<long>(BLOCK, len - r0), keys = r0 + rows, np = round_up(keys, NR);
+        for (long hh = 0; hh < g; ++hh) {
+            const long hq = hk * g + hh;
+            const float* qrow = pb.q.row(b, hq, start + r0);
+            const float* grow = pb.grad.row(b, hq, start + r0);
+            gemm(rows, np, d, qrow, pb.q.st, w.kt.get(), lp, w.s.get(), lp, false);     // S
+            gemm(rows, np, d, grow, pb.grad.st, w.vt.get(), lp, w.dp.get(), lp, false);  // dP
+            const float* lse = pb.lse + (b * pb.H + hq) * pb.T + start + r0;
+            float* pn = w.pn.get() + hh * BLOCK * lp;
+            float* dsn = w.dsn.get() + hh * BLOCK * lp;
+            for (long i = 0; i < rows; ++i) {
+                const long visible = r0 + i + 1;
+                const float* s = w.s.get() + i * lp;
+                const float* dp = w.dp.get() + i * lp;
+                const float* o = pb.out.row(b, hq, start + r0 + i);
+                const float* go = grow + i * pb.grad.st;
+                __m256 acc = _mm256_setzero_ps();
+                for (long e = 0; e < d; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(go + e), _mm256_loadu_ps(o + e), acc);
+                const __m256 delta = _mm256_set1_ps(hsum(acc));
+                const __m256 vl = _mm256_set1_ps(lse[i]);
+                for (long j = 0; j < np; j += 8) {
+                    const __m256 p = _mm256_and_ps(exp_ps(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vs, vl)),
+                                                   lane_mask(visible - j));
+                    _mm256_storeu_ps(pn + i * lp + j, p);
+                    _mm256_storeu_ps(dsn + i * lp + j,
+                                     _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + j), delta)), vs));
+                }
+            }
+            for (long i = rows; i < BLOCK; ++i) {  // rows past the span: zero, they join the dK, dV products
+                std::fill(pn + i * lp, pn + i * lp + np, 0.f);
+                std::fill(dsn + i * lp, dsn + i * lp + np, 0.f);
+            }
+            // dQ = dS k over the visible keys, written in place
+            gemm(rows, d, keys, dsn, lp, k0, pb.k.st, pb.dq.row(b, hq, start + r0), pb.dq.st, false);
+            for (long e = 0; e < d; ++e) {  // q^T and dO^T of this head's rows: A operands of dK^T, dV^T
+                float* qt = w.qt.get() + e * gb + hh * BLOCK;
+                float* dot = w.dot.get() + e * gb + hh * BLOCK;
+                for (long i = 0; i < BLOCK; ++i) {
+                    qt[i] = i < rows ? qrow[i * pb.q.st + e] : 0.f;
+                    dot[i] = i < rows ? grow[i * pb.grad.st + e] : 0.f;
+                }
+            }
+        }
+        gemm(d, np, gb, w.qt.get(), gb, w.dsn.get(), lp, w.dkt.get(), lp, true);   // dK^T += q^T dS
+        gemm(d, np, gb, w.dot.get(), gb, w.pn.get(), lp, w.dvt.get(), lp, true);   // dV^T += dO^T P
+    }
+    for (long j = 0; j < len; ++j) {
+        float* dk = pb.dk.row(b, hk, start + j);
+        float* dv = pb.dv.row(b, hk, start + j);
+        for (long e = 0; e < d; ++e) {
+            dk[e] = w.dkt[e * lp + j];
+            dv[e] = w.dvt[e * lp + j];
+        }
+    }
+}
+
+template <typename F>
+void run_tasks(const Problem& pb, int threads, F task) {
+    long longest = 0;
+    for (long i = 0; i < pb.n_spans; ++i) longest = std::max<long>(longest, pb.spans[3 * i + 2] - pb.spans[3 * i + 1]);
+    const long lp = round_up(std::max<long>(longest, 1), NR), n = pb.n_spans * pb.Hkv;
+#pragma omp parallel num_threads(threads)
+    {
+        Work w(lp, pb.D, pb.H / pb.Hkv);
+#pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < n; ++t) {
+            const int32_t* span = pb.spans + 3 * (t / pb.Hkv);
+            task(pb, w, span[0], span[1], span[2] - span[1], t % pb.Hkv);
+        }
+    }
+}
+
+Tensor4 tensor(void* data, const long* strides) { return Tensor4{(float*)data, strides[0], strides[1], strides[2]}; }
+
+}  // namespace
+
+extern "C" {
+
+// Strides are (batch, head, position) in elements. spans: n_spans x (batch row, start, end), longest first for
+// balance. Returns 0, or 1 when the head dimension is not a multiple of 16 or H is not a multiple of Hkv.
+int posttrain_span_attention_forward(void* q, const long* qs, void* k, const long* ks, void* v, const long* vs,
+                                     void* out, const long* os, float* lse, long B, long H, long Hkv, long T, long D,
+                                     const int32_t* spans, long n_spans, float scale, int threads) {
+    if (D % 16 || H % Hkv) return 1;
+    Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), {}, {}, {}, {},
+               lse, B, H, Hkv, T, D, scale, spans, n_spans};
+    run_tasks(pb, threads, forward_task);
+    return 0;
+}
+
+int posttrain_span_attention_backward(void* q, const long* qs, void* k, const long* ks, void* v, const long* vs,
+                                      void* out, const long* os, void* grad, const long* gs, float* lse,
+                                      void* dq, const long* dqs, void* dk, const long* dks, void* dv, const long* dvs,
+                                      long B, long H, long Hkv, long T, long D, const int32_t* spans, long n_spans,
+                                      float scale, int threads) {
+    if (D % 16 || H % Hkv) return 1;
+    Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), tensor(grad, gs),
+               tensor(dq, dqs), tensor(dk, dks), tensor(dv, dvs), lse, B, H, Hkv, T, D, scale, spans, n_spans};
+    run_tasks(pb, threads, backward_task);
+    return 0;
+}
+
+}  // extern "C"
