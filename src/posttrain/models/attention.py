@@ -23,7 +23,10 @@ multiple of 32, the whole layer is ONE call of posttrain's C++ kernel, with or w
 (:class:`_NativeSpanAttention`, :mod:`posttrain.models.native`; faster than the products below, see docs/benchmarks.md).
 Otherwise each span runs :class:`_CausalSpanAttention`: causal blocks of PyTorch matrix
 products, fp32 where the softmax needs it and bf16 elsewhere, instead of the CPU flash kernel (faster on a LoRA
-step, docs/benchmarks.md), with or without gradients. ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernel, ``=sdpa`` both.
+step, docs/benchmarks.md), with or without gradients. On a CPU in fp32 (the AVX2 path, where posttrain trains in
+fp32) with AVX2, FMA, a compiler and a head dimension that is a multiple of 16, the layer is likewise ONE call of
+posttrain's fp32 kernel (2.8x PyTorch's fp32 flash kernel per span on a layer's forward and backward); otherwise
+causal SDPA per span. ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernels, ``=sdpa`` the products too.
 Generation with a KV cache never comes here (no ``segments``).
 
 Families whose attention is not plain causal are exact too (:class:`LayerExtras`): the layer's
