@@ -1,17 +1,17 @@
 """The Llama-form MLP's activation, ``silu(gate(x)) * up(x)``, as one autograd node on a CPU in fp32.
 
-PyTorch computes it as ``silu`` then ``mul`` (two passes over the (tokens x intermediate) tensors forward) and
-its backward as two ``mul`` and a ``silu_backward`` (three more), keeping ``silu(g)`` for backward next to ``g``
-and ``u``. With the C++ kernel ``kernels/swiglu_fp32_avx2.cpp`` (AVX2 and FMA, :mod:`posttrain.models.native`)
-the forward is one pass reading g and u, the backward one pass reading dh, g and u and writing dg and du, and
-only g and u are kept (a third less of the MLP's activation memory). On the AVX2 path's LoRA step of
-SmolLM2-135M these ops were ~1.5 s of 18.3 s (docs/benchmarks.md, "What remains on the AVX2 path").
+PyTorch computes it as ``silu`` then ``mul`` and its backward as two ``mul`` and a ``silu_backward`` (three
+passes over the (tokens x intermediate) tensors), keeping ``silu(g)`` for backward next to ``g`` and ``u``. Here
+the forward is PyTorch's own two ops (bit-identical to the eager module, so a trained model reloaded with plain
+transformers gives the same logits) with ``silu(g)`` a temporary, and the backward is one pass of the C++ kernel
+``kernels/swiglu_fp32_avx2.cpp`` (AVX2 and FMA, :mod:`posttrain.models.native`) reading dh, g and u and writing
+dg and du. Only g and u are kept: a third less of the MLP's activation memory. On the AVX2 path's LoRA step of
+SmolLM2-135M these ops were ~1.5 s of 18.3 s (docs/benchmarks.md, "What changed for the AVX2 path").
 
 Routed: modules whose ``forward`` is Llama's MLP forward (``down(act(gate(x)) * up(x))``, checked against its
 source) with a SiLU activation; Gemma's GELU MLPs and fused gate-up MLPs (Phi-3) keep their own. Used only for
 fp32 CPU tensors of one shape with the kernel available; anything else (bf16 under autocast, CUDA, no compiler)
-runs the module's own forward. Results are within a few fp32 ulp of PyTorch's ``silu`` (not bit-identical:
-tested against float64).
+runs the module's own forward. Gradients are within a few fp32 ulp of PyTorch's (tested against float64).
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ from posttrain.models import native
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # PyTorch's own ops, so the forward is bit-identical to the eager module's (a model trained here and
+        # reloaded with plain transformers gives the same logits); silu(gate) is a temporary, not kept
         gate, up = gate.contiguous(), up.contiguous()
-        out = torch.empty_like(gate)
-        native.swiglu_library().posttrain_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(),
-                                                         gate.numel(), torch.get_num_threads())
         ctx.save_for_backward(gate, up)
-        return out
+        return torch.nn.functional.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -6,7 +6,7 @@
   at the bf16 rate.
 - ``kernels/span_attention_fp32_avx2.cpp``: the same attention in fp32 with AVX2 and FMA, for the CPUs without
   fast bf16, where posttrain trains in fp32 (instead of PyTorch's fp32 flash kernel called once per span).
-- ``kernels/swiglu_fp32_avx2.cpp``: the Llama-form MLP's ``silu(g) * u`` and its backward in one pass each, fp32
+- ``kernels/swiglu_fp32_avx2.cpp``: the backward of the Llama-form MLP's ``silu(g) * u`` in one pass, fp32
   (:mod:`posttrain.models.fused_mlp`).
 
 Build: ``$CXX`` (default ``g++``) compiles a source once into ``$POSTTRAIN_CACHE/kernels/`` (a file named by the
@@ -162,9 +162,7 @@ def _declare(kernel: Kernel, lib: ctypes.CDLL) -> None:
         lib.posttrain_span_attention_forward.restype = ctypes.c_int
         lib.posttrain_span_attention_backward.restype = ctypes.c_int
     elif kernel is SWIGLU_FP32:
-        lib.posttrain_swiglu_forward.argtypes = [pointer] * 3 + [ctypes.c_long, ctypes.c_int]
         lib.posttrain_swiglu_backward.argtypes = [pointer] * 5 + [ctypes.c_long, ctypes.c_int]
-        lib.posttrain_swiglu_forward.restype = None
         lib.posttrain_swiglu_backward.restype = None
 
 

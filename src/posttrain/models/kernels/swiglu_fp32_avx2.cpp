@@ -1,10 +1,9 @@
-// SwiGLU, h = silu(g) * u, forward and backward in one pass each, fp32, AVX2 and FMA, on torch's OpenMP threads.
+// The backward of SwiGLU, h = silu(g) * u, in one pass, fp32, AVX2 and FMA, on torch's OpenMP threads.
 //
-// Written for posttrain (built by posttrain/models/native.py, used by models/fused_mlp.py). PyTorch runs the
-// Llama-form MLP's activation as three ops forward (silu, mul) and three backward (two muls, silu_backward),
-// each a pass over the (tokens x intermediate) tensors, and keeps silu(g) for backward next to g and u. Here:
+// Written for posttrain (built by posttrain/models/native.py, used by models/fused_mlp.py, whose forward is
+// PyTorch's own ops). PyTorch runs the backward as two muls and a silu_backward, three passes over the
+// (tokens x intermediate) tensors, from a kept silu(g); here one pass from g and u:
 //
-//   forward   h = g sigmoid(g) u                                            reads g, u; writes h
 //   backward  du = dh g sigmoid(g)
 //             dg = dh u sigmoid(g) (1 + g (1 - sigmoid(g)))                 reads dh, g, u; writes dg, du
 //
@@ -66,21 +65,6 @@ struct FlushDenormals {
 }  // namespace
 
 extern "C" {
-
-void posttrain_swiglu_forward(const float* g, const float* u, float* h, long n, int threads) {
-    const long chunks = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long c = 0; c < chunks; ++c) {
-        const FlushDenormals flush;
-        const long lo = c * CHUNK, hi = std::min(n, lo + CHUNK);
-        long i = lo;
-        for (; i + 8 <= hi; i += 8) {
-            const __m256 gv = _mm256_loadu_ps(g + i);
-            _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid_ps(gv)), _mm256_loadu_ps(u + i)));
-        }
-        for (; i < hi; ++i) h[i] = g[i] * sigmoid1(g[i]) * u[i];
-    }
-}
 
 void posttrain_swiglu_backward(const float* dh, const float* g, const float* u, float* dg, float* du, long n,
                                int threads) {
