@@ -354,6 +354,66 @@ def test_lora_generates_with_the_adapter_applied(lora_model, tok, prompts):
     assert_logps_match(lora_model, prompts, sampled, 0.8)
 
 
+def test_fp32_lora_decodes_through_weights_merged_once(tiny_model_dir, tok, prompts, monkeypatch):
+    """With posttrain's LoRA routing (models/fused_lora.py) a CPU rollout decodes through W + s B A formed once per
+    rollout: the sampled log-probs still equal the PeftModel's plain forward (within fp32 rounding), the base
+    weights are untouched and the copies gone afterwards; ``POSTTRAIN_DECODE_MERGE=0``, no memory to spare, or a
+    forward with gradients use PEFT's own branch."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models import fused_lora
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(_load(tiny_model_dir), config)
+    routed = fused_lora.enable(model)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    base_weight = q_proj.base_layer.weight.detach().clone()
+    merges = []
+    original = fused_lora.merged_for_decoding
+
+    def spy(m):
+        ctx = original(m)
+
+        class Wrapped:
+            def __enter__(self):
+                count = ctx.__enter__()
+                merges.append((count, torch.allclose(q_proj._posttrain_merged, q_proj.base_layer.weight + float(
+                    q_proj.scaling["default"]) * q_proj.lora_B["default"].weight @ q_proj.lora_A["default"].weight,
+                    atol=1e-6)))
+                return count
+
+            def __exit__(self, *exc):
+                return ctx.__exit__(*exc)
+
+        return Wrapped()
+
+    monkeypatch.setattr(fused_lora, "merged_for_decoding", spy)
+    engine = RolloutSampler(tok)
+    sampled = engine.generate(model, prompts, 2, Sampling(max_new_tokens=8, temperature=0.8),
+                              generator=torch.Generator().manual_seed(3))
+    assert merges == [(routed, True)] and routed == 7 * model.config.num_hidden_layers
+    assert_logps_match(model, prompts, sampled, 0.8)
+    assert torch.equal(q_proj.base_layer.weight, base_weight) and not hasattr(q_proj, "_posttrain_merged")
+    monkeypatch.setattr(fused_lora, "merged_for_decoding", original)
+    for setting in ("env", "memory"):
+        if setting == "env":
+            monkeypatch.setenv("POSTTRAIN_DECODE_MERGE", "0")
+        else:
+            monkeypatch.delenv("POSTTRAIN_DECODE_MERGE")
+            monkeypatch.setattr(fused_lora, "_available_bytes", lambda: 1000)
+        with fused_lora.merged_for_decoding(model) as count:
+            assert count == 0 and not hasattr(q_proj, "_posttrain_merged")
+    monkeypatch.undo()
+    x = torch.randn(2, 3, q_proj.in_features, requires_grad=True)
+    with fused_lora.merged_for_decoding(model) as count:
+        assert count == routed
+        q_proj.lora_B["default"].weight.grad = None
+        q_proj(x).sum().backward()  # with gradients: PEFT's branch, the adapter gets its gradient
+        assert q_proj.lora_B["default"].weight.grad is not None
+
+
 def test_prompt_tuning_is_rejected(tiny_model_dir, tok, prompts):
     from peft import PromptTuningConfig, get_peft_model
 

@@ -22,7 +22,9 @@ greedy. ``logprob`` is log softmax(logits / temperature) of the drawn token, bef
 the distribution the training loss evaluates (at temperature 1 that is the policy itself). ``entropy`` is that
 distribution's entropy at the step, a reward-hacking signal (collapse to a few phrases drives it to 0).
 
-The policy generates with its LoRA adapter applied (never merged), in eval mode, without gradients. Prompt and
+The policy generates with its LoRA adapter applied, in eval mode, without gradients; on a CPU its fp32 LoRA
+layers decode through weights merged once per rollout (``W + s B A``, copies: the trained weights are never
+modified; :func:`posttrain.models.fused_lora.merged_for_decoding`). Prompt and
 prefix tuning are not supported by RL stages (their virtual tokens need the base model's generate path).
 ``sample_logprobs`` is the log-prob of the drawn token under the distribution actually sampled from (after
 top-k/top-p, renormalised): the behaviour policy of the importance-sampling correction. The vLLM engine
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.errors import ConfigError
+from posttrain.models import fused_lora
 from posttrain.models.forward import cache_kwarg
 
 
@@ -145,7 +148,7 @@ class RolloutSampler:
         out: list[Completion | None] = [None] * (len(prompt_ids) * n)
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), fused_lora.merged_for_decoding(model):
                 for start in range(0, len(order), self.prompts_per_batch):
                     chunk = order[start : start + self.prompts_per_batch]
                     uniforms = None
