@@ -75,7 +75,8 @@ def _cpu_has(kernel: Kernel) -> bool:
 
 def _build(compiler: str, kernel: Kernel = SPAN_BF16) -> Path:
     source_path = KERNELS_DIR / kernel.source
-    source = source_path.read_bytes()
+    # the kernels' shared headers are part of the key: a change to one rebuilds every kernel
+    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in sorted(KERNELS_DIR.glob("*.h")))
     flags = [*_COMMON_FLAGS[:2], *kernel.isa_flags, *_COMMON_FLAGS[2:]]
     key = hashlib.sha256(source + " ".join([compiler, *flags, torch.__version__]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"{kernel.name}_{key}.so"
