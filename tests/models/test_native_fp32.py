@@ -11,16 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.models import attention, fused_mlp, native
+from tests.models.test_native_attention import _grads, _segments_attention
 
 needs_avx2 = pytest.mark.skipif(not native._cpu_has_avx2_fma() or shutil.which("g++") is None,
                                 reason="needs a CPU with AVX2 and FMA, and g++")
-
-
-def _grads(attend, q, k, v, grad_out):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = attend(q, k, v)
-    out.backward(grad_out.to(out.dtype))
-    return [out.detach().double()] + [t.grad.double() for t in (q, k, v)]
 
 
 def _inputs(batch, heads, kv_heads, length, dim, seed=0):
@@ -30,10 +24,6 @@ def _inputs(batch, heads, kv_heads, length, dim, seed=0):
     k = (torch.randn(batch, length, kv_heads, dim) * 2).transpose(1, 2)
     v = torch.randn(batch, length, kv_heads, dim).transpose(1, 2)
     return q, k, v, torch.randn(batch, length, heads, dim)
-
-
-def _segments_attention(segments, scaling=None):
-    return lambda q, k, v: attention._split_segments(q, k, v, segments, 0.0, scaling)[0]
 
 
 CASES = [  # heads, kv heads, head dim, length, spans per row (1 token; partial micro-kernels; several blocks)

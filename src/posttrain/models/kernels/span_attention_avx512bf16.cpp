@@ -28,14 +28,14 @@
 #include <cmath>
 #include <memory>
 
+#include "span_tasks.h"
+
 namespace {
 
 typedef uint16_t bf16;
 constexpr int BLOCK = 32;  // query rows per block
 constexpr int MR = 8;      // micro-kernel rows
 constexpr int NR = 32;     // micro-kernel columns (two 16-float vectors)
-
-inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 
 inline bf16 to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
     uint32_t u;
@@ -123,20 +123,10 @@ void gemm(long m, long n, long kp, const bf16* a, long lda, const bf16* b, long 
     }
 }
 
-struct Tensor4 {  // a bf16 tensor addressed as (batch, head, position, d), d contiguous
-    bf16* data;
-    long sb, sh, st;
-    bf16* row(long b, long h, long t) const { return data + b * sb + h * sh + t * st; }
-};
-
-struct Problem {
-    Tensor4 q, k, v, out, grad, dq, dk, dv;
-    float* lse;  // [B][H][T]
-    long B, H, Hkv, T, D;
-    float scale;
-    const int32_t* spans;  // [n][3]: batch row, start, end
-    long n_spans;
-};
+using Tensor4 = posttrain_span::Tensor4<bf16>;
+using Problem = posttrain_span::Problem<bf16>;
+using posttrain_span::round_up;
+inline Tensor4 tensor(void* data, const long* strides) { return posttrain_span::tensor<bf16>(data, strides); }
 
 template <typename T>
 struct Buffer {  // uninitialised: every element the kernel reads, padding included, is written first
@@ -300,24 +290,6 @@ void backward_task(const Problem& pb, Work& w, long b, long start, long len, lon
     }
 }
 
-template <typename F>
-void run_tasks(const Problem& pb, int threads, F task) {
-    long longest = 0;
-    for (long i = 0; i < pb.n_spans; ++i) longest = std::max<long>(longest, pb.spans[3 * i + 2] - pb.spans[3 * i + 1]);
-    const long lp = round_up(std::max<long>(longest, 1), NR), n = pb.n_spans * pb.Hkv;
-#pragma omp parallel num_threads(threads)
-    {
-        Work w(lp, pb.D, pb.H / pb.Hkv);
-#pragma omp for schedule(dynamic, 1)
-        for (long t = 0; t < n; ++t) {
-            const int32_t* span = pb.spans + 3 * (t / pb.Hkv);
-            task(pb, w, span[0], span[1], span[2] - span[1], t % pb.Hkv);
-        }
-    }
-}
-
-Tensor4 tensor(void* data, const long* strides) { return Tensor4{(bf16*)data, strides[0], strides[1], strides[2]}; }
-
 }  // namespace
 
 extern "C" {
@@ -330,7 +302,7 @@ int posttrain_span_attention_forward(void* q, const long* qs, void* k, const lon
     if (D % 32 || H % Hkv) return 1;
     Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), {}, {}, {}, {},
                lse, B, H, Hkv, T, D, scale, spans, n_spans};
-    run_tasks(pb, threads, forward_task);
+    posttrain_span::run_tasks<Work>(pb, threads, NR, forward_task);
     return 0;
 }
 
@@ -342,7 +314,7 @@ int posttrain_span_attention_backward(void* q, const long* qs, void* k, const lo
     if (D % 32 || H % Hkv) return 1;
     Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), tensor(grad, gs),
                tensor(dq, dqs), tensor(dk, dks), tensor(dv, dvs), lse, B, H, Hkv, T, D, scale, spans, n_spans};
-    run_tasks(pb, threads, backward_task);
+    posttrain_span::run_tasks<Work>(pb, threads, NR, backward_task);
     return 0;
 }
 

@@ -1,0 +1,53 @@
+// What posttrain's two span-attention kernels share (span_attention_avx512bf16.cpp, span_attention_fp32_avx2.cpp):
+// the tensor addressing, the problem description and the task loop over (span, K/V head) on OpenMP threads.
+// models/native.py hashes this header with each source, so a change here rebuilds both.
+#pragma once
+
+#include <omp.h>
+#include <stdint.h>
+
+#include <algorithm>
+
+namespace posttrain_span {
+
+inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
+
+template <typename E>
+struct Tensor4 {  // addressed as (batch, head, position, d), d contiguous
+    E* data;
+    long sb, sh, st;
+    E* row(long b, long h, long t) const { return data + b * sb + h * sh + t * st; }
+};
+
+template <typename E>
+Tensor4<E> tensor(void* data, const long* strides) { return Tensor4<E>{(E*)data, strides[0], strides[1], strides[2]}; }
+
+template <typename E>
+struct Problem {
+    Tensor4<E> q, k, v, out, grad, dq, dk, dv;
+    float* lse;  // [B][H][T]
+    long B, H, Hkv, T, D;
+    float scale;
+    const int32_t* spans;  // [n][3]: batch row, start, end
+    long n_spans;
+};
+
+// Every (span, K/V head) task once, on `threads` OpenMP threads taking tasks in order (spans come longest first);
+// each thread owns one Work sized for the longest span, padded to `columns`.
+template <typename Work, typename E, typename F>
+void run_tasks(const Problem<E>& pb, int threads, long columns, F task) {
+    long longest = 0;
+    for (long i = 0; i < pb.n_spans; ++i) longest = std::max<long>(longest, pb.spans[3 * i + 2] - pb.spans[3 * i + 1]);
+    const long lp = round_up(std::max<long>(longest, 1), columns), n = pb.n_spans * pb.Hkv;
+#pragma omp parallel num_threads(threads)
+    {
+        Work w(lp, pb.D, pb.H / pb.Hkv);
+#pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < n; ++t) {
+            const int32_t* span = pb.spans + 3 * (t / pb.Hkv);
+            task(pb, w, span[0], span[1], span[2] - span[1], t % pb.Hkv);
+        }
+    }
+}
+
+}  // namespace posttrain_span
