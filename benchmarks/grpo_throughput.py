@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 CONTENDERS = ("posttrain", "posttrain-vllm", "trl", "trl-vllm")
@@ -119,6 +119,7 @@ class RunSpec:
     seed: int
     threads: int | None
     max_prompt_length: int
+    posttrain_overrides: list[str] = field(default_factory=list)  # --posttrain-set: one lever on or off, for A/B runs
 
 
 def peak_rss_mb() -> float:
@@ -155,6 +156,7 @@ def run_posttrain(spec: RunSpec, engine: str = "builtin") -> dict:
         "precision=fp32", "gradient_checkpointing=false", "log_every=1", "tensorboard=false",
         f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
         "lora.target_modules=all-linear", f"rewards=[{{function: '{reward}'}}]", f"rollout.engine={engine}",
+        *spec.posttrain_overrides,
     ]
     if engine == "vllm":
         overrides.append("rollout.vllm.memory=0.1")
@@ -512,6 +514,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (constant)")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (both get the reference by disabling "
                    "the LoRA adapter)")
+    p.add_argument("--posttrain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra posttrain config override (repeatable), e.g. measure_kl=always: A/B one lever")
     p.add_argument("--contenders", default="posttrain,trl", help="comma-separated subset of posttrain,trl")
     p.add_argument("--parts", default="grpo,rollout", help="comma-separated subset of grpo,rollout")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -586,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict:
             prompts_per_step=args.prompts_per_step, micro_batch_prompts=micro,
             num_generations=args.num_generations, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, lr=args.lr, beta=args.beta, seed=args.seed, threads=args.threads,
-            max_prompt_length=max_prompt_length)
+            max_prompt_length=max_prompt_length, posttrain_overrides=list(args.posttrain_set))
 
     report: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "date": datetime.datetime.now().isoformat(),
@@ -600,7 +604,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "seed": args.seed, "reward": "arith_reward (last number == answer)",
                    "prompt_tokens": {"min": min(prompt_lengths), "max": max(prompt_lengths),
                                      "mean": statistics.fmean(prompt_lengths)},
-                   "posttrain_max_prompt_length": max_prompt_length},
+                   "posttrain_max_prompt_length": max_prompt_length, "posttrain_set": list(args.posttrain_set)},
         "parts": parts, "contenders": contenders,
     }
     try:

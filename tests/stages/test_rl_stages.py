@@ -141,6 +141,36 @@ def test_grpo_several_iterations_move_the_ratio(tiny_model_dir, rl_files, tmp_pa
     assert any(abs(h["ratio"] - 1.0) > 1e-6 for h in result.fit.history)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_grpo_at_beta_zero_skips_the_reference_pass_and_trains_the_same(method, tiny_model_dir, rl_files, tmp_path, monkeypatch):
+    # At beta 0 the KL is not in the loss: the default (measure_kl auto) runs no reference pass, keeps no frozen
+    # copy for a full fine-tune and logs no kl, and must train exactly like a run that measures it (same rollouts,
+    # same losses, same weights). A guard rule on kl brings the measurement back.
+    from posttrain.rl.objective import RLObjective
+
+    passes = []
+    real = RLObjective.reference_logps
+    monkeypatch.setattr(RLObjective, "reference_logps", lambda self, m, b: passes.append(1) or real(self, m, b))
+    common = ("beta=0", f"method={method}", "max_steps=3", "guards.every=0")
+    skipped = run("grpo", tiny_model_dir, rl_files, tmp_path / "auto", *common)
+    assert passes == []
+    assert skipped.fit.history and all("kl" not in h and "update/kl" not in h for h in skipped.fit.history)
+    measured = run("grpo", tiny_model_dir, rl_files, tmp_path / "always", *common, "measure_kl=always")
+    assert len(passes) == 3  # one micro-batch (batch_size 2 prompts) per step, 3 steps
+    assert all("kl" in h and "update/kl" in h for h in measured.fit.history)
+    for a, b in zip(skipped.fit.history, measured.fit.history, strict=True):
+        for key in ("loss", "reward", "length/mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-8), key
+    if method == "lora":
+        got, want = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("auto", "always"))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    passes.clear()
+    guarded = run("grpo", tiny_model_dir, rl_files, tmp_path / "guarded", *common, "max_steps=1",
+                  "guards.rules=[{metric: kl/trend, max: 1.0}]")
+    assert passes and "kl" in guarded.fit.history[0]
+
+
 @pytest.mark.parametrize("override, message", [
     ("rewards=[]", "rewards: required"),
     ("rewards=[{function: no_such_module_xyz:f}]", "rewards[0]"),

@@ -57,7 +57,8 @@ class RLResult:
     stopped: str | None
 
 
-def setup_rl(cfg: RLConfig, value_head: bool = False) -> RLSetup:
+def setup_rl(cfg: RLConfig, value_head: bool = False, needs_reference: bool = True) -> RLSetup:
+    """``needs_reference``: whether the stage needs reference log-probs (else no reference pass and no frozen copy)."""
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer_for(cfg)
     kw = dict(max_prompt_length=cfg.max_prompt_length, skip_invalid=cfg.data.skip_invalid)
@@ -82,7 +83,7 @@ def setup_rl(cfg: RLConfig, value_head: bool = False) -> RLSetup:
         check_vllm_setup(cfg, accelerator)
     setup = build(cfg, tokenizer, accelerator)
     model = setup.model
-    reference = reference_for(cfg, model, accelerator)
+    reference = reference_for(cfg, model, accelerator, needed=needs_reference)
     capacity = cfg.max_prompt_length + cfg.sampling.max_new_tokens if cfg.packing and can_pack(cfg.method) else None
     sampler = vllm_sampler(cfg, tokenizer, model, accelerator) if cfg.rollout.engine == "vllm" else None
     return RLSetup(accelerator, tokenizer, model, train, eval_rows, rewards, guard_rewards, monitor, reference, capacity,
