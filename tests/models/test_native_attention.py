@@ -144,7 +144,10 @@ def test_switch_and_missing_cpu_feature_skip_the_kernel(monkeypatch):
 def test_span_table_lists_every_span_longest_first():
     table = attention.span_table([[(0, 3), (3, 10)], [(0, 10)]])
     assert table.dtype == torch.int32
-    assert table.tolist() == [[1, 0, 10], [0, 3, 10], [0, 0, 3]]
+    assert table.tolist() == [[1, 0, 10, 0, 0], [0, 3, 10, 0, 0], [0, 0, 3, 0, 0]]
+    # a shared prefix's keys count as work: a 4-token span seeing a 5-token prefix (4 x 14) before a 7-token span
+    table = attention.span_table([[(0, 5), (5, 9, 0, 5), (9, 16, 0, 0)]])
+    assert table.tolist() == [[0, 5, 9, 0, 5], [0, 9, 16, 0, 0], [0, 0, 5, 0, 0]]
 
 
 @needs_kernel

@@ -88,6 +88,71 @@ def test_fp32_kernel_custom_scale_no_grad_and_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
+# RL groups (data.groups): a prompt's rows are a plain span, then each completion is a span that sees them in full.
+PREFIX_CASES = [  # heads, kv heads, head dim, length, spans per row
+    # two groups in a row: 4 completions (one of 1 token) of a 20-token prompt, 2 of a 9-token one, then padding
+    (9, 3, 64, 180, [[(0, 20), (20, 45, 0, 20), (45, 80, 0, 20), (80, 81, 0, 20), (81, 90),
+                      (90, 130, 81, 90), (130, 170, 81, 90), (170, 180)]]),
+    # a prompt longer than a block, completions of several blocks; a second row whose prompt has one token (no prefix)
+    (4, 2, 16, 150, [[(0, 40), (40, 110, 0, 40), (110, 113, 0, 40), (113, 150, 0, 40)],
+                     [(0, 1), (1, 70, 0, 0), (70, 150, 0, 0)]]),
+]
+
+
+def _grouped_attention(segments):
+    return lambda q, k, v: attention._segments(q, k, v, segments, 0.0, None)[0]
+
+
+@needs_avx2
+@pytest.mark.parametrize("heads,kv_heads,dim,length,segments", PREFIX_CASES)
+def test_fp32_kernel_serves_shared_prompts(heads, kv_heads, dim, length, segments, monkeypatch):
+    """Spans that see a shared prefix (RL's shared prompts): one kernel call per layer; output and dQ, dK, dV
+    against float64 SDPA with the prefix mask per span (the path it replaces), the prompt rows' dK, dV summed over
+    every completion of the group; as accurate as fp32 SDPA; no-grad equal; the same on 1 and 2 threads."""
+    q, k, v, grad_out = _inputs(len(segments), heads, kv_heads, length, dim, seed=3)
+    calls = []
+    original = attention._NativeSpanAttention.apply
+    monkeypatch.setattr(attention._NativeSpanAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    ours = _grads(_grouped_attention(segments), q, k, v, grad_out)
+    assert calls == [1]
+    exact = _grads(_grouped_attention(segments), q.double(), k.double(), v.double(), grad_out)
+    with torch.no_grad():
+        assert torch.equal(_grouped_attention(segments)(q, k, v).double(), ours[0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads(_grouped_attention(segments), q, k, v, grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, ours))
+    monkeypatch.setenv("POSTTRAIN_CPU_ATTENTION", "sdpa")
+    sdpa = _grads(_grouped_attention(segments), q, k, v, grad_out)
+    assert len(calls) == 3  # training, no-grad, one thread; the float64 and SDPA passes did not take the kernel
+    for name, e, s, o in zip(["out", "dq", "dk", "dv"], exact, sdpa, ours):
+        scale = e.abs().max()
+        err_sdpa, err_ours = (s - e).abs().max() / scale, (o - e).abs().max() / scale
+        assert err_ours <= 2 * err_sdpa + 1e-6 and err_ours < 1e-5, f"{name}: {err_ours:.2e} vs sdpa {err_sdpa:.2e}"
+    prompt_dk = exact[2][0, :, :20]
+    alone = _grads(_grouped_attention([[(0, 20)]]), q[:1, :, :20].double(), k[:1, :, :20].double(),
+                   v[:1, :, :20].double(), grad_out[:1, :20])[2][0]
+    assert (prompt_dk - alone).abs().max() > 0.1 * alone.abs().max()  # the completions' share is really there
+
+
+def test_prefixes_the_kernel_cannot_serve_take_sdpa(monkeypatch):
+    """A prefix that is not a span of its own row, or bf16 spans with prefixes (the AVX512-BF16 kernel serves
+    plain spans only), go to SDPA with the prefix mask."""
+    assert attention._covers([[(0, 5), (5, 9, 0, 5)]], 9, prefixes=True)
+    assert not attention._covers([[(0, 5), (5, 9, 0, 5)]], 9, prefixes=False)
+    assert not attention._covers([[(0, 9), (9, 12, 0, 5)]], 12, prefixes=True)  # (0, 5) is not a span
+    assert not attention._covers([[(0, 5), (5, 9, 0, 5)]], 10, prefixes=True)  # row not covered
+    calls = []
+    monkeypatch.setattr(attention._NativeSpanAttention, "apply", lambda *a: calls.append(1))
+    q, k, v, _ = _inputs(1, 4, 2, 12, 16)
+    attention._segments(q, k, v, [[(0, 9), (9, 12, 0, 5)]], 0.0, None)
+    attention._segments(q.bfloat16(), k.bfloat16(), v.bfloat16(), [[(0, 5), (5, 12, 0, 5)]], 0.0, None)
+    assert calls == []
+
+
 def test_fp32_kernel_switches_and_unsupported_shapes(monkeypatch):
     """POSTTRAIN_CPU_ATTENTION=sdpa|products, POSTTRAIN_CPU_KERNELS=0, a CPU without AVX2, and a head dimension
     that is not a multiple of 16 all keep PyTorch's SDPA, with the same results."""

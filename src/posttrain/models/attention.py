@@ -25,8 +25,9 @@ Otherwise each span runs :class:`_CausalSpanAttention`: causal blocks of PyTorch
 products, fp32 where the softmax needs it and bf16 elsewhere, instead of the CPU flash kernel (faster on a LoRA
 step, docs/benchmarks.md), with or without gradients. On a CPU in fp32 (the AVX2 path, where posttrain trains in
 fp32) with AVX2, FMA, a compiler and a head dimension that is a multiple of 16, the layer is likewise ONE call of
-posttrain's fp32 kernel (2.8x PyTorch's fp32 flash kernel per span on a layer's forward and backward); otherwise
-causal SDPA per span. ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernels, ``=sdpa`` the products too.
+posttrain's fp32 kernel (2.8x PyTorch's fp32 flash kernel per span on a layer's forward and backward), shared
+prompts included (RL groups: each completion's span sees its prompt's rows, whose key gradients the kernel sums
+over the group); otherwise causal SDPA per span (with a prefix mask for a shared prompt). ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernels, ``=sdpa`` the products too.
 Generation with a KV cache never comes here (no ``segments``).
 
 Families whose attention is not plain causal are exact too (:class:`LayerExtras`): the layer's
@@ -354,17 +355,26 @@ def _without_cudnn(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _tiles(segments, length: int) -> bool:
-    """Every row's spans are plain (no shared prefix) and cover [0, length) in order."""
+def _covers(segments, length: int, prefixes: bool) -> bool:
+    """Every row's spans cover [0, length) in order; a shared prefix is allowed only with ``prefixes``, and then
+    it must be a span of its own in the same row (as data.groups lays a group out)."""
     for spans in segments:
         end = 0
+        own = {(span[0], span[1]) for span in spans}
         for span in spans:
-            if span[0] != end or (len(span) == 4 and span[3] > span[2]):
+            if span[0] != end:
+                return False
+            if len(span) == 4 and span[3] > span[2] and not (prefixes and (span[2], span[3]) in own):
                 return False
             end = span[1]
         if end != length:
             return False
     return True
+
+
+def _tiles(segments, length: int) -> bool:
+    """Every row's spans are plain (no shared prefix) and cover [0, length) in order."""
+    return _covers(segments, length, prefixes=False)
 
 
 def _cpu_bf16_grouped(query, key, dropout: float) -> bool:
@@ -429,6 +439,10 @@ def _split_segments(query, key, value, segments, dropout, scaling):
 def _segments(query, key, value, segments, dropout, scaling):
     if _tiles(segments, query.shape[2]):
         return _split_segments(query, key, value, segments, dropout, scaling)
+    if (query.dtype == torch.float32 and _covers(segments, query.shape[2], prefixes=True)
+            and _native_applies(query, key, value, dropout)):  # shared prompts: the fp32 kernel serves prefixes
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return _NativeSpanAttention.apply(query, key, value, span_table(segments), scale), None
     gqa = query.shape[1] != key.shape[1]
     rows = []
     for r, spans in enumerate(segments):

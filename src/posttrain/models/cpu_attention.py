@@ -129,11 +129,15 @@ def _fp32_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def span_table(segments) -> torch.Tensor:
-    """(n, 3) int32 rows of (batch row, start, end), the longest span first (the kernel's threads take tasks in
-    this order, so the long ones do not come last)."""
-    spans = [(row, span[0], span[1]) for row, row_spans in enumerate(segments) for span in row_spans]
-    spans.sort(key=lambda s: s[1] - s[2])
-    return torch.tensor(spans, dtype=torch.int32).reshape(-1, 3)
+    """(n, 5) int32 rows of (batch row, start, end, prefix start, prefix end; the prefix empty for a plain span),
+    the most keys first (the kernel's threads take tasks in this order, so the long ones do not come last)."""
+    spans = []
+    for row, row_spans in enumerate(segments):
+        for span in row_spans:
+            ps, pe = (span[2], span[3]) if len(span) == 4 and span[3] > span[2] else (0, 0)
+            spans.append((row, span[0], span[1], ps, pe))
+    spans.sort(key=lambda s: -(s[2] - s[1]) * (s[2] - s[1] + 2 * (s[4] - s[3])))  # len^2 + 2 len prefix: the work
+    return torch.tensor(spans, dtype=torch.int32).reshape(-1, 5)
 
 
 def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

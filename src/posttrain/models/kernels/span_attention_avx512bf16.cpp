@@ -294,15 +294,19 @@ void backward_task(const Problem& pb, Work& w, long b, long start, long len, lon
 
 extern "C" {
 
-// Strides are (batch, head, position) in elements. spans: n_spans x (batch row, start, end), longest first for
-// balance. Returns 0, or 1 when the head dimension is not a multiple of 32.
+// Strides are (batch, head, position) in elements. spans: n_spans x (batch row, start, end, prefix start, prefix
+// end), longest first for balance. Returns 0, 1 when the head dimension is not a multiple of 32, or 2 when a span
+// has a shared prefix (this kernel serves plain causal spans; the fp32 one serves prefixes too).
 int posttrain_span_attention_forward(void* q, const long* qs, void* k, const long* ks, void* v, const long* vs,
                                      void* out, const long* os, float* lse, long B, long H, long Hkv, long T, long D,
                                      const int32_t* spans, long n_spans, float scale, int threads) {
     if (D % 32 || H % Hkv) return 1;
+    if (posttrain_span::any_prefix(spans, n_spans)) return 2;
     Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), {}, {}, {}, {},
                lse, B, H, Hkv, T, D, scale, spans, n_spans};
-    posttrain_span::run_tasks<Work>(pb, threads, NR, forward_task);
+    posttrain_span::run_tasks<Work>(pb, threads, NR, [](const Problem& p, Work& w, const posttrain_span::Span& s, long hk) {
+        forward_task(p, w, s.b, s.start, s.len, hk);
+    });
     return 0;
 }
 
@@ -312,9 +316,12 @@ int posttrain_span_attention_backward(void* q, const long* qs, void* k, const lo
                                       long B, long H, long Hkv, long T, long D, const int32_t* spans, long n_spans,
                                       float scale, int threads) {
     if (D % 32 || H % Hkv) return 1;
+    if (posttrain_span::any_prefix(spans, n_spans)) return 2;
     Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), tensor(grad, gs),
                tensor(dq, dqs), tensor(dk, dks), tensor(dv, dvs), lse, B, H, Hkv, T, D, scale, spans, n_spans};
-    posttrain_span::run_tasks<Work>(pb, threads, NR, backward_task);
+    posttrain_span::run_tasks<Work>(pb, threads, NR, [](const Problem& p, Work& w, const posttrain_span::Span& s, long hk) {
+        backward_task(p, w, s.b, s.start, s.len, hk);
+    });
     return 0;
 }
 

@@ -16,9 +16,14 @@
 // each walks its query rows in blocks of BLOCK rows, multiplying each block only by the keys it can see. Every
 // product is one register-blocked micro-kernel: C (MR x 16) [+]= A (MR x K, rows) x B (K x 16, rows).
 //
+// Shared prefixes (RL groups, posttrain/data/groups.py: one prompt, then each completion as a span that sees it):
+// a span's keys are its prefix's rows followed by its own, and its queries see the prefix in full. The prefix
+// rows are a plain span of their own; their dK, dV also get every completion's share, which each task leaves in
+// its own slot and one pass adds afterwards in table order.
+//
 // Layout: q, k, v, grad and outputs are fp32 addressed by (batch, head, position) strides with the head
-// dimension D contiguous; D must be a multiple of 16. Each task's result depends only on its inputs (no
-// reduction across threads), so results do not depend on the thread count.
+// dimension D contiguous; D must be a multiple of 16. Each task writes only its own rows and slots, and the
+// prefix sums run in a fixed order, so results do not depend on the thread count.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -28,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <vector>
 
 #include "span_tasks.h"
 
@@ -112,23 +118,42 @@ void gemm(long m, long n, long k, const float* a, long lda, const float* b, long
 using Tensor4 = posttrain_span::Tensor4<float>;
 using Problem = posttrain_span::Problem<float>;
 using posttrain_span::round_up;
+using posttrain_span::Span;
 inline Tensor4 tensor(void* data, const long* strides) { return posttrain_span::tensor<float>(data, strides); }
 
-// Per-thread work memory, sized for the longest span (lp columns, a multiple of 16).
+// Per-thread work memory, sized for the most keys a span's queries see (lp columns, a multiple of 16).
 struct Work {
-    std::unique_ptr<float[]> kt, vt, s, dp, pn, dsn, qt, dot, dkt, dvt;
+    std::unique_ptr<float[]> kt, vt, s, dp, pn, dsn, qt, dot, dkt, dvt, rows;
     Work(long lp, long d, long g)
         : kt(new float[d * lp]), vt(new float[d * lp]), s(new float[BLOCK * lp]), dp(new float[BLOCK * lp]),
           pn(new float[g * BLOCK * lp]), dsn(new float[g * BLOCK * lp]), qt(new float[d * g * BLOCK]),
-          dot(new float[d * g * BLOCK]), dkt(new float[d * lp]), dvt(new float[d * lp]) {}
+          dot(new float[d * g * BLOCK]), dkt(new float[d * lp]), dvt(new float[d * lp]), rows(new float[lp * d]) {}
 };
 
-// x^T of one span: xt[e][j] = x[start + j][e], zero for len <= j < lp.
-void transpose_keys(const Tensor4& x, long b, long h, long start, long len, long lp, long d, float* xt) {
+// Key j of a span's queries: the shared prefix's rows first, then the span's own.
+inline const float* key_row(const Tensor4& x, const Span& sp, long hk, long j) {
+    return j < sp.plen ? x.row(sp.b, hk, sp.ps + j) : x.row(sp.b, hk, sp.start + j - sp.plen);
+}
+
+// x^T of the keys a span's queries see: xt[e][j] = key j's element e, zero for plen + len <= j < lp.
+void transpose_keys(const Tensor4& x, const Span& sp, long hk, long lp, long d, float* xt) {
+    const long keys = sp.plen + sp.len;
     for (long j = 0; j < lp; ++j) {
-        const float* row = j < len ? x.row(b, h, start + j) : nullptr;
+        const float* row = j < keys ? key_row(x, sp, hk, j) : nullptr;
         for (long e = 0; e < d; ++e) xt[e * lp + j] = row ? row[e] : 0.f;
     }
+}
+
+// The keys as one row-major (plen + len) x d matrix with row stride *ld: the tensor itself for a plain span, a
+// gathered copy in buf when a prefix lies elsewhere in the row.
+const float* key_rows(const Tensor4& x, const Span& sp, long hk, long d, float* buf, long* ld) {
+    if (!sp.plen) {
+        *ld = x.st;
+        return x.row(sp.b, hk, sp.start);
+    }
+    for (long j = 0; j < sp.plen + sp.len; ++j) memcpy(buf + j * d, key_row(x, sp, hk, j), d * sizeof(float));
+    *ld = d;
+    return buf;
 }
 
 // softmax over the visible keys of one row (in place), zero up to `width`; returns logsumexp.
@@ -153,46 +178,50 @@ float softmax_row(float* s, long visible, long width, float scale) {
     return mx + std::log(sum);
 }
 
-void forward_task(const Problem& pb, Work& w, long b, long start, long len, long hk) {
-    const long d = pb.D, g = pb.H / pb.Hkv, lp = round_up(len, NR);
-    transpose_keys(pb.k, b, hk, start, len, lp, d, w.kt.get());
-    const float* v0 = pb.v.row(b, hk, start);
+void forward_task(const Problem& pb, Work& w, const Span& sp, long hk) {
+    const long d = pb.D, g = pb.H / pb.Hkv, len = sp.len, pre = sp.plen, lp = round_up(pre + len, NR);
+    transpose_keys(pb.k, sp, hk, lp, d, w.kt.get());
+    long ldv;
+    const float* v0 = key_rows(pb.v, sp, hk, d, w.rows.get(), &ldv);
     for (long r0 = 0; r0 < len; r0 += BLOCK) {
-        const long rows = std::min<long>(BLOCK, len - r0), keys = r0 + rows, np = round_up(keys, NR);
+        const long rows = std::min<long>(BLOCK, len - r0), keys = pre + r0 + rows, np = round_up(keys, NR);
         for (long hq = hk * g; hq < (hk + 1) * g; ++hq) {
-            gemm(rows, np, d, pb.q.row(b, hq, start + r0), pb.q.st, w.kt.get(), lp, w.s.get(), lp, false);
-            float* lse = pb.lse + (b * pb.H + hq) * pb.T + start + r0;
-            for (long i = 0; i < rows; ++i) lse[i] = softmax_row(w.s.get() + i * lp, r0 + i + 1, np, pb.scale);
+            gemm(rows, np, d, pb.q.row(sp.b, hq, sp.start + r0), pb.q.st, w.kt.get(), lp, w.s.get(), lp, false);
+            float* lse = pb.lse + (sp.b * pb.H + hq) * pb.T + sp.start + r0;
+            for (long i = 0; i < rows; ++i) lse[i] = softmax_row(w.s.get() + i * lp, pre + r0 + i + 1, np, pb.scale);
             // O = P v over the visible keys only (the zero tail of P needs no rows of v)
-            gemm(rows, d, keys, w.s.get(), lp, v0, pb.v.st, pb.out.row(b, hq, start + r0), pb.out.st, false);
+            gemm(rows, d, keys, w.s.get(), lp, v0, ldv, pb.out.row(sp.b, hq, sp.start + r0), pb.out.st, false);
         }
     }
 }
 
-void backward_task(const Problem& pb, Work& w, long b, long start, long len, long hk) {
-    const long d = pb.D, g = pb.H / pb.Hkv, lp = round_up(len, NR), gb = g * BLOCK;
-    transpose_keys(pb.k, b, hk, start, len, lp, d, w.kt.get());
-    transpose_keys(pb.v, b, hk, start, len, lp, d, w.vt.get());
-    const float* k0 = pb.k.row(b, hk, start);
+// dK and dV of a span's prefix keys go to `prefix` (this span's slot: [K/V head][plen][d] of dK, then of dV),
+// summed into the prefix's rows after every task is done (add_prefix_grads): several spans share one prefix.
+void backward_task(const Problem& pb, Work& w, const Span& sp, long hk, float* prefix) {
+    const long d = pb.D, g = pb.H / pb.Hkv, len = sp.len, pre = sp.plen, lp = round_up(pre + len, NR), gb = g * BLOCK;
+    transpose_keys(pb.k, sp, hk, lp, d, w.kt.get());
+    transpose_keys(pb.v, sp, hk, lp, d, w.vt.get());
+    long ldk;
+    const float* k0 = key_rows(pb.k, sp, hk, d, w.rows.get(), &ldk);
     std::fill(w.dkt.get(), w.dkt.get() + d * lp, 0.f);
     std::fill(w.dvt.get(), w.dvt.get() + d * lp, 0.f);
     const __m256 vs = _mm256_set1_ps(pb.scale);
     for (long r0 = 0; r0 < len; r0 += BLOCK) {
-        const long rows = std::min<long>(BLOCK, len - r0), keys = r0 + rows, np = round_up(keys, NR);
+        const long rows = std::min<long>(BLOCK, len - r0), keys = pre + r0 + rows, np = round_up(keys, NR);
         for (long hh = 0; hh < g; ++hh) {
             const long hq = hk * g + hh;
-            const float* qrow = pb.q.row(b, hq, start + r0);
-            const float* grow = pb.grad.row(b, hq, start + r0);
+            const float* qrow = pb.q.row(sp.b, hq, sp.start + r0);
+            const float* grow = pb.grad.row(sp.b, hq, sp.start + r0);
             gemm(rows, np, d, qrow, pb.q.st, w.kt.get(), lp, w.s.get(), lp, false);     // S
             gemm(rows, np, d, grow, pb.grad.st, w.vt.get(), lp, w.dp.get(), lp, false);  // dP
-            const float* lse = pb.lse + (b * pb.H + hq) * pb.T + start + r0;
+            const float* lse = pb.lse + (sp.b * pb.H + hq) * pb.T + sp.start + r0;
             float* pn = w.pn.get() + hh * BLOCK * lp;
             float* dsn = w.dsn.get() + hh * BLOCK * lp;
             for (long i = 0; i < rows; ++i) {
-                const long visible = r0 + i + 1;
+                const long visible = pre + r0 + i + 1;
                 const float* s = w.s.get() + i * lp;
                 const float* dp = w.dp.get() + i * lp;
-                const float* o = pb.out.row(b, hq, start + r0 + i);
+                const float* o = pb.out.row(sp.b, hq, sp.start + r0 + i);
                 const float* go = grow + i * pb.grad.st;
                 __m256 acc = _mm256_setzero_ps();
                 for (long e = 0; e < d; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(go + e), _mm256_loadu_ps(o + e), acc);
@@ -211,7 +240,7 @@ void backward_task(const Problem& pb, Work& w, long b, long start, long len, lon
                 std::fill(dsn + i * lp, dsn + i * lp + np, 0.f);
             }
             // dQ = dS k over the visible keys, written in place
-            gemm(rows, d, keys, dsn, lp, k0, pb.k.st, pb.dq.row(b, hq, start + r0), pb.dq.st, false);
+            gemm(rows, d, keys, dsn, lp, k0, ldk, pb.dq.row(sp.b, hq, sp.start + r0), pb.dq.st, false);
             for (long e = 0; e < d; ++e) {  // q^T and dO^T of this head's rows: A operands of dK^T, dV^T
                 float* qt = w.qt.get() + e * gb + hh * BLOCK;
                 float* dot = w.dot.get() + e * gb + hh * BLOCK;
@@ -225,11 +254,43 @@ void backward_task(const Problem& pb, Work& w, long b, long start, long len, lon
         gemm(d, np, gb, w.dot.get(), gb, w.pn.get(), lp, w.dvt.get(), lp, true);   // dV^T += dO^T P
     }
     for (long j = 0; j < len; ++j) {
-        float* dk = pb.dk.row(b, hk, start + j);
-        float* dv = pb.dv.row(b, hk, start + j);
+        float* dk = pb.dk.row(sp.b, hk, sp.start + j);
+        float* dv = pb.dv.row(sp.b, hk, sp.start + j);
         for (long e = 0; e < d; ++e) {
-            dk[e] = w.dkt[e * lp + j];
-            dv[e] = w.dvt[e * lp + j];
+            dk[e] = w.dkt[e * lp + pre + j];
+            dv[e] = w.dvt[e * lp + pre + j];
+        }
+    }
+    if (pre) {
+        float* pk = prefix + hk * pre * d;
+        float* pv = pk + pb.Hkv * pre * d;
+        for (long j = 0; j < pre; ++j)
+            for (long e = 0; e < d; ++e) {
+                pk[j * d + e] = w.dkt[e * lp + j];
+                pv[j * d + e] = w.dvt[e * lp + j];
+            }
+    }
+}
+
+// The prefix keys' dK, dV from every span that sees them, added to the prefix rows (which their own plain span
+// wrote), span by span in table order: the sum's order, and so the result, does not depend on the thread count.
+void add_prefix_grads(const Problem& pb, const float* prefix, const long* offsets, int threads) {
+    const long d = pb.D;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (long hk = 0; hk < pb.Hkv; ++hk) {
+        for (long i = 0; i < pb.n_spans; ++i) {
+            const Span sp = posttrain_span::span_at(pb.spans, i);
+            if (!sp.plen) continue;
+            const float* pk = prefix + offsets[i] + hk * sp.plen * d;
+            const float* pv = pk + pb.Hkv * sp.plen * d;
+            for (long j = 0; j < sp.plen; ++j) {
+                float* dk = pb.dk.row(sp.b, hk, sp.ps + j);
+                float* dv = pb.dv.row(sp.b, hk, sp.ps + j);
+                for (long e = 0; e < d; ++e) {
+                    dk[e] += pk[j * d + e];
+                    dv[e] += pv[j * d + e];
+                }
+            }
         }
     }
 }
@@ -238,8 +299,10 @@ void backward_task(const Problem& pb, Work& w, long b, long start, long len, lon
 
 extern "C" {
 
-// Strides are (batch, head, position) in elements. spans: n_spans x (batch row, start, end), longest first for
-// balance. Returns 0, or 1 when the head dimension is not a multiple of 16 or H is not a multiple of Hkv.
+// Strides are (batch, head, position) in elements. spans: n_spans x (batch row, start, end, prefix start, prefix
+// end), longest first for balance; a span's queries see its prefix in full (RL's shared prompts, data/groups.py),
+// and the prefix's rows must be a span of their own. Returns 0, or 1 when the head dimension is not a multiple of
+// 16 or H is not a multiple of Hkv.
 int posttrain_span_attention_forward(void* q, const long* qs, void* k, const long* ks, void* v, const long* vs,
                                      void* out, const long* os, float* lse, long B, long H, long Hkv, long T, long D,
                                      const int32_t* spans, long n_spans, float scale, int threads) {
@@ -258,7 +321,13 @@ int posttrain_span_attention_backward(void* q, const long* qs, void* k, const lo
     if (D % 16 || H % Hkv) return 1;
     Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), tensor(grad, gs),
                tensor(dq, dqs), tensor(dk, dks), tensor(dv, dvs), lse, B, H, Hkv, T, D, scale, spans, n_spans};
-    posttrain_span::run_tasks<Work>(pb, threads, NR, backward_task);
+    std::vector<long> offsets(n_spans + 1, 0);  // each span's slot of prefix gradients (floats)
+    for (long i = 0; i < n_spans; ++i) offsets[i + 1] = offsets[i] + 2 * Hkv * posttrain_span::span_at(spans, i).plen * D;
+    std::vector<float> prefix(offsets[n_spans]);
+    posttrain_span::run_tasks<Work>(pb, threads, NR, [&](const Problem& p, Work& w, const Span& sp, long hk) {
+        backward_task(p, w, sp, hk, prefix.data() + offsets[sp.index]);
+    });
+    if (offsets[n_spans]) add_prefix_grads(pb, prefix.data(), offsets.data(), threads);
     return 0;
 }
 

@@ -28,25 +28,42 @@ struct Problem {
     float* lse;  // [B][H][T]
     long B, H, Hkv, T, D;
     float scale;
-    const int32_t* spans;  // [n][3]: batch row, start, end
+    const int32_t* spans;  // [n][5]: batch row, start, end, prefix start, prefix end (equal: no shared prefix)
     long n_spans;
 };
 
+// One span of the table: its queries are positions [start, start + len) of row b; they see the shared prefix
+// [ps, ps + plen) of the same row in full (none when plen is 0) and their own span causally.
+struct Span {
+    long index, b, start, len, ps, plen;
+};
+
+inline Span span_at(const int32_t* spans, long i) {
+    const int32_t* s = spans + 5 * i;
+    return Span{i, s[0], s[1], s[2] - s[1], s[3], s[4] - s[3]};
+}
+
+inline bool any_prefix(const int32_t* spans, long n) {
+    for (long i = 0; i < n; ++i)
+        if (span_at(spans, i).plen > 0) return true;
+    return false;
+}
+
 // Every (span, K/V head) task once, on `threads` OpenMP threads taking tasks in order (spans come longest first);
-// each thread owns one Work sized for the longest span, padded to `columns`.
+// each thread owns one Work sized for the most keys a span's queries see (prefix + span), padded to `columns`.
 template <typename Work, typename E, typename F>
 void run_tasks(const Problem<E>& pb, int threads, long columns, F task) {
     long longest = 0;
-    for (long i = 0; i < pb.n_spans; ++i) longest = std::max<long>(longest, pb.spans[3 * i + 2] - pb.spans[3 * i + 1]);
+    for (long i = 0; i < pb.n_spans; ++i) {
+        const Span s = span_at(pb.spans, i);
+        longest = std::max<long>(longest, s.plen + s.len);
+    }
     const long lp = round_up(std::max<long>(longest, 1), columns), n = pb.n_spans * pb.Hkv;
 #pragma omp parallel num_threads(threads)
     {
         Work w(lp, pb.D, pb.H / pb.Hkv);
 #pragma omp for schedule(dynamic, 1)
-        for (long t = 0; t < n; ++t) {
-            const int32_t* span = pb.spans + 3 * (t / pb.Hkv);
-            task(pb, w, span[0], span[1], span[2] - span[1], t % pb.Hkv);
-        }
+        for (long t = 0; t < n; ++t) task(pb, w, span_at(pb.spans, t / pb.Hkv), t % pb.Hkv);
     }
 }
 
