@@ -359,3 +359,25 @@ def test_step_breakdown_accounts_for_every_matmul_flop(tiny_model_dir, tmp_path,
     body = cats["body matmuls (q, k, v, o, gate, up, down)"]
     assert body["tflop"] > 0 and cats["head matmuls"]["tflop"] > 0
     assert result["targets"] > 0 and result["loss"] > 0
+
+
+def test_grpo_breakdown_profiles_rollout_reference_and_policy(tiny_model_dir, tmp_path):
+    """benchmarks/grpo_breakdown.py on the tiny model: the three parts, categories that sum to each part's op time,
+    and FLOPs read from the recorded shapes that add up: the policy's body matmuls (forward + input gradients) are
+    about twice the reference pass's (forward only) over the same micro-batch."""
+    module = load_script("grpo_breakdown")
+    out = tmp_path / "grpo.json"
+    result = module.main(["--model", str(tiny_model_dir), "--prompts", "2", "--num-generations", "2",
+                          "--max-new-tokens", "4", "--micro-batch-prompts", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    parts = result["parts"]
+    assert set(parts) == {"rollout", "reference", "policy_forward_backward"}
+    for part in parts.values():
+        assert abs(sum(c["seconds"] for c in part["categories"]) - part["op_s"]) < 0.05
+    body = "body matmuls (q, k, v, o, gate, up, down)"
+    flops = {name: {c["category"]: c["gflop"] for c in part["categories"]} for name, part in parts.items()}
+    assert flops["reference"][body] > 0
+    # forward + input gradients = 2x the forward (up to the tiny model's 16-wide K/V projections, whose input
+    # gradients have the head dimension inside and are read as attention products)
+    assert 1.8 * flops["reference"][body] < flops["policy_forward_backward"][body] <= 2 * flops["reference"][body]
+    assert 0 < parts["rollout"]["completion_tokens"] <= 2 * 2 * 4 and result["micro_batch"]["targets"] >= 2 * 30
