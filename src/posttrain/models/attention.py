@@ -27,7 +27,8 @@ step, docs/benchmarks.md), with or without gradients. On a CPU in fp32 (the AVX2
 fp32) with AVX2, FMA, a compiler and a head dimension that is a multiple of 16, the layer is likewise ONE call of
 posttrain's fp32 kernel (2.8x PyTorch's fp32 flash kernel per span on a layer's forward and backward), shared
 prompts included (RL groups: each completion's span sees its prompt's rows, whose key gradients the kernel sums
-over the group); otherwise causal SDPA per span (with a prefix mask for a shared prompt). ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernels, ``=sdpa`` the products too.
+over the group); otherwise causal SDPA per span (with a prefix mask for a shared prompt).
+``POSTTRAIN_CPU_ATTENTION=products`` skips the kernels, ``=sdpa`` the products too.
 Generation with a KV cache never comes here (no ``segments``).
 
 Families whose attention is not plain causal are exact too (:class:`LayerExtras`): the layer's
