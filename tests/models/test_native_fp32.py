@@ -139,8 +139,8 @@ def test_fp32_kernel_serves_shared_prompts(heads, kv_heads, dim, length, segment
 
 
 def test_prefixes_the_kernel_cannot_serve_take_sdpa(monkeypatch):
-    """A prefix that is not a span of its own row, or bf16 spans with prefixes (the AVX512-BF16 kernel serves
-    plain spans only), go to SDPA with the prefix mask."""
+    """A prefix that is not a span of its own row, or rows the spans do not cover, go to SDPA with the prefix
+    mask."""
     assert attention._covers([[(0, 5), (5, 9, 0, 5)]], 9, prefixes=True)
     assert not attention._covers([[(0, 5), (5, 9, 0, 5)]], 9, prefixes=False)
     assert not attention._covers([[(0, 9), (9, 12, 0, 5)]], 12, prefixes=True)  # (0, 5) is not a span
@@ -149,7 +149,7 @@ def test_prefixes_the_kernel_cannot_serve_take_sdpa(monkeypatch):
     monkeypatch.setattr(attention._NativeSpanAttention, "apply", lambda *a: calls.append(1))
     q, k, v, _ = _inputs(1, 4, 2, 12, 16)
     attention._segments(q, k, v, [[(0, 9), (9, 12, 0, 5)]], 0.0, None)
-    attention._segments(q.bfloat16(), k.bfloat16(), v.bfloat16(), [[(0, 5), (5, 12, 0, 5)]], 0.0, None)
+    attention._segments(q, k, v, [[(0, 5), (5, 11, 0, 5)]], 0.0, None)  # position 11 in no span
     assert calls == []
 
 

@@ -25,9 +25,10 @@ Otherwise each span runs :class:`_CausalSpanAttention`: causal blocks of PyTorch
 products, fp32 where the softmax needs it and bf16 elsewhere, instead of the CPU flash kernel (faster on a LoRA
 step, docs/benchmarks.md), with or without gradients. On a CPU in fp32 (the AVX2 path, where posttrain trains in
 fp32) with AVX2, FMA, a compiler and a head dimension that is a multiple of 16, the layer is likewise ONE call of
-posttrain's fp32 kernel (2.8x PyTorch's fp32 flash kernel per span on a layer's forward and backward), shared
-prompts included (RL groups: each completion's span sees its prompt's rows, whose key gradients the kernel sums
-over the group); otherwise causal SDPA per span (with a prefix mask for a shared prompt).
+posttrain's fp32 kernel (2.8x PyTorch's fp32 flash kernel per span on a layer's forward and backward); otherwise
+causal SDPA per span. Both kernels also serve RL's shared prompts (each completion's span sees its prompt's rows,
+whose key and value gradients the kernel sums over the group), which otherwise run SDPA with a prefix mask per
+span.
 ``POSTTRAIN_CPU_ATTENTION=products`` skips the kernels, ``=sdpa`` the products too.
 Generation with a KV cache never comes here (no ``segments``).
 
@@ -440,8 +441,8 @@ def _split_segments(query, key, value, segments, dropout, scaling):
 def _segments(query, key, value, segments, dropout, scaling):
     if _tiles(segments, query.shape[2]):
         return _split_segments(query, key, value, segments, dropout, scaling)
-    if (query.dtype == torch.float32 and _covers(segments, query.shape[2], prefixes=True)
-            and _native_applies(query, key, value, dropout)):  # shared prompts: the fp32 kernel serves prefixes
+    if _covers(segments, query.shape[2], prefixes=True) and _native_applies(query, key, value, dropout):
+        # shared prompts (RL groups): both C++ kernels serve spans that see a prefix
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         return _NativeSpanAttention.apply(query, key, value, span_table(segments), scale), None
     gqa = query.shape[1] != key.shape[1]

@@ -15,6 +15,11 @@
 // can see. Every product is one micro-kernel: C (fp32) [+]= A (bf16, rows with pairs of the reduction index
 // adjacent) x B (bf16, "VNNI" layout: [K/2][N][2], the pair of reduction indices of one column adjacent).
 //
+// Shared prefixes (RL groups, posttrain/data/groups.py): a span's keys are its prefix's rows followed by its own,
+// and its queries see the prefix in full. The prefix rows are a plain span of their own; their dK, dV also get
+// every completion's share, which each task leaves in its own fp32 slot and one pass adds afterwards in table
+// order, rounding each prefix row to bf16 once.
+//
 // Layout conventions: q, k, v, grad and outputs are addressed by (batch, head, position) strides with the head
 // dimension D contiguous; D must be a multiple of 32. Buffers padded to 32 columns are zero in the padding.
 
@@ -27,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <vector>
 
 #include "span_tasks.h"
 
@@ -126,6 +132,7 @@ void gemm(long m, long n, long kp, const bf16* a, long lda, const bf16* b, long 
 using Tensor4 = posttrain_span::Tensor4<bf16>;
 using Problem = posttrain_span::Problem<bf16>;
 using posttrain_span::round_up;
+using posttrain_span::Span;
 inline Tensor4 tensor(void* data, const long* strides) { return posttrain_span::tensor<bf16>(data, strides); }
 
 template <typename T>
@@ -146,11 +153,18 @@ struct Work {
           obuf(BLOCK * d), dkt(d * lp), dvt(d * lp) {}
 };
 
-// Keys of one span packed both ways: xt = [D/2][lp][2] (B operand of q x^T), xn = [lp/2][D][2] (B of p x).
-void pack_keys(const Tensor4& x, long b, long h, long start, long len, long lp, long d, bf16* xt, bf16* xn) {
+// Key j of a span's queries: the shared prefix's rows first, then the span's own.
+inline const bf16* key_row(const Tensor4& x, const Span& sp, long hk, long j) {
+    return j < sp.plen ? x.row(sp.b, hk, sp.ps + j) : x.row(sp.b, hk, sp.start + j - sp.plen);
+}
+
+// The keys a span's queries see (prefix, then span) packed both ways: xt = [D/2][lp][2] (B operand of q x^T),
+// xn = [lp/2][D][2] (B of p x); zero for plen + len <= j < lp.
+void pack_keys(const Tensor4& x, const Span& sp, long hk, long lp, long d, bf16* xt, bf16* xn) {
     uint32_t* xt32 = (uint32_t*)xt;
+    const long keys = sp.plen + sp.len;
     for (long j = 0; j < lp; ++j) {
-        const bf16* row = j < len ? x.row(b, h, start + j) : nullptr;
+        const bf16* row = j < keys ? key_row(x, sp, hk, j) : nullptr;
         for (long p = 0; p < d / 2; ++p) {
             uint32_t pair = 0;
             if (row) memcpy(&pair, row + 2 * p, 4);
@@ -202,39 +216,42 @@ void pack_rows_vnni(const float* src, long ld_src, long rows, long width, bf16* 
     }
 }
 
-void forward_task(const Problem& pb, Work& w, long b, long start, long len, long hk) {
-    const long d = pb.D, g = pb.H / pb.Hkv, lp = round_up(len, NR);
-    pack_keys(pb.k, b, hk, start, len, lp, d, w.kt.data(), w.kn.data());
-    pack_keys(pb.v, b, hk, start, len, lp, d, w.vt.data(), w.vn.data());
+void forward_task(const Problem& pb, Work& w, const Span& sp, long hk) {
+    const long d = pb.D, g = pb.H / pb.Hkv, len = sp.len, pre = sp.plen, lp = round_up(pre + len, NR);
+    pack_keys(pb.k, sp, hk, lp, d, w.kt.data(), w.kn.data());
+    pack_keys(pb.v, sp, hk, lp, d, w.vt.data(), w.vn.data());
     for (long r0 = 0; r0 < len; r0 += BLOCK) {
-        const long rows = std::min<long>(BLOCK, len - r0), np = round_up(r0 + rows, NR);
+        const long rows = std::min<long>(BLOCK, len - r0), np = round_up(pre + r0 + rows, NR);
         for (long hq = hk * g; hq < (hk + 1) * g; ++hq) {
-            const bf16* qrow = pb.q.row(b, hq, start + r0);
+            const bf16* qrow = pb.q.row(sp.b, hq, sp.start + r0);
             gemm(rows, np, d / 2, qrow, pb.q.st, w.kt.data(), lp, w.s.data(), lp, false);
-            float* lse = pb.lse + (b * pb.H + hq) * pb.T + start + r0;
+            float* lse = pb.lse + (sp.b * pb.H + hq) * pb.T + sp.start + r0;
             for (long i = 0; i < rows; ++i) {
                 float* s = w.s.data() + i * lp;
-                lse[i] = softmax_row(s, r0 + i + 1, np, pb.scale);
+                lse[i] = softmax_row(s, pre + r0 + i + 1, np, pb.scale);
                 for (long j = 0; j < np; j += 16) store_bf16x16(w.prow.data() + i * lp + j, _mm512_loadu_ps(s + j));
             }
             gemm(rows, d, np / 2, w.prow.data(), lp, w.vn.data(), d, w.obuf.data(), d, false);
             for (long i = 0; i < rows; ++i) {
-                bf16* o = pb.out.row(b, hq, start + r0 + i);
+                bf16* o = pb.out.row(sp.b, hq, sp.start + r0 + i);
                 for (long e = 0; e < d; e += 16) store_bf16x16(o + e, _mm512_loadu_ps(w.obuf.data() + i * d + e));
             }
         }
     }
 }
 
-void backward_task(const Problem& pb, Work& w, long b, long start, long len, long hk) {
-    const long d = pb.D, g = pb.H / pb.Hkv, lp = round_up(len, NR), gb = g * BLOCK;
-    pack_keys(pb.k, b, hk, start, len, lp, d, w.kt.data(), w.kn.data());
-    pack_keys(pb.v, b, hk, start, len, lp, d, w.vt.data(), w.vn.data());
+// dK and dV of a span's prefix keys go to `prefix` (this span's slot: [K/V head][plen][d] of dK, then of dV, fp32),
+// added to the prefix's rows after every task is done (add_prefix_grads): several spans share one prefix.
+void backward_task(const Problem& pb, Work& w, const Span& sp, long hk, float* prefix) {
+    const long d = pb.D, g = pb.H / pb.Hkv, len = sp.len, pre = sp.plen, lp = round_up(pre + len, NR), gb = g * BLOCK;
+    const long b = sp.b, start = sp.start;
+    pack_keys(pb.k, sp, hk, lp, d, w.kt.data(), w.kn.data());
+    pack_keys(pb.v, sp, hk, lp, d, w.vt.data(), w.vn.data());
     std::fill(w.dkt.data(), w.dkt.data() + d * lp, 0.f);
     std::fill(w.dvt.data(), w.dvt.data() + d * lp, 0.f);
     const __m512 vs = _mm512_set1_ps(pb.scale);
     for (long r0 = 0; r0 < len; r0 += BLOCK) {
-        const long rows = std::min<long>(BLOCK, len - r0), np = round_up(r0 + rows, NR);
+        const long rows = std::min<long>(BLOCK, len - r0), np = round_up(pre + r0 + rows, NR);
         for (long hh = 0; hh < g; ++hh) {
             const long hq = hk * g + hh;
             const bf16* qrow = pb.q.row(b, hq, start + r0);
@@ -243,7 +260,7 @@ void backward_task(const Problem& pb, Work& w, long b, long start, long len, lon
             gemm(rows, np, d / 2, grow, pb.grad.st, w.vt.data(), lp, w.dp.data(), lp, false);  // dP
             const float* lse = pb.lse + (b * pb.H + hq) * pb.T + start + r0;
             for (long i = 0; i < rows; ++i) {
-                const long visible = r0 + i + 1;
+                const long visible = pre + r0 + i + 1;
                 float* s = w.s.data() + i * lp;
                 float* dp = w.dp.data() + i * lp;
                 const bf16* o = pb.out.row(b, hq, start + r0 + i);
@@ -284,8 +301,66 @@ void backward_task(const Problem& pb, Work& w, long b, long start, long len, lon
         bf16* dk = pb.dk.row(b, hk, start + j);
         bf16* dv = pb.dv.row(b, hk, start + j);
         for (long e = 0; e < d; ++e) {
-            dk[e] = to_bf16(w.dkt[e * lp + j]);
-            dv[e] = to_bf16(w.dvt[e * lp + j]);
+            dk[e] = to_bf16(w.dkt[e * lp + pre + j]);
+            dv[e] = to_bf16(w.dvt[e * lp + pre + j]);
+        }
+    }
+    if (pre) {
+        float* pk = prefix + hk * pre * d;
+        float* pv = pk + pb.Hkv * pre * d;
+        for (long j = 0; j < pre; ++j)
+            for (long e = 0; e < d; ++e) {
+                pk[j * d + e] = w.dkt[e * lp + j];
+                pv[j * d + e] = w.dvt[e * lp + j];
+            }
+    }
+}
+
+inline float from_bf16(bf16 x) {
+    const uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// The prefix keys' dK, dV from every span that sees them, added to the prefix rows, which their own plain span
+// wrote: per prefix, its rows' gradient plus every span's share, summed in fp32 in table order and rounded to
+// bf16 once, so the result does not depend on the thread count.
+void add_prefix_grads(const Problem& pb, const float* prefix, const long* offsets, int threads) {
+    const long d = pb.D;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (long hk = 0; hk < pb.Hkv; ++hk) {
+        std::unique_ptr<float[]> acc(new float[2 * d]);
+        for (long i = 0; i < pb.n_spans; ++i) {
+            const Span first = posttrain_span::span_at(pb.spans, i);
+            bool seen = !first.plen;  // a plain span, or a prefix an earlier span of the table already summed
+            for (long i0 = 0; i0 < i && !seen; ++i0) {
+                const Span other = posttrain_span::span_at(pb.spans, i0);
+                seen = other.plen == first.plen && other.b == first.b && other.ps == first.ps;
+            }
+            if (seen) continue;
+            for (long j = 0; j < first.plen; ++j) {
+                bf16* dk = pb.dk.row(first.b, hk, first.ps + j);
+                bf16* dv = pb.dv.row(first.b, hk, first.ps + j);
+                for (long e = 0; e < d; ++e) {
+                    acc[e] = from_bf16(dk[e]);
+                    acc[d + e] = from_bf16(dv[e]);
+                }
+                for (long i2 = i; i2 < pb.n_spans; ++i2) {
+                    const Span sp = posttrain_span::span_at(pb.spans, i2);
+                    if (sp.plen != first.plen || sp.b != first.b || sp.ps != first.ps) continue;
+                    const float* pk = prefix + offsets[i2] + (hk * sp.plen + j) * d;
+                    const float* pv = prefix + offsets[i2] + ((pb.Hkv + hk) * sp.plen + j) * d;
+                    for (long e = 0; e < d; ++e) {
+                        acc[e] += pk[e];
+                        acc[d + e] += pv[e];
+                    }
+                }
+                for (long e = 0; e < d; ++e) {
+                    dk[e] = to_bf16(acc[e]);
+                    dv[e] = to_bf16(acc[d + e]);
+                }
+            }
         }
     }
 }
@@ -295,18 +370,16 @@ void backward_task(const Problem& pb, Work& w, long b, long start, long len, lon
 extern "C" {
 
 // Strides are (batch, head, position) in elements. spans: n_spans x (batch row, start, end, prefix start, prefix
-// end), longest first for balance. Returns 0, 1 when the head dimension is not a multiple of 32, or 2 when a span
-// has a shared prefix (this kernel serves plain causal spans; the fp32 one serves prefixes too).
+// end), longest first for balance; a span's queries see its prefix in full (RL's shared prompts, data/groups.py),
+// and the prefix's rows must be a span of their own. Returns 0, or 1 when the head dimension is not a multiple of
+// 32 or H is not a multiple of Hkv.
 int posttrain_span_attention_forward(void* q, const long* qs, void* k, const long* ks, void* v, const long* vs,
                                      void* out, const long* os, float* lse, long B, long H, long Hkv, long T, long D,
                                      const int32_t* spans, long n_spans, float scale, int threads) {
     if (D % 32 || H % Hkv) return 1;
-    if (posttrain_span::any_prefix(spans, n_spans)) return 2;
     Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), {}, {}, {}, {},
                lse, B, H, Hkv, T, D, scale, spans, n_spans};
-    posttrain_span::run_tasks<Work>(pb, threads, NR, [](const Problem& p, Work& w, const posttrain_span::Span& s, long hk) {
-        forward_task(p, w, s.b, s.start, s.len, hk);
-    });
+    posttrain_span::run_tasks<Work>(pb, threads, NR, forward_task);
     return 0;
 }
 
@@ -316,12 +389,15 @@ int posttrain_span_attention_backward(void* q, const long* qs, void* k, const lo
                                       long B, long H, long Hkv, long T, long D, const int32_t* spans, long n_spans,
                                       float scale, int threads) {
     if (D % 32 || H % Hkv) return 1;
-    if (posttrain_span::any_prefix(spans, n_spans)) return 2;
     Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), tensor(grad, gs),
                tensor(dq, dqs), tensor(dk, dks), tensor(dv, dvs), lse, B, H, Hkv, T, D, scale, spans, n_spans};
-    posttrain_span::run_tasks<Work>(pb, threads, NR, [](const Problem& p, Work& w, const posttrain_span::Span& s, long hk) {
-        backward_task(p, w, s.b, s.start, s.len, hk);
+    std::vector<long> offsets(n_spans + 1, 0);  // each span's slot of prefix gradients (floats)
+    for (long i = 0; i < n_spans; ++i) offsets[i + 1] = offsets[i] + 2 * Hkv * posttrain_span::span_at(spans, i).plen * D;
+    std::vector<float> prefix(offsets[n_spans]);
+    posttrain_span::run_tasks<Work>(pb, threads, NR, [&](const Problem& p, Work& w, const Span& sp, long hk) {
+        backward_task(p, w, sp, hk, prefix.data() + offsets[sp.index]);
     });
+    if (offsets[n_spans]) add_prefix_grads(pb, prefix.data(), offsets.data(), threads);
     return 0;
 }
 

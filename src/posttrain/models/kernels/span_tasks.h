@@ -43,12 +43,6 @@ inline Span span_at(const int32_t* spans, long i) {
     return Span{i, s[0], s[1], s[2] - s[1], s[3], s[4] - s[3]};
 }
 
-inline bool any_prefix(const int32_t* spans, long n) {
-    for (long i = 0; i < n; ++i)
-        if (span_at(spans, i).plen > 0) return true;
-    return false;
-}
-
 // Every (span, K/V head) task once, on `threads` OpenMP threads taking tasks in order (spans come longest first);
 // each thread owns one Work sized for the most keys a span's queries see (prefix + span), padded to `columns`.
 template <typename Work, typename E, typename F>
