@@ -133,6 +133,7 @@ using Tensor4 = posttrain_span::Tensor4<bf16>;
 using Problem = posttrain_span::Problem<bf16>;
 using posttrain_span::round_up;
 using posttrain_span::Span;
+using posttrain_span::key_row;
 inline Tensor4 tensor(void* data, const long* strides) { return posttrain_span::tensor<bf16>(data, strides); }
 
 template <typename T>
@@ -152,11 +153,6 @@ struct Work {
           dsn(g * BLOCK * lp), qt(d * g * BLOCK), dot(d * g * BLOCK), s(BLOCK * lp), dp(BLOCK * lp),
           obuf(BLOCK * d), dkt(d * lp), dvt(d * lp) {}
 };
-
-// Key j of a span's queries: the shared prefix's rows first, then the span's own.
-inline const bf16* key_row(const Tensor4& x, const Span& sp, long hk, long j) {
-    return j < sp.plen ? x.row(sp.b, hk, sp.ps + j) : x.row(sp.b, hk, sp.start + j - sp.plen);
-}
 
 // The keys a span's queries see (prefix, then span) packed both ways: xt = [D/2][lp][2] (B operand of q x^T),
 // xn = [lp/2][D][2] (B of p x); zero for plen + len <= j < lp.
@@ -391,8 +387,7 @@ int posttrain_span_attention_backward(void* q, const long* qs, void* k, const lo
     if (D % 32 || H % Hkv) return 1;
     Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), tensor(grad, gs),
                tensor(dq, dqs), tensor(dk, dks), tensor(dv, dvs), lse, B, H, Hkv, T, D, scale, spans, n_spans};
-    std::vector<long> offsets(n_spans + 1, 0);  // each span's slot of prefix gradients (floats)
-    for (long i = 0; i < n_spans; ++i) offsets[i + 1] = offsets[i] + 2 * Hkv * posttrain_span::span_at(spans, i).plen * D;
+    const std::vector<long> offsets = posttrain_span::prefix_offsets(spans, n_spans, Hkv, D);
     std::vector<float> prefix(offsets[n_spans]);
     posttrain_span::run_tasks<Work>(pb, threads, NR, [&](const Problem& p, Work& w, const Span& sp, long hk) {
         backward_task(p, w, sp, hk, prefix.data() + offsets[sp.index]);

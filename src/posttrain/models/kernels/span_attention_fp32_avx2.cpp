@@ -119,6 +119,7 @@ using Tensor4 = posttrain_span::Tensor4<float>;
 using Problem = posttrain_span::Problem<float>;
 using posttrain_span::round_up;
 using posttrain_span::Span;
+using posttrain_span::key_row;
 inline Tensor4 tensor(void* data, const long* strides) { return posttrain_span::tensor<float>(data, strides); }
 
 // Per-thread work memory, sized for the most keys a span's queries see (lp columns, a multiple of 16).
@@ -129,11 +130,6 @@ struct Work {
           pn(new float[g * BLOCK * lp]), dsn(new float[g * BLOCK * lp]), qt(new float[d * g * BLOCK]),
           dot(new float[d * g * BLOCK]), dkt(new float[d * lp]), dvt(new float[d * lp]), rows(new float[lp * d]) {}
 };
-
-// Key j of a span's queries: the shared prefix's rows first, then the span's own.
-inline const float* key_row(const Tensor4& x, const Span& sp, long hk, long j) {
-    return j < sp.plen ? x.row(sp.b, hk, sp.ps + j) : x.row(sp.b, hk, sp.start + j - sp.plen);
-}
 
 // x^T of the keys a span's queries see: xt[e][j] = key j's element e, zero for plen + len <= j < lp.
 void transpose_keys(const Tensor4& x, const Span& sp, long hk, long lp, long d, float* xt) {
@@ -321,8 +317,7 @@ int posttrain_span_attention_backward(void* q, const long* qs, void* k, const lo
     if (D % 16 || H % Hkv) return 1;
     Problem pb{tensor(q, qs), tensor(k, ks), tensor(v, vs), tensor(out, os), tensor(grad, gs),
                tensor(dq, dqs), tensor(dk, dks), tensor(dv, dvs), lse, B, H, Hkv, T, D, scale, spans, n_spans};
-    std::vector<long> offsets(n_spans + 1, 0);  // each span's slot of prefix gradients (floats)
-    for (long i = 0; i < n_spans; ++i) offsets[i + 1] = offsets[i] + 2 * Hkv * posttrain_span::span_at(spans, i).plen * D;
+    const std::vector<long> offsets = posttrain_span::prefix_offsets(spans, n_spans, Hkv, D);
     std::vector<float> prefix(offsets[n_spans]);
     posttrain_span::run_tasks<Work>(pb, threads, NR, [&](const Problem& p, Work& w, const Span& sp, long hk) {
         backward_task(p, w, sp, hk, prefix.data() + offsets[sp.index]);

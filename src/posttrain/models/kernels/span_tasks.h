@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace posttrain_span {
 
@@ -41,6 +42,20 @@ struct Span {
 inline Span span_at(const int32_t* spans, long i) {
     const int32_t* s = spans + 5 * i;
     return Span{i, s[0], s[1], s[2] - s[1], s[3], s[4] - s[3]};
+}
+
+// Key j of a span's queries: the shared prefix's rows first, then the span's own.
+template <typename E>
+inline const E* key_row(const Tensor4<E>& x, const Span& sp, long hk, long j) {
+    return j < sp.plen ? x.row(sp.b, hk, sp.ps + j) : x.row(sp.b, hk, sp.start + j - sp.plen);
+}
+
+// Where each span's fp32 slot of prefix-key gradients starts ([K/V head][plen][d] of dK, then of dV); the last
+// entry is the total. A backward task writes its slot; the prefix rows get the sums afterwards.
+inline std::vector<long> prefix_offsets(const int32_t* spans, long n, long hkv, long d) {
+    std::vector<long> offsets(n + 1, 0);
+    for (long i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + 2 * hkv * span_at(spans, i).plen * d;
+    return offsets;
 }
 
 // Every (span, K/V head) task once, on `threads` OpenMP threads taking tasks in order (spans come longest first);
