@@ -257,15 +257,7 @@ void backward_task(const Problem& pb, Work& w, const Span& sp, long hk, float* p
             dv[e] = w.dvt[e * lp + pre + j];
         }
     }
-    if (pre) {
-        float* pk = prefix + hk * pre * d;
-        float* pv = pk + pb.Hkv * pre * d;
-        for (long j = 0; j < pre; ++j)
-            for (long e = 0; e < d; ++e) {
-                pk[j * d + e] = w.dkt[e * lp + j];
-                pv[j * d + e] = w.dvt[e * lp + j];
-            }
-    }
+    posttrain_span::store_prefix_grads(w.dkt.get(), w.dvt.get(), lp, pre, d, hk, pb.Hkv, prefix);
 }
 
 // The prefix keys' dK, dV from every span that sees them, added to the prefix rows (which their own plain span

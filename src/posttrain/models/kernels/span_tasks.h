@@ -58,6 +58,18 @@ inline std::vector<long> prefix_offsets(const int32_t* spans, long n, long hkv, 
     return offsets;
 }
 
+// A backward task's dK^T, dV^T (fp32, d x lp) columns of its prefix keys (the first `pre`) into its slot.
+inline void store_prefix_grads(const float* dkt, const float* dvt, long lp, long pre, long d, long hk, long hkv,
+                               float* slot) {
+    float* pk = slot + hk * pre * d;
+    float* pv = pk + hkv * pre * d;
+    for (long j = 0; j < pre; ++j)
+        for (long e = 0; e < d; ++e) {
+            pk[j * d + e] = dkt[e * lp + j];
+            pv[j * d + e] = dvt[e * lp + j];
+        }
+}
+
 // Every (span, K/V head) task once, on `threads` OpenMP threads taking tasks in order (spans come longest first);
 // each thread owns one Work sized for the most keys a span's queries see (prefix + span), padded to `columns`.
 template <typename Work, typename E, typename F>
